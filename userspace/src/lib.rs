@@ -1,1 +1,9 @@
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/seine-ebpf"));
+//! Seine's node side: the service datapath behind one `Datapath` interface, the Kubernetes objects
+//! it is programmed from, and what seinectl reads back out of the pinned maps.
+
+pub mod bpf;
+pub mod datapath;
+pub mod echo;
+pub mod inspect;
+pub mod k8s;
+pub mod model;

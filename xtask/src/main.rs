@@ -1,1 +1,409 @@
-fn main(){}
+//! Seine's task runner: `cargo xtask setup | test | lab | bench`.
+//!
+//! It deliberately depends on no other workspace crate and only shells out: the `seine` crate's build
+//! script needs the eBPF toolchain (nightly rust-src, bpf-linker) that `setup` installs, so xtask must
+//! build on a machine that has none of it yet.
+
+use std::env;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Seine's developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh Debian 12 machine needs (as root); skips what is already there.
+    Setup,
+    /// Set up, then build, check formatting, run clippy and run every test serially.
+    Test {
+        /// Extra arguments for the test binaries, e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Manage the demo lab (network namespaces on this machine).
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
+    /// Run a benchmark on a release build.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Set up, build and bring the lab up.
+    Up,
+    /// Remove the lab.
+    Down,
+    /// Show what of the lab exists.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// ClusterIP load balancing through the eBPF datapath.
+    Lb {
+        /// Where to write the results [default: target/bench/lb.json in the workspace].
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+}
+
+/// The apt packages the build, the tests and the lab use.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "bpftool",
+    "ethtool",
+    "iperf3",
+    "wrk",
+    "ncat",
+    "socat",
+    "netcat-openbsd",
+    "conntrack",
+    "tcpdump",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "etcd-server",
+    "etcd-client",
+    "python3",
+    "procps",
+    "util-linux",
+    "kmod",
+    "ca-certificates",
+];
+
+/// 0.10.4 bundles its own LLVM, so it needs no system LLVM; newer releases default to an LLVM that does not
+/// match the preinstalled nightly (see /work/shared/TOOLCHAIN.md).
+const BPF_LINKER: &str = "bpf-linker@0.10.4";
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = workspace_root()?;
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => test(&root, &args),
+        Cmd::Lab { action } => lab(&root, action),
+        Cmd::Bench { bench } => match bench {
+            Bench::Lb { json } => bench_lb(&root, json),
+        },
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    // Compile-time, so it holds whatever directory `cargo xtask` was started from.
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .with_context(|| format!("{} has no parent directory", manifest_dir.display()))
+}
+
+fn setup() -> Result<()> {
+    ensure_root()?;
+    setup_apt()?;
+    setup_rust()?;
+    setup_bpf_linker()?;
+    setup_bpffs()?;
+    println!("setup: done");
+    Ok(())
+}
+
+fn ensure_root() -> Result<()> {
+    let uid = output(Command::new("id").arg("-u"))?;
+    if uid.trim() != "0" {
+        bail!(
+            "xtask must run as root: setup installs apt packages and mounts bpffs, and the \
+             tests and the lab create network namespaces and load eBPF programs, which need root too"
+        );
+    }
+    Ok(())
+}
+
+fn setup_apt() -> Result<()> {
+    let mut missing = Vec::new();
+    for &pkg in APT_PACKAGES {
+        // `dpkg-query` fails for a package it has never heard of: that is just "missing" too.
+        let status = Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", pkg])
+            .stderr(Stdio::null())
+            .output()
+            .context("running dpkg-query (is this Debian?)")?;
+        if !String::from_utf8_lossy(&status.stdout).contains("install ok installed") {
+            missing.push(pkg);
+        }
+    }
+    if missing.is_empty() {
+        println!("setup: apt packages ... ok (already installed)");
+        return Ok(());
+    }
+    println!("setup: apt packages ... installing {}", missing.join(" "));
+    // A fresh machine has empty package lists, but updating costs time, so only when needed.
+    check(Command::new("apt-get").arg("update"))?;
+    check(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    println!("setup: apt packages ... ok (installed)");
+    Ok(())
+}
+
+fn setup_rust() -> Result<()> {
+    // The eBPF crate builds with nightly's `-Z build-std=core`, hence rust-src.
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is required (https://rustup.rs)")?;
+    if toolchains.lines().any(|l| l.starts_with("nightly")) {
+        println!("setup: rust nightly toolchain ... ok (already installed)");
+    } else {
+        println!("setup: rust nightly toolchain ... installing");
+        check(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+        println!("setup: rust nightly toolchain ... ok (installed)");
+    }
+
+    let nightly = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if nightly.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: nightly rust-src ... ok (already installed)");
+    } else {
+        println!("setup: nightly rust-src ... installing");
+        check(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+        println!("setup: nightly rust-src ... ok (installed)");
+    }
+
+    // `cargo xtask test` runs fmt and clippy on the toolchain that builds the workspace; a rustup
+    // `minimal` profile leaves both out.
+    let active = output(Command::new("rustup").args(["component", "list", "--installed"]))?;
+    let absent: Vec<&str> = ["rustfmt", "clippy"]
+        .into_iter()
+        .filter(|c| !active.lines().any(|l| l.starts_with(c)))
+        .collect();
+    if absent.is_empty() {
+        println!("setup: rustfmt and clippy ... ok (already installed)");
+    } else {
+        println!(
+            "setup: rustfmt and clippy ... installing {}",
+            absent.join(" ")
+        );
+        check(
+            Command::new("rustup")
+                .args(["component", "add"])
+                .args(&absent),
+        )?;
+        println!("setup: rustfmt and clippy ... ok (installed)");
+    }
+    Ok(())
+}
+
+fn setup_bpf_linker() -> Result<()> {
+    let present = Command::new("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        println!("setup: bpf-linker ... ok (already installed)");
+        return Ok(());
+    }
+    println!("setup: bpf-linker ... installing {BPF_LINKER} (a few minutes)");
+    check(Command::new(cargo()).args(["install", BPF_LINKER, "--locked"]))?;
+    println!("setup: bpf-linker ... ok (installed)");
+    Ok(())
+}
+
+fn setup_bpffs() -> Result<()> {
+    // Not mounted at boot on these machines, and the datapath pins its maps there.
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.contains(&format!(" {BPFFS} bpf ")))
+    {
+        println!("setup: bpffs at {BPFFS} ... ok (already mounted)");
+        return Ok(());
+    }
+    println!("setup: bpffs at {BPFFS} ... mounting");
+    fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
+    check(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+    println!("setup: bpffs at {BPFFS} ... ok (mounted)");
+    Ok(())
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    setup()?;
+    // seine-ebpf builds only for the BPF target, from userspace/build.rs.
+    let exclude = ["--workspace", "--exclude", "seine-ebpf"];
+    check(cargo_in(root).arg("build").args(exclude))?;
+    check(cargo_in(root).args(["fmt", "--all", "--", "--check"]))?;
+    check(cargo_in(root).arg("clippy").args(exclude).args([
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The integration tests create network namespaces and bpffs pins: run them one at a time.
+    check(
+        cargo_in(root)
+            .arg("test")
+            .args(exclude)
+            .args(["--", "--test-threads=1"])
+            .args(extra),
+    )?;
+    println!("xtask: all checks passed");
+    Ok(())
+}
+
+fn lab(root: &Path, action: LabAction) -> Result<()> {
+    let verb = match action {
+        LabAction::Up => {
+            setup()?;
+            "up"
+        }
+        LabAction::Down => "down",
+        LabAction::Status => "status",
+    };
+    check(cargo_in(root).args(["build", "-p", "seine", "-p", "seine-tests"]))?;
+    exec(
+        root,
+        Command::new(target_dir(root).join("debug/seine-lab")).arg(verb),
+    )
+}
+
+fn bench_lb(root: &Path, json: Option<PathBuf>) -> Result<()> {
+    // A path given on the command line is relative to where the user is, the default to the workspace.
+    let json = match json {
+        Some(p) if p.is_relative() => env::current_dir()
+            .context("reading the current directory")?
+            .join(p),
+        Some(p) => p,
+        None => target_dir(root).join("bench/lb.json"),
+    };
+    setup()?;
+    check(cargo_in(root).args(["build", "--release", "-p", "seine", "-p", "seine-tests"]))?;
+    if let Some(dir) = json.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    exec(
+        root,
+        Command::new(target_dir(root).join("release/seine-bench"))
+            .arg("lb")
+            .arg("--json")
+            .arg(&json),
+    )
+}
+
+/// The cargo that runs xtask, so nested builds use the same toolchain.
+fn cargo() -> String {
+    env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn cargo_in(root: &Path) -> Command {
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(root);
+    cmd
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    // Honour an override so we find the binaries where cargo put them.
+    match env::var_os("CARGO_TARGET_DIR") {
+        // A relative one resolves against the workspace, where we run cargo.
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+fn display(cmd: &Command) -> String {
+    let program = Path::new(cmd.get_program());
+    // Show `cargo`, not the toolchain's full path that $CARGO holds.
+    let name = if program.file_name() == Some(OsStr::new("cargo")) {
+        OsStr::new("cargo")
+    } else {
+        cmd.get_program()
+    };
+    std::iter::once(name)
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `cmd` with inherited stdio and fails unless it exits successfully.
+fn check(cmd: &mut Command) -> Result<()> {
+    let shown = display(cmd);
+    println!("xtask: running {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` for its standard output, which it returns; fails unless it exits successfully.
+fn output(cmd: &mut Command) -> Result<String> {
+    let shown = display(cmd);
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting `{shown}`"))?;
+    if !out.status.success() {
+        bail!("`{shown}` failed ({})", out.status);
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("`{shown}` printed non-UTF-8 output"))
+}
+
+/// Replaces xtask with `cmd`, so its exit code and signals reach the caller unchanged.
+fn exec(root: &Path, cmd: &mut Command) -> Result<()> {
+    let shown = display(cmd);
+    println!("xtask: running {shown}");
+    let err = cmd.current_dir(root).exec();
+    Err(err).with_context(|| format!("executing `{shown}` (did the build produce it?)"))
+}

@@ -84,7 +84,7 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
         None => {
             let Some((backend_id, backend)) = select_backend(&svc, &t, now) else {
                 count(STAT_NO_BACKEND);
-                return Ok(reject::port_unreachable(ctx));
+                return Ok(reject::port_unreachable(ctx, t.proto));
             };
             if !new_flow(&ct_key, &svc, backend_id, &backend, &t, now) {
                 count(STAT_DROP_CT_FULL);

@@ -7,17 +7,27 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use seine_common::STAT_DROP_REJECT_FAILED;
+use seine_common::{PROTO_TCP, STAT_DROP_REJECT_FAILED};
 
 use crate::{csum::checksum, maps::count, packet::ETH_HLEN};
 
 /// New IPv4 header plus ICMP header, inserted in front of the original IP header.
 const ROOM: usize = 20 + 8;
-/// The original IP header (without options) and the first 8 bytes of its payload.
-const QUOTE: usize = 20 + 8;
 
-pub fn port_unreachable(ctx: &TcContext) -> i32 {
-    match build(ctx) {
+/// ICMP header plus the quote, in 32-bit words. The quote is the original IP header and the start
+/// of its payload: 8 bytes for UDP, the whole 20-byte base header for TCP. The kernel will not trim
+/// a packet whose pending checksum offload points past the new end, and a TCP SYN from a pod with
+/// offloads on carries one at TCP offset 16.
+const UDP_WORDS: usize = (8 + 20 + 8) / 4;
+const TCP_WORDS: usize = (8 + 20 + 20) / 4;
+
+pub fn port_unreachable(ctx: &TcContext, proto: u8) -> i32 {
+    let built = if proto == PROTO_TCP {
+        build::<TCP_WORDS>(ctx)
+    } else {
+        build::<UDP_WORDS>(ctx)
+    };
+    match built {
         Ok(()) => {
             // SAFETY: reading a field of the context the kernel handed us.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -30,7 +40,8 @@ pub fn port_unreachable(ctx: &TcContext) -> i32 {
     }
 }
 
-fn build(ctx: &TcContext) -> Result<(), ()> {
+fn build<const WORDS: usize>(ctx: &TcContext) -> Result<(), ()> {
+    let quote = WORDS * 4 - 8;
     let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
     let ver_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
     if ver_ihl != 0x45 {
@@ -38,7 +49,7 @@ fn build(ctx: &TcContext) -> Result<(), ()> {
         return Err(());
     }
     // The quote as 32-bit words, after the 8-byte ICMP header, for the ICMP checksum.
-    let mut icmp = [0u32; (8 + QUOTE) / 4];
+    let mut icmp = [0u32; WORDS];
     for (i, word) in icmp.iter_mut().skip(2).enumerate() {
         *word = ctx.load(ETH_HLEN + i * 4).map_err(|_| ())?;
     }
@@ -48,7 +59,7 @@ fn build(ctx: &TcContext) -> Result<(), ()> {
     ctx.adjust_room(ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| ())?;
     // SAFETY: helper call on the context the kernel handed us.
-    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + ROOM + QUOTE) as u32, 0) };
+    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + ROOM + quote) as u32, 0) };
     if ret != 0 {
         return Err(());
     }
@@ -60,7 +71,7 @@ fn build(ctx: &TcContext) -> Result<(), ()> {
     ctx.store(0, &eth, 0).map_err(|_| ())?;
 
     // IPv4: from the service address to the client.
-    let total_len = (ROOM + QUOTE) as u16;
+    let total_len = (ROOM + quote) as u16;
     let mut ip = [
         u32::from_ne_bytes([0x45, 0xc0, (total_len >> 8) as u8, total_len as u8]),
         0,

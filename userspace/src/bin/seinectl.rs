@@ -1,1 +1,277 @@
-fn main(){}
+//! seinectl: shows what the datapath's pinned maps hold, and programs services by hand.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use seine::{
+    bpf::{PinnedMaps, DEFAULT_BPFFS_DIR},
+    datapath::{
+        ebpf::{EbpfDatapath, Owner},
+        Change, Datapath,
+    },
+    inspect,
+    model::{BackendSpec, Frontend, ServiceSpec},
+};
+
+#[derive(Parser)]
+#[command(name = "seinectl", version, about = "Inspect and program Seine's eBPF service datapath")]
+struct Cli {
+    /// Where the node's maps are pinned (one directory per node).
+    #[arg(long, global = true, env = "SEINE_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read the eBPF maps.
+    Bpf {
+        #[command(subcommand)]
+        what: BpfCommand,
+    },
+    /// Program services by hand (entries owned by seinectl; the agent leaves them alone).
+    Service {
+        #[command(subcommand)]
+        what: ServiceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BpfCommand {
+    /// Load balancer: each service frontend with its backend slots.
+    Lb {
+        #[command(subcommand)]
+        what: ListOnly,
+    },
+    /// Conntrack entries with age, state and backend.
+    Ct {
+        #[command(subcommand)]
+        what: ListOnly,
+    },
+    /// Backends by id.
+    Backend {
+        #[command(subcommand)]
+        what: ListOnly,
+    },
+    /// Datapath counters by outcome, summed over CPUs.
+    Stats {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListOnly {
+    List {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Create or replace a service frontend and its backends.
+    Upsert {
+        /// VIP:PORT/PROTO, for example 10.96.0.10:80/tcp
+        #[arg(long)]
+        frontend: String,
+        /// IP:PORT[,active|terminating]; repeat for each backend (none: connections are refused)
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+        /// ClientIP session affinity with this timeout in seconds
+        #[arg(long)]
+        affinity_timeout: Option<u32>,
+    },
+    /// Remove a service frontend.
+    Delete {
+        #[arg(long)]
+        frontend: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// Exit codes: 1 for a failure of the system (maps missing, not root), 2 for bad input.
+enum Failure {
+    Input(String),
+    System(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(msg)) => {
+            eprintln!("seinectl: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::System(msg)) => {
+            eprintln!("seinectl: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn system<E: std::fmt::Display>(e: E) -> Failure {
+    Failure::System(e.to_string())
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Bpf { what } => {
+            let maps = PinnedMaps::open(&cli.bpffs_dir).map_err(system)?;
+            match what {
+                BpfCommand::Lb {
+                    what: ListOnly::List { output },
+                } => {
+                    let rows = inspect::lb_list(&maps).map_err(system)?;
+                    print(output, &rows, || print_lb(&rows))
+                }
+                BpfCommand::Ct {
+                    what: ListOnly::List { output },
+                } => {
+                    let rows = inspect::ct_list(&maps).map_err(system)?;
+                    print(output, &rows, || print_ct(&rows))
+                }
+                BpfCommand::Backend {
+                    what: ListOnly::List { output },
+                } => {
+                    let rows = inspect::backend_list(&maps).map_err(system)?;
+                    print(output, &rows, || {
+                        println!("{:<10} {:<24} {:<6} {:<12} SERVICE_ID", "ID", "ADDRESS", "PROTO", "STATE");
+                        for r in &rows {
+                            println!("{:<10} {:<24} {:<6} {:<12} {}", r.id, r.address, r.protocol, r.state, r.service_id);
+                        }
+                    })
+                }
+                BpfCommand::Stats { output } => {
+                    let rows = inspect::stats(&maps).map_err(system)?;
+                    print(output, &rows, || {
+                        println!("{:<24} PACKETS", "OUTCOME");
+                        for r in &rows {
+                            println!("{:<24} {}", r.name, r.value);
+                        }
+                    })
+                }
+            }
+        }
+        Command::Service { what } => service(&cli.bpffs_dir, what),
+    }
+}
+
+fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {
+    // Parse everything before touching the maps: bad input changes nothing.
+    let request = match &what {
+        ServiceCommand::Upsert {
+            frontend,
+            backends,
+            affinity_timeout,
+        } => {
+            let frontend: Frontend = frontend.parse().map_err(|e| Failure::Input(format!("{e}")))?;
+            let backends = backends
+                .iter()
+                .map(|b| b.parse::<BackendSpec>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Failure::Input(format!("{e}")))?;
+            if *affinity_timeout == Some(0) {
+                return Err(Failure::Input("--affinity-timeout must be at least 1 second".into()));
+            }
+            Some(ServiceSpec {
+                frontend,
+                backends,
+                affinity_timeout_secs: *affinity_timeout,
+            })
+        }
+        ServiceCommand::Delete { .. } => None,
+    };
+    let _lock = seine::bpf::lock(dir).map_err(system)?;
+    let mut dp = EbpfDatapath::open(dir, Owner::Cli).map_err(system)?;
+    match (what, request) {
+        (_, Some(spec)) => {
+            let change = dp.upsert(&spec).map_err(|e| match e {
+                seine::datapath::DatapathError::NotOwned(..) => Failure::Input(e.to_string()),
+                e => Failure::System(e.to_string()),
+            })?;
+            let verb = match change {
+                Change::Created => "created",
+                Change::Updated => "updated",
+                Change::Unchanged => "unchanged",
+            };
+            println!("service {} {verb} with {} backend(s)", spec.frontend, spec.backends.len());
+            Ok(())
+        }
+        (ServiceCommand::Delete { frontend }, None) => {
+            let frontend: Frontend = frontend.parse().map_err(|e| Failure::Input(format!("{e}")))?;
+            match dp.delete(&frontend) {
+                Ok(true) => {
+                    println!("service {frontend} deleted");
+                    Ok(())
+                }
+                Ok(false) => Err(Failure::Input(format!("service {frontend} not found"))),
+                Err(e @ seine::datapath::DatapathError::NotOwned(..)) => Err(Failure::Input(e.to_string())),
+                Err(e) => Err(system(e)),
+            }
+        }
+        (ServiceCommand::Upsert { .. }, None) => Ok(()),
+    }
+}
+
+fn print<T: serde::Serialize>(output: Output, rows: &T, table: impl FnOnce()) -> Result<(), Failure> {
+    match output {
+        Output::Json => {
+            let text = serde_json::to_string_pretty(rows).map_err(system)?;
+            println!("{text}");
+        }
+        Output::Table => table(),
+    }
+    Ok(())
+}
+
+fn print_lb(rows: &[inspect::LbEntry]) {
+    println!("{:<26} BACKEND ADDRESS (BACKEND_ID) (SLOT)", "SERVICE ADDRESS");
+    for e in rows {
+        let mut extra = vec![format!("ClusterIP, owner={}", e.owner)];
+        if let Some(t) = e.affinity_timeout_secs {
+            extra.push(format!("affinity={t}s"));
+        }
+        println!(
+            "{:<26} 0.0.0.0:0 ({}) (0) [{}]",
+            e.frontend,
+            e.service_id,
+            extra.join(", ")
+        );
+        for b in &e.backends {
+            println!(
+                "{:<26} {} ({}) ({}) {}",
+                "", b.address, b.backend_id, b.slot, b.state
+            );
+        }
+    }
+}
+
+fn print_ct(rows: &[inspect::CtRow]) {
+    println!(
+        "{:<6} {:<5} {:<22} {:<22} {:<22} {:<12} {:>9} {:>10} {:>8}",
+        "DIR", "PROTO", "SOURCE", "DESTINATION", "BACKEND", "STATE", "AGE(s)", "EXPIRES(s)", "PACKETS"
+    );
+    for r in rows {
+        println!(
+            "{:<6} {:<5} {:<22} {:<22} {:<22} {:<12} {:>9.1} {:>10.1} {:>8}{}",
+            r.direction,
+            r.protocol,
+            r.source,
+            r.destination,
+            r.backend.as_deref().unwrap_or("-"),
+            r.state,
+            r.age_secs,
+            r.expires_in_secs,
+            r.packets,
+            if r.hairpin { " hairpin" } else { "" }
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! Desired state from Kubernetes objects: Services and EndpointSlices in a file (YAML documents, a
+//! JSON object, or a `List`), turned into service frontends with backends the way kube-proxy reads
+//! them: ready endpoints, or serving-and-terminating ones when none is ready.
+
+use std::{collections::HashMap, net::IpAddr, path::Path};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize as _;
+
+use crate::model::{BackendSpec, BackendState, Frontend, Protocol, ServiceSpec};
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: document {doc}: {message}")]
+    Invalid {
+        path: String,
+        doc: usize,
+        message: String,
+    },
+}
+
+/// Services and EndpointSlices read from one file.
+#[derive(Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+impl Objects {
+    pub fn from_file(path: &Path) -> Result<Self, ObjectsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ObjectsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|(doc, message)| ObjectsError::Invalid {
+            path: path.display().to_string(),
+            doc,
+            message,
+        })
+    }
+
+    /// Parses YAML (one or more documents) or JSON. Errors carry the 1-based document number.
+    pub fn parse(text: &str) -> Result<Self, (usize, String)> {
+        let mut objects = Objects::default();
+        let trimmed = text.trim_start();
+        if trimmed.starts_with('{') || trimmed.starts_with('[') {
+            let value: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| (1, e.to_string()))?;
+            objects.add(value, 1)?;
+            return Ok(objects);
+        }
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let value = serde_json::Value::deserialize(doc).map_err(|e| (i + 1, e.to_string()))?;
+            if value.is_null() {
+                continue;
+            }
+            objects.add(value, i + 1)?;
+        }
+        Ok(objects)
+    }
+
+    fn add(&mut self, value: serde_json::Value, doc: usize) -> Result<(), (usize, String)> {
+        if let serde_json::Value::Array(items) = value {
+            for item in items {
+                self.add(item, doc)?;
+            }
+            return Ok(());
+        }
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .ok_or((doc, "object has no kind".to_string()))?
+            .to_string();
+        match kind.as_str() {
+            "List" | "ServiceList" | "EndpointSliceList" => {
+                let items = value.get("items").cloned().unwrap_or_default();
+                if !items.is_array() {
+                    return Err((doc, format!("{kind}.items is not a list")));
+                }
+                self.add(items, doc)
+            }
+            "Service" => {
+                let svc: Service = serde_json::from_value(value)
+                    .map_err(|e| (doc, format!("invalid Service: {e}")))?;
+                self.services.push(svc);
+                Ok(())
+            }
+            "EndpointSlice" => {
+                let slice: EndpointSlice = serde_json::from_value(value)
+                    .map_err(|e| (doc, format!("invalid EndpointSlice: {e}")))?;
+                self.slices.push(slice);
+                Ok(())
+            }
+            other => Err((
+                doc,
+                format!("unsupported kind {other:?}: expected Service or EndpointSlice"),
+            )),
+        }
+    }
+
+    /// The datapath's view: one `ServiceSpec` per ClusterIP service port.
+    pub fn service_specs(&self) -> Vec<ServiceSpec> {
+        let mut slices_by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &self.slices {
+            if slice.address_type != "IPv4" {
+                continue;
+            }
+            let labels = slice.metadata.labels.as_ref();
+            let Some(name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+                continue;
+            };
+            let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            slices_by_service.entry((ns, name.clone())).or_default().push(slice);
+        }
+
+        let mut specs = Vec::new();
+        for svc in &self.services {
+            let Some(spec) = &svc.spec else { continue };
+            if spec.type_.as_deref() == Some("ExternalName") {
+                continue;
+            }
+            let Some(ip) = spec
+                .cluster_ip
+                .as_deref()
+                .filter(|ip| !ip.is_empty() && *ip != "None")
+                .and_then(|ip| ip.parse::<IpAddr>().ok())
+                .filter(IpAddr::is_ipv4)
+            else {
+                continue;
+            };
+            let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                spec.session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .map_or(DEFAULT_AFFINITY_TIMEOUT, |t| t.max(1) as u32)
+            });
+            let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let name = svc.metadata.name.clone().unwrap_or_default();
+            let slices = slices_by_service.get(&(ns, name));
+            for port in spec.ports.iter().flatten() {
+                let Ok(protocol) = port.protocol.as_deref().unwrap_or("TCP").parse::<Protocol>()
+                else {
+                    continue;
+                };
+                let Ok(port_number) = u16::try_from(port.port) else {
+                    continue;
+                };
+                let frontend = Frontend {
+                    ip,
+                    port: port_number,
+                    protocol,
+                };
+                let port_name = port.name.clone().unwrap_or_default();
+                let backends = slices
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|slice| backends_of(slice, &port_name, protocol))
+                    .collect::<Vec<_>>();
+                specs.push(ServiceSpec {
+                    frontend,
+                    backends: select_backends(backends),
+                    affinity_timeout_secs: affinity,
+                });
+            }
+        }
+        specs
+    }
+}
+
+/// Ready endpoints; if there are none, the serving-and-terminating ones.
+fn select_backends(all: Vec<BackendSpec>) -> Vec<BackendSpec> {
+    let any_ready = all.iter().any(|b| b.state == BackendState::Active);
+    all.into_iter()
+        .filter(|b| !any_ready || b.state == BackendState::Active || b.state == BackendState::Terminating)
+        .collect()
+}
+
+fn backends_of(slice: &EndpointSlice, port_name: &str, protocol: Protocol) -> Vec<BackendSpec> {
+    let Some(port) = slice.ports.iter().flatten().find(|p| {
+        p.name.as_deref().unwrap_or("") == port_name
+            && p.protocol.as_deref().unwrap_or("TCP").parse::<Protocol>().ok() == Some(protocol)
+    }) else {
+        return Vec::new();
+    };
+    let Some(port) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for ep in &slice.endpoints {
+        let cond = ep.conditions.as_ref();
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let state = if ready && !terminating {
+            BackendState::Active
+        } else if serving && terminating {
+            BackendState::Terminating
+        } else {
+            continue;
+        };
+        // kube-proxy uses the first address of each endpoint.
+        let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+            continue;
+        };
+        out.push(BackendSpec { ip, port, state });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  sessionAffinity: ClientIP
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.244.0.2]
+  conditions: {ready: true}
+- addresses: [10.244.0.3]
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: [10.244.0.4]
+  conditions: {ready: false}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+"#;
+
+    #[test]
+    fn services_and_slices_become_frontends_with_ready_backends() {
+        let objects = Objects::parse(OBJECTS).unwrap();
+        let specs = objects.service_specs();
+        assert_eq!(specs.len(), 2, "headless service has no frontend: {specs:?}");
+        let http = &specs[0];
+        assert_eq!(http.frontend.to_string(), "10.96.0.10:80/TCP");
+        assert_eq!(http.affinity_timeout_secs, Some(10_800));
+        let addrs: Vec<String> = http.backends.iter().map(|b| b.to_string()).collect();
+        assert_eq!(addrs, ["10.244.0.2:8080 (active)"]);
+        assert_eq!(specs[1].backends[0].port, 5353);
+    }
+
+    #[test]
+    fn terminating_endpoints_are_used_when_none_is_ready() {
+        let text = OBJECTS.replace("conditions: {ready: true}", "conditions: {ready: false}");
+        let specs = Objects::parse(&text).unwrap().service_specs();
+        let addrs: Vec<String> = specs[0].backends.iter().map(|b| b.to_string()).collect();
+        assert_eq!(addrs, ["10.244.0.3:8080 (terminating)"]);
+    }
+
+    #[test]
+    fn malformed_documents_are_rejected_with_their_number() {
+        let err = Objects::parse("kind: Service\n---\nkind: Pod\n").unwrap_err();
+        assert_eq!(err.0, 2);
+        assert!(Objects::parse("{not json").is_err());
+        let err = Objects::parse("kind: Service\nspec: {ports: 5}\n").unwrap_err();
+        assert!(err.1.contains("invalid Service"), "{}", err.1);
+    }
+}
