@@ -1,1 +1,547 @@
+//! The one netns harness of Seine's end-to-end tests, lab and benchmark: nodes and pods as network
+//! namespaces joined by veth pairs, real agents and workloads as child processes, and client sockets
+//! opened inside a pod's namespace from this process.
+//!
+//! Everything is named with a prefix unique to the run and removed on drop (processes by PID,
+//! namespaces, bpffs pins), also when a test fails.
 
+pub mod stats;
+
+use std::{
+    fs::File,
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// The address every pod uses as its gateway: each host-side veth carries it, as in Calico.
+pub const GATEWAY: &str = "169.254.1.1";
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// A name prefix unique to this process and call.
+pub fn unique_prefix(tag: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    // Interface names are limited to 15 bytes, so keep prefixes short.
+    format!("{tag}{}{n}", std::process::id() % 100_000)
+}
+
+/// Runs a command and fails with its output when it fails.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Where the workspace's binaries are: next to the running test or bench executable.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the current executable")?;
+    let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build the workspace first (`cargo build --workspace`, as `cargo xtask test` does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Makes sure bpffs is mounted (the setup step does it; a test run may start without it).
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    if !mounts.lines().any(|l| l.contains(" /sys/fs/bpf bpf ")) {
+        sh("mount", &["-t", "bpf", "bpf", BPFFS_ROOT])?;
+    }
+    Ok(())
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self> {
+        sh("ip", &["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        sh("ip", &full)
+    }
+
+    /// Runs a command inside the namespace (network only: bpffs stays visible).
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let net = format!("--net={}", self.path());
+        let mut full = vec![net.as_str(), program];
+        full.extend_from_slice(args);
+        sh("nsenter", &full)
+    }
+
+    /// A `Command` that runs `program` inside the namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path())).arg(program);
+        cmd
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it opens live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = self.path();
+        let handle = std::thread::spawn(move || -> Result<T> {
+            enter(&path)?;
+            Ok(f())
+        });
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub fn enter(path: &str) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: setns on a namespace fd we own, for this thread only.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("setns {path}"));
+    }
+    Ok(())
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A child process, stopped (by PID) on drop.
+pub struct Process {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then wait; SIGKILL if it has not exited after 5 s.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Ok(self.child.wait()?);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.stop();
+        }
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// The host-side veth in the node namespace.
+    pub host_if: String,
+    pub ns: Netns,
+    pub workloads: Vec<Process>,
+}
+
+impl Pod {
+    /// Starts seine-echo in the pod: HTTP and UDP answering with the pod's name on `port`, and a
+    /// byte-stream echo on `port + 1`.
+    pub fn serve(&mut self, port: u16) -> Result<()> {
+        let log = std::env::temp_dir().join(format!("{}-echo.log", self.ns.name));
+        let child = self
+            .ns
+            .command(&bin("seine-echo")?)
+            .args([
+                "--name",
+                &self.name,
+                "--listen",
+                &format!("0.0.0.0:{port}"),
+                "--stream-echo",
+                &format!("0.0.0.0:{}", port + 1),
+            ])
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .context("starting seine-echo")?;
+        self.workloads.push(Process {
+            child,
+            name: format!("{}-echo", self.name),
+            log,
+        });
+        // Ready when the port answers.
+        let ip = self.ip;
+        wait_until(Duration::from_secs(5), || {
+            let addr = SocketAddr::from((ip, port));
+            self.ns
+                .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+                .unwrap_or(false)
+        })
+        .with_context(|| format!("seine-echo in {} did not start", self.name))
+    }
+
+    /// One HTTP request on a new connection; returns the answering pod's name.
+    pub fn http_get(&self, addr: SocketAddr) -> Result<String> {
+        self.ns.run(move || http_get(addr))?
+    }
+
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        self.ns.run(f)
+    }
+}
+
+/// Connects, sends one GET, reads the body (the server's name) and closes.
+pub fn http_get(addr: SocketAddr) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_string())
+        .with_context(|| format!("malformed response from {addr}: {response:?}"))?;
+    Ok(body)
+}
+
+/// A kept-alive HTTP connection.
+pub struct KeepAlive {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.set_nodelay(true)?;
+        Ok(KeepAlive {
+            stream,
+            buf: Vec::with_capacity(256),
+        })
+    }
+
+    /// One request/response; returns the body.
+    pub fn get(&mut self) -> Result<String> {
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        self.buf.clear();
+        let mut chunk = [0u8; 512];
+        loop {
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                bail!("connection closed");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            if let Some(pos) = find(&self.buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..pos]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .context("no content-length")?;
+                if self.buf.len() >= pos + 4 + len {
+                    return Ok(String::from_utf8_lossy(&self.buf[pos + 4..pos + 4 + len])
+                        .trim()
+                        .to_string());
+                }
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Polls `f` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A node: a namespace that routes between its pods, with its own bpffs directory and agent.
+pub struct Node {
+    pub prefix: String,
+    pub bpffs_dir: PathBuf,
+    pub agent: Option<Process>,
+    pub pods: Vec<Pod>,
+    pub ns: Netns,
+    pub agent_args: Vec<String>,
+}
+
+impl Node {
+    pub fn create(tag: &str) -> Result<Self> {
+        ensure_bpffs()?;
+        let prefix = unique_prefix(tag);
+        let ns = Netns::create(&format!("{prefix}-node"))?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        Ok(Node {
+            bpffs_dir: PathBuf::from(BPFFS_ROOT).join(format!("seine-{prefix}")),
+            prefix,
+            agent: None,
+            pods: Vec::new(),
+            ns,
+            agent_args: Vec::new(),
+        })
+    }
+
+    /// Adds a pod with address `ip`/32, its gateway `GATEWAY`, and a /32 route on the node.
+    pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<usize> {
+        let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
+        let index = self.pods.len();
+        let host_if = format!("lxc{}{index}", &self.prefix[..self.prefix.len().min(8)]);
+        sh(
+            "ip",
+            &[
+                "link", "add", &host_if, "netns", &self.ns.name, "type", "veth", "peer", "name",
+                "eth0", "netns", &ns.name,
+            ],
+        )?;
+        let cidr = format!("{ip}/32");
+        ns.ip(&["addr", "add", &cidr, "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+        self.ns.ip(&["link", "set", &host_if, "up"])?;
+        self.ns
+            .ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &host_if])?;
+        self.ns.ip(&["route", "add", &cidr, "dev", &host_if])?;
+        self.pods.push(Pod {
+            name: name.to_string(),
+            ip,
+            host_if,
+            ns,
+            workloads: Vec::new(),
+        });
+        Ok(index)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn pod_mut(&mut self, name: &str) -> &mut Pod {
+        self.pods
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    fn attach_prefix(&self) -> String {
+        format!("lxc{}", &self.prefix[..self.prefix.len().min(8)])
+    }
+
+    /// Starts seine-agent in the node namespace and waits until it is ready and attached to every
+    /// pod's veth.
+    pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        self.agent_args = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn_agent()
+    }
+
+    pub fn spawn_agent(&mut self) -> Result<()> {
+        let log = std::env::temp_dir().join(format!("{}-agent.log", self.prefix));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = self
+            .ns
+            .command(&bin("seine-agent")?)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .args(["--attach-prefix", &self.attach_prefix()])
+            .args(["--health-addr", "127.0.0.1:9962"])
+            .args(&self.agent_args)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("starting seine-agent")?;
+        let mut process = Process {
+            child,
+            name: "seine-agent".into(),
+            log,
+        };
+        let ns_path = self.ns.path();
+        let ready = wait_until(Duration::from_secs(20), || {
+            if let Ok(Some(_)) = process.child.try_wait() {
+                return true;
+            }
+            let path = ns_path.clone();
+            std::thread::spawn(move || -> bool {
+                enter(&path).is_ok() && http_status("127.0.0.1:9962", "/readyz") == Some(200)
+            })
+            .join()
+            .unwrap_or(false)
+        });
+        if let Ok(Some(status)) = process.child.try_wait() {
+            bail!("seine-agent exited with {status}:\n{}", process.log_text());
+        }
+        ready.with_context(|| format!("seine-agent not ready:\n{}", process.log_text()))?;
+        self.agent = Some(process);
+        Ok(())
+    }
+
+    pub fn stop_agent(&mut self) -> Result<()> {
+        if let Some(mut agent) = self.agent.take() {
+            agent.stop()?;
+        }
+        Ok(())
+    }
+
+    /// Runs seinectl against this node's maps; returns the whole output, failing or not.
+    pub fn seinectl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(bin("seinectl")?)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .args(args)
+            .output()
+            .context("running seinectl")
+    }
+
+    /// Runs seinectl and fails unless it succeeds; returns stdout.
+    pub fn seinectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.seinectl(args)?;
+        if !out.status.success() {
+            bail!(
+                "seinectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `seinectl bpf ... -o json`, parsed.
+    pub fn seinectl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut full = args.to_vec();
+        full.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.seinectl_ok(&full)?)?)
+    }
+
+    /// The agent's Prometheus metrics text.
+    pub fn metrics(&self) -> Result<String> {
+        let path = self.ns.path();
+        std::thread::spawn(move || -> Result<String> {
+            enter(&path)?;
+            http_body("127.0.0.1:9962", "/metrics").context("scraping /metrics")
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("metrics thread panicked"))?
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.agent.take();
+        self.pods.clear();
+        let _ = std::fs::remove_dir_all(&self.bpffs_dir);
+    }
+}
+
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let response = http_raw(addr, path)?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn http_body(addr: &str, path: &str) -> Option<String> {
+    let response = http_raw(addr, path)?;
+    response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+fn http_raw(addr: &str, path: &str) -> Option<String> {
+    let addr: SocketAddr = addr.parse().ok()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// The usual test topology: one node, a client pod and `backends` pods serving on `port`.
+pub fn topology(tag: &str, backends: usize, port: u16) -> Result<Node> {
+    let mut node = Node::create(tag)?;
+    node.add_pod("client", Ipv4Addr::new(10, 244, 0, 2))?;
+    for i in 0..backends {
+        let name = format!("backend-{}", i + 1);
+        node.add_pod(&name, Ipv4Addr::new(10, 244, 0, 11 + i as u8))?;
+        node.pod_mut(&name).serve(port)?;
+    }
+    Ok(node)
+}

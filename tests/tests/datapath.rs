@@ -1,0 +1,525 @@
+//! The eBPF ClusterIP datapath on a real kernel: a node namespace with pod namespaces, the real
+//! seine-agent and seinectl, traffic from the client pod through service VIPs.
+//!
+//! Needs root. Run serially (`--test-threads=1`, as `cargo xtask test` does).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use md5::{Digest, Md5};
+use seine_tests::{stats, topology, wait_until, KeepAlive, Node};
+
+const PORT: u16 = 8080;
+
+fn vip(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn backend_args(node: &Node, names: &[&str]) -> Vec<String> {
+    names
+        .iter()
+        .flat_map(|n| {
+            let ip = node.pod(n.split(',').next().unwrap()).ip;
+            let state = n.split(',').nth(1).map(|s| format!(",{s}")).unwrap_or_default();
+            ["--backend".to_string(), format!("{ip}:{PORT}{state}")]
+        })
+        .collect()
+}
+
+fn upsert(node: &Node, frontend: &str, backends: &[&str], extra: &[&str]) {
+    let mut args = vec!["service", "upsert", "--frontend", frontend];
+    let b = backend_args(node, backends);
+    args.extend(b.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    node.seinectl_ok(&args).unwrap();
+}
+
+/// Opens `n` new connections from the client pod and counts answers per backend.
+fn spread(node: &Node, addr: SocketAddr, n: usize) -> BTreeMap<String, u64> {
+    node.pod("client")
+        .run(move || {
+            let mut counts = BTreeMap::new();
+            for _ in 0..n {
+                let name = seine_tests::http_get(addr).unwrap();
+                *counts.entry(name).or_insert(0) += 1;
+            }
+            counts
+        })
+        .unwrap()
+}
+
+fn ready_node(tag: &str, backends: usize) -> Node {
+    let mut node = topology(tag, backends, PORT).unwrap();
+    node.start_agent(&[]).unwrap();
+    node
+}
+
+#[test]
+fn tcp_and_udp_reach_backends_through_the_vip() {
+    let node = ready_node("tu", 3);
+    upsert(&node, "10.96.0.10:80/tcp", &["backend-1", "backend-2", "backend-3"], &[]);
+    upsert(&node, "10.96.0.10:53/udp", &["backend-1", "backend-2", "backend-3"], &[]);
+
+    let answers = spread(&node, vip("10.96.0.10:80"), 30);
+    assert_eq!(answers.values().sum::<u64>(), 30);
+    assert!(answers.keys().all(|k| k.starts_with("backend-")), "{answers:?}");
+
+    let replies = node
+        .pod("client")
+        .run(|| {
+            let mut names = HashSet::new();
+            for _ in 0..30 {
+                // A new socket per query: a new flow, a new backend choice.
+                let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                sock.connect("10.96.0.10:53").unwrap();
+                sock.send(b"ping").unwrap();
+                let mut buf = [0u8; 64];
+                let n = sock.recv(&mut buf).unwrap();
+                // The reply comes from the VIP, or a connected socket would not receive it.
+                names.insert(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+            }
+            names
+        })
+        .unwrap();
+    assert!(replies.len() >= 2, "UDP answers from {replies:?}");
+}
+
+#[test]
+fn new_connections_spread_evenly_over_ready_backends() {
+    let node = ready_node("sp", 3);
+    upsert(&node, "10.96.0.20:80/tcp", &["backend-1", "backend-2", "backend-3"], &[]);
+    let counts = spread(&node, vip("10.96.0.20:80"), 300);
+    let observed: Vec<u64> = ["backend-1", "backend-2", "backend-3"]
+        .iter()
+        .map(|b| counts.get(*b).copied().unwrap_or(0))
+        .collect();
+    let chi2 = stats::chi_square_uniform(&observed);
+    assert!(
+        chi2 < stats::CHI_SQUARE_P001[1],
+        "spread {observed:?} has chi-square {chi2:.2} (limit {})",
+        stats::CHI_SQUARE_P001[1]
+    );
+}
+
+#[test]
+fn service_without_backends_is_refused_at_once() {
+    let node = ready_node("rj", 1);
+    node.seinectl_ok(&["service", "upsert", "--frontend", "10.96.0.30:80/tcp"])
+        .unwrap();
+    node.seinectl_ok(&["service", "upsert", "--frontend", "10.96.0.30:53/udp"])
+        .unwrap();
+    let (tcp, udp) = node
+        .pod("client")
+        .run(|| {
+            // A generous timeout: only a refusal, not a timeout, counts.
+            let tcp = TcpStream::connect_timeout(&vip("10.96.0.30:80"), Duration::from_secs(5))
+                .map(|_| ())
+                .map_err(|e| e.kind());
+            let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            sock.connect("10.96.0.30:53").unwrap();
+            sock.send(b"ping").unwrap();
+            let mut buf = [0u8; 16];
+            let udp = sock.recv(&mut buf).map(|_| ()).map_err(|e| e.kind());
+            (tcp, udp)
+        })
+        .unwrap();
+    assert_eq!(tcp, Err(ErrorKind::ConnectionRefused));
+    assert_eq!(udp, Err(ErrorKind::ConnectionRefused));
+    let stats = node.seinectl_json(&["bpf", "stats"]).unwrap();
+    let no_backend = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "no_backend")
+        .unwrap()["value"]
+        .as_u64()
+        .unwrap();
+    assert!(no_backend >= 2, "no_backend counter is {no_backend}");
+}
+
+#[test]
+fn removed_backend_gets_no_new_connections_while_established_ones_continue() {
+    let node = ready_node("rm", 3);
+    let all = ["backend-1", "backend-2", "backend-3"];
+    upsert(&node, "10.96.0.40:80/tcp", &all, &[]);
+    let addr = vip("10.96.0.40:80");
+
+    // One kept-alive connection to each backend.
+    let (conns_ok, new_counts) = node
+        .pod("client")
+        .run(move || -> Vec<(String, KeepAlive)> {
+            let mut conns: Vec<(String, KeepAlive)> = Vec::new();
+            for _ in 0..200 {
+                let mut c = KeepAlive::connect(addr).unwrap();
+                let name = c.get().unwrap();
+                if !conns.iter().any(|(n, _)| *n == name) {
+                    conns.push((name, c));
+                }
+                if conns.len() == 3 {
+                    break;
+                }
+            }
+            conns
+        })
+        .map(|conns| {
+            assert_eq!(conns.len(), 3, "could not reach every backend");
+            upsert(&node, "10.96.0.40:80/tcp", &["backend-2", "backend-3"], &[]);
+            let counts = spread(&node, addr, 60);
+            let still = node
+                .pod("client")
+                .run(move || {
+                    conns
+                        .into_iter()
+                        .filter(|(name, _)| name != "backend-1")
+                        .map(|(name, mut c)| (name.clone(), c.get().map(|n| n == name).unwrap_or(false)))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap();
+            (still, counts)
+        })
+        .unwrap();
+    assert!(!new_counts.contains_key("backend-1"), "removed backend got new connections: {new_counts:?}");
+    assert_eq!(new_counts.values().sum::<u64>(), 60);
+    assert_eq!(conns_ok.len(), 2);
+    for (name, ok) in conns_ok {
+        assert!(ok, "established connection to {name} broke when another backend was removed");
+    }
+}
+
+#[test]
+fn terminating_backends_serve_only_when_no_ready_backend_is_left() {
+    let node = ready_node("tm", 2);
+    let addr = vip("10.96.0.50:80");
+    upsert(&node, "10.96.0.50:80/tcp", &["backend-1", "backend-2,terminating"], &[]);
+    let counts = spread(&node, addr, 40);
+    assert_eq!(counts.get("backend-1"), Some(&40), "with a ready backend left: {counts:?}");
+
+    upsert(&node, "10.96.0.50:80/tcp", &["backend-1,terminating", "backend-2,terminating"], &[]);
+    let counts = spread(&node, addr, 60);
+    assert_eq!(counts.values().sum::<u64>(), 60);
+    assert_eq!(counts.len(), 2, "terminating backends share the load when none is ready: {counts:?}");
+}
+
+#[test]
+fn client_ip_affinity_holds_until_its_timeout() {
+    let node = ready_node("af", 3);
+    let addr = vip("10.96.0.60:80");
+    upsert(
+        &node,
+        "10.96.0.60:80/tcp",
+        &["backend-1", "backend-2", "backend-3"],
+        &["--affinity-timeout", "1"],
+    );
+    let counts = spread(&node, addr, 30);
+    assert_eq!(counts.len(), 1, "affinity broke within the timeout: {counts:?}");
+
+    // Past the timeout the choice is made afresh: over several expiries, more than one backend.
+    let mut seen = HashSet::new();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(1300));
+        seen.extend(spread(&node, addr, 1).into_keys());
+    }
+    assert!(seen.len() > 1, "affinity never expired: always {seen:?}");
+
+    let lb = node.seinectl_json(&["bpf", "lb", "list"]).unwrap();
+    assert_eq!(lb[0]["affinity_timeout_secs"], 1);
+}
+
+#[test]
+fn pod_reaches_itself_through_its_own_service() {
+    let mut node = ready_node("hp", 1);
+    node.pod_mut("client").serve(PORT).unwrap();
+    upsert(&node, "10.96.0.70:80/tcp", &["client"], &[]);
+    let answers = spread(&node, vip("10.96.0.70:80"), 10);
+    assert_eq!(answers.get("client"), Some(&10), "{answers:?}");
+    let ct = node.seinectl_json(&["bpf", "ct", "list"]).unwrap();
+    assert!(ct.as_array().unwrap().iter().any(|e| e["hairpin"] == true));
+}
+
+#[test]
+fn bulk_transfer_keeps_its_checksum_with_offloads_off() {
+    let node = ready_node("bk", 1);
+    for pod in &node.pods {
+        pod.ns.exec("ethtool", &["-K", "eth0", "tx", "off", "rx", "off"]).unwrap();
+        node.ns
+            .exec("ethtool", &["-K", &pod.host_if, "tx", "off", "rx", "off"])
+            .unwrap();
+    }
+    upsert(&node, "10.96.0.80:9000/tcp", &[], &[]);
+    let ip = node.pod("backend-1").ip;
+    node.seinectl_ok(&[
+        "service",
+        "upsert",
+        "--frontend",
+        "10.96.0.80:9000/tcp",
+        "--backend",
+        &format!("{ip}:{}", PORT + 1),
+    ])
+    .unwrap();
+
+    let (sent, received) = node
+        .pod("client")
+        .run(|| {
+            let mut data = vec![0u8; 20 * 1024 * 1024];
+            rand::Rng::fill(&mut rand::rng(), &mut data[..]);
+            let sent = Md5::digest(&data);
+            let mut stream = TcpStream::connect(vip("10.96.0.80:9000")).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut reader = stream.try_clone().unwrap();
+            let len = data.len();
+            let writer = std::thread::spawn(move || {
+                stream.write_all(&data).unwrap();
+                stream.shutdown(std::net::Shutdown::Write).unwrap();
+            });
+            let mut back = Vec::with_capacity(len);
+            reader.read_to_end(&mut back).unwrap();
+            writer.join().unwrap();
+            assert_eq!(back.len(), len, "echoed length");
+            (sent, Md5::digest(&back))
+        })
+        .unwrap();
+    assert_eq!(sent, received, "md5 of 20 MB through the VIP");
+}
+
+#[test]
+fn ten_thousand_services_are_programmed_and_the_last_is_reachable() {
+    let mut node = topology("tk", 2, PORT).unwrap();
+    let b1 = node.pod("backend-1").ip;
+    let b2 = node.pod("backend-2").ip;
+    let file = std::env::temp_dir().join(format!("{}-services.json", node.prefix));
+    let mut items = Vec::new();
+    for i in 0..10_000u32 {
+        let ip = format!("10.97.{}.{}", i / 250, i % 250 + 1);
+        items.push(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("svc-{i}"), "namespace": "default"},
+            "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "targetPort": PORT}]}
+        }));
+        items.push(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("svc-{i}-x"), "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": PORT}],
+            "endpoints": [{"addresses": [b1.to_string()], "conditions": {"ready": true}},
+                          {"addresses": [b2.to_string()], "conditions": {"ready": true}}]
+        }));
+    }
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    std::fs::write(&file, serde_json::to_vec(&list).unwrap()).unwrap();
+    let file_arg = file.display().to_string();
+    node.start_agent(&["--services-file", &file_arg]).unwrap();
+
+    let last = vip("10.97.39.250:80");
+    let first = vip("10.97.0.1:80");
+    wait_until(Duration::from_secs(60), || {
+        node.pod("client").http_get(last).is_ok()
+    })
+    .unwrap();
+    assert!(node.pod("client").http_get(first).unwrap().starts_with("backend-"));
+    let lb = node.seinectl_json(&["bpf", "lb", "list"]).unwrap();
+    assert_eq!(lb.as_array().unwrap().len(), 10_000);
+    let metrics = node.metrics().unwrap();
+    assert!(metrics.contains("seine_services 10000"), "{metrics}");
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn agent_restart_during_a_request_loop_fails_no_request() {
+    let mut node = ready_node("rs", 3);
+    upsert(&node, "10.96.0.90:80/tcp", &["backend-1", "backend-2", "backend-3"], &[]);
+    let addr = vip("10.96.0.90:80");
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+
+    let path = node.pod("client").ns.path();
+    let (s, o, f) = (stop.clone(), ok.clone(), failures.clone());
+    let looper = std::thread::spawn(move || {
+        seine_tests::enter(&path).unwrap();
+        let mut kept = KeepAlive::connect(addr).unwrap();
+        while !s.load(Ordering::SeqCst) {
+            match seine_tests::http_get(addr).and_then(|_| kept.get()) {
+                Ok(_) => {
+                    o.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => f.lock().unwrap().push(format!("{e:#}")),
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let before = ok.load(Ordering::SeqCst);
+    node.stop_agent().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    node.spawn_agent().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    looper.join().unwrap();
+    let total = ok.load(Ordering::SeqCst);
+    assert!(before > 0 && total > before, "the loop made no progress ({before} then {total})");
+    assert!(failures.lock().unwrap().is_empty(), "failed requests: {:?}", failures.lock().unwrap());
+    // The restarted agent found its maps and the service in them.
+    let log = node.agent.as_ref().unwrap().log_text();
+    assert!(log.matches("datapath loaded").count() >= 2, "{log}");
+}
+
+#[test]
+fn seinectl_shows_what_was_programmed() {
+    let node = ready_node("ct", 2);
+    upsert(&node, "10.96.1.1:80/tcp", &["backend-1", "backend-2,terminating"], &["--affinity-timeout", "300"]);
+    let b1 = format!("{}:{PORT}", node.pod("backend-1").ip);
+    let b2 = format!("{}:{PORT}", node.pod("backend-2").ip);
+
+    let lb = node.seinectl_json(&["bpf", "lb", "list"]).unwrap();
+    let entry = &lb[0];
+    assert_eq!(entry["frontend"], "10.96.1.1:80/TCP");
+    assert_eq!(entry["owner"], "seinectl");
+    assert_eq!(entry["affinity_timeout_secs"], 300);
+    let backends: Vec<(String, String)> = entry["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().into(), b["state"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(backends, [(b1.clone(), "active".into()), (b2.clone(), "terminating".into())]);
+
+    let table = node.seinectl_ok(&["bpf", "lb", "list"]).unwrap();
+    assert!(table.contains("10.96.1.1:80/TCP") && table.contains(&b1) && table.contains(&b2), "{table}");
+
+    let list = node.seinectl_json(&["bpf", "backend", "list"]).unwrap();
+    let addrs: HashSet<&str> = list.as_array().unwrap().iter().map(|b| b["address"].as_str().unwrap()).collect();
+    assert_eq!(addrs, HashSet::from([b1.as_str(), b2.as_str()]));
+
+    assert_eq!(node.pod("client").http_get(vip("10.96.1.1:80")).unwrap(), "backend-1");
+    let ct = node.seinectl_json(&["bpf", "ct", "list"]).unwrap();
+    let out = ct
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["direction"] == "out" && e["destination"] == "10.96.1.1:80")
+        .expect("conntrack entry of the request");
+    assert_eq!(out["backend"], b1);
+    assert_eq!(out["source"].as_str().unwrap().split(':').next(), Some("10.244.0.2"));
+
+    let stats = node.seinectl_json(&["bpf", "stats"]).unwrap();
+    let translated = stats.as_array().unwrap().iter().find(|r| r["name"] == "translated").unwrap();
+    assert!(translated["value"].as_u64().unwrap() > 0);
+
+    node.seinectl_ok(&["service", "delete", "--frontend", "10.96.1.1:80/tcp"]).unwrap();
+    let lb = node.seinectl_json(&["bpf", "lb", "list"]).unwrap();
+    assert!(lb.as_array().unwrap().is_empty());
+    let list = node.seinectl_json(&["bpf", "backend", "list"]).unwrap();
+    assert!(list.as_array().unwrap().is_empty(), "backends left after delete: {list}");
+}
+
+#[test]
+fn malformed_input_is_rejected_with_exit_code_2_and_changes_nothing() {
+    let node = ready_node("bd", 1);
+    upsert(&node, "10.96.2.1:80/tcp", &["backend-1"], &[]);
+    let before = node.seinectl_ok(&["bpf", "lb", "list", "-o", "json"]).unwrap();
+    for args in [
+        vec!["service", "upsert", "--frontend", "10.96.2.1:80"],
+        vec!["service", "upsert", "--frontend", "10.96.2.1:99999/tcp"],
+        vec!["service", "upsert", "--frontend", "10.96.2.1:80/tcp", "--backend", "10.244.0.11"],
+        vec!["service", "upsert", "--frontend", "10.96.2.1:80/tcp", "--backend", "10.244.0.300:80"],
+        vec!["service", "upsert", "--frontend", "10.96.2.1:80/sctp", "--backend", "10.244.0.11:80"],
+        vec!["service", "delete", "--frontend", "nonsense"],
+    ] {
+        let out = node.seinectl(&args).unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid"), "{args:?}: {err}");
+    }
+    assert_eq!(node.seinectl_ok(&["bpf", "lb", "list", "-o", "json"]).unwrap(), before);
+    assert_eq!(node.pod("client").http_get(vip("10.96.2.1:80")).unwrap(), "backend-1");
+}
+
+#[test]
+fn agent_rejects_a_malformed_services_file_and_keeps_the_last_good_state() {
+    let mut node = topology("bf", 1, PORT).unwrap();
+    let file = std::env::temp_dir().join(format!("{}-svc.yaml", node.prefix));
+    std::fs::write(&file, "kind: Service\nspec: {ports: 5}\n").unwrap();
+    let file_arg = file.display().to_string();
+    let err = node.start_agent(&["--services-file", &file_arg]).unwrap_err();
+    assert!(format!("{err:#}").contains("exited with exit status: 2"), "{err:#}");
+
+    let ip = node.pod("backend-1").ip;
+    let good = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: 10.96.3.1, ports: [{{port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{port: {PORT}}}]\nendpoints: [{{addresses: [\"{ip}\"]}}]\n"
+    );
+    std::fs::write(&file, &good).unwrap();
+    node.start_agent(&["--services-file", &file_arg]).unwrap();
+    assert_eq!(node.pod("client").http_get(vip("10.96.3.1:80")).unwrap(), "backend-1");
+
+    std::fs::write(&file, "{ this is not json").unwrap();
+    wait_until(Duration::from_secs(10), || {
+        node.agent.as_ref().unwrap().log_text().contains("keeping the previous state")
+    })
+    .unwrap();
+    assert_eq!(node.pod("client").http_get(vip("10.96.3.1:80")).unwrap(), "backend-1");
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn a_full_map_is_a_clear_error_and_keeps_the_old_state() {
+    let mut node = topology("fl", 2, PORT).unwrap();
+    node.start_agent(&["--max-services", "2", "--max-backends", "3"]).unwrap();
+    upsert(&node, "10.96.4.1:80/tcp", &["backend-1"], &[]);
+    upsert(&node, "10.96.4.2:80/tcp", &["backend-1", "backend-2"], &[]);
+    let before = node.seinectl_ok(&["bpf", "lb", "list", "-o", "json"]).unwrap();
+
+    // A third service does not fit the services map.
+    let out = node
+        .seinectl(&["service", "upsert", "--frontend", "10.96.4.3:80/tcp", "--backend", "10.244.0.11:8080"])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("map is full"), "{out:?}");
+
+    // A fourth backend does not fit the backends map: the service keeps its old backend.
+    let ip2 = node.pod("backend-2").ip;
+    let out = node
+        .seinectl(&[
+            "service", "upsert", "--frontend", "10.96.4.1:80/tcp",
+            "--backend", "10.244.0.11:8080", "--backend", &format!("{ip2}:8080"), "--backend", "10.244.0.99:8080",
+        ])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backends map is full"), "{out:?}");
+
+    assert_eq!(node.seinectl_ok(&["bpf", "lb", "list", "-o", "json"]).unwrap(), before);
+    assert_eq!(node.seinectl_json(&["bpf", "backend", "list"]).unwrap().as_array().unwrap().len(), 3);
+    let counts = spread(&node, vip("10.96.4.1:80"), 10);
+    assert_eq!(counts.get("backend-1"), Some(&10));
+}
+
+#[test]
+fn seinectl_says_what_is_wrong_when_the_maps_are_missing() {
+    let dir = std::env::temp_dir().join("seine-no-such-maps");
+    let out = std::process::Command::new(seine_tests::bin("seinectl").unwrap())
+        .args(["--bpffs-dir", "/sys/fs/bpf/seine-no-such-node", "bpf", "lb", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not pinned under /sys/fs/bpf/seine-no-such-node"), "{err}");
+    assert!(err.contains("seine-agent"), "{err}");
+
+    let out = std::process::Command::new(seine_tests::bin("seinectl").unwrap())
+        .args(["--bpffs-dir", &dir.display().to_string(), "bpf", "lb", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bpffs is not mounted"));
+}
