@@ -13,7 +13,10 @@ fn main() -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("eBPF crate not found at {}", root.display()))?;
     let root_dir = root.to_str().context("eBPF crate path is not UTF-8")?;
-    println!("cargo:rerun-if-changed={}", manifest_dir.join("../ebpf/seine-common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../ebpf/seine-common").display()
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "seine-ebpf",

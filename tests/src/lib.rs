@@ -52,7 +52,10 @@ pub fn sh(program: &str, args: &[&str]) -> Result<String> {
 /// Where the workspace's binaries are: next to the running test or bench executable.
 pub fn bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the current executable")?;
-    let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
+    let mut dir = exe
+        .parent()
+        .context("executable has no directory")?
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -109,10 +112,14 @@ impl Netns {
         sh("nsenter", &full)
     }
 
-    /// A `Command` that runs `program` inside the namespace.
+    /// A `Command` that runs `program` inside the namespace, in a process group of its own (a
+    /// terminal's Ctrl-C goes to the caller, which stops its children itself).
     pub fn command(&self, program: &Path) -> Command {
+        use std::os::unix::process::CommandExt as _;
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path())).arg(program);
+        cmd.arg(format!("--net={}", self.path()))
+            .arg(program)
+            .process_group(0);
         cmd
     }
 
@@ -129,7 +136,8 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(|_| ())
     }
 }
 
@@ -341,8 +349,13 @@ pub struct Node {
 
 impl Node {
     pub fn create(tag: &str) -> Result<Self> {
+        Self::create_named(&unique_prefix(tag))
+    }
+
+    /// A node whose namespaces are named after `prefix` exactly (for the lab).
+    pub fn create_named(prefix: &str) -> Result<Self> {
         ensure_bpffs()?;
-        let prefix = unique_prefix(tag);
+        let prefix = prefix.to_string();
         let ns = Netns::create(&format!("{prefix}-node"))?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
@@ -365,8 +378,18 @@ impl Node {
         sh(
             "ip",
             &[
-                "link", "add", &host_if, "netns", &self.ns.name, "type", "veth", "peer", "name",
-                "eth0", "netns", &ns.name,
+                "link",
+                "add",
+                &host_if,
+                "netns",
+                &self.ns.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns.name,
             ],
         )?;
         let cidr = format!("{ip}/32");
@@ -400,6 +423,17 @@ impl Node {
             .iter_mut()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Everything this node consists of, for a caller that keeps it running after exit.
+    pub fn inventory(&self) -> (Vec<u32>, Vec<String>) {
+        let mut pids: Vec<u32> = self.agent.iter().map(Process::pid).collect();
+        let mut namespaces = vec![self.ns.name.clone()];
+        for pod in &self.pods {
+            pids.extend(pod.workloads.iter().map(Process::pid));
+            namespaces.push(pod.ns.name.clone());
+        }
+        (pids, namespaces)
     }
 
     fn attach_prefix(&self) -> String {

@@ -28,7 +28,11 @@ fn backend_args(node: &Node, names: &[&str]) -> Vec<String> {
         .iter()
         .flat_map(|n| {
             let ip = node.pod(n.split(',').next().unwrap()).ip;
-            let state = n.split(',').nth(1).map(|s| format!(",{s}")).unwrap_or_default();
+            let state = n
+                .split(',')
+                .nth(1)
+                .map(|s| format!(",{s}"))
+                .unwrap_or_default();
             ["--backend".to_string(), format!("{ip}:{PORT}{state}")]
         })
         .collect()
@@ -65,12 +69,25 @@ fn ready_node(tag: &str, backends: usize) -> Node {
 #[test]
 fn tcp_and_udp_reach_backends_through_the_vip() {
     let node = ready_node("tu", 3);
-    upsert(&node, "10.96.0.10:80/tcp", &["backend-1", "backend-2", "backend-3"], &[]);
-    upsert(&node, "10.96.0.10:53/udp", &["backend-1", "backend-2", "backend-3"], &[]);
+    upsert(
+        &node,
+        "10.96.0.10:80/tcp",
+        &["backend-1", "backend-2", "backend-3"],
+        &[],
+    );
+    upsert(
+        &node,
+        "10.96.0.10:53/udp",
+        &["backend-1", "backend-2", "backend-3"],
+        &[],
+    );
 
     let answers = spread(&node, vip("10.96.0.10:80"), 30);
     assert_eq!(answers.values().sum::<u64>(), 30);
-    assert!(answers.keys().all(|k| k.starts_with("backend-")), "{answers:?}");
+    assert!(
+        answers.keys().all(|k| k.starts_with("backend-")),
+        "{answers:?}"
+    );
 
     let replies = node
         .pod("client")
@@ -96,7 +113,12 @@ fn tcp_and_udp_reach_backends_through_the_vip() {
 #[test]
 fn new_connections_spread_evenly_over_ready_backends() {
     let node = ready_node("sp", 3);
-    upsert(&node, "10.96.0.20:80/tcp", &["backend-1", "backend-2", "backend-3"], &[]);
+    upsert(
+        &node,
+        "10.96.0.20:80/tcp",
+        &["backend-1", "backend-2", "backend-3"],
+        &[],
+    );
     let counts = spread(&node, vip("10.96.0.20:80"), 300);
     let observed: Vec<u64> = ["backend-1", "backend-2", "backend-3"]
         .iter()
@@ -181,18 +203,26 @@ fn removed_backend_gets_no_new_connections_while_established_ones_continue() {
                     conns
                         .into_iter()
                         .filter(|(name, _)| name != "backend-1")
-                        .map(|(name, mut c)| (name.clone(), c.get().map(|n| n == name).unwrap_or(false)))
+                        .map(|(name, mut c)| {
+                            (name.clone(), c.get().map(|n| n == name).unwrap_or(false))
+                        })
                         .collect::<Vec<_>>()
                 })
                 .unwrap();
             (still, counts)
         })
         .unwrap();
-    assert!(!new_counts.contains_key("backend-1"), "removed backend got new connections: {new_counts:?}");
+    assert!(
+        !new_counts.contains_key("backend-1"),
+        "removed backend got new connections: {new_counts:?}"
+    );
     assert_eq!(new_counts.values().sum::<u64>(), 60);
     assert_eq!(conns_ok.len(), 2);
     for (name, ok) in conns_ok {
-        assert!(ok, "established connection to {name} broke when another backend was removed");
+        assert!(
+            ok,
+            "established connection to {name} broke when another backend was removed"
+        );
     }
 }
 
@@ -200,14 +230,32 @@ fn removed_backend_gets_no_new_connections_while_established_ones_continue() {
 fn terminating_backends_serve_only_when_no_ready_backend_is_left() {
     let node = ready_node("tm", 2);
     let addr = vip("10.96.0.50:80");
-    upsert(&node, "10.96.0.50:80/tcp", &["backend-1", "backend-2,terminating"], &[]);
+    upsert(
+        &node,
+        "10.96.0.50:80/tcp",
+        &["backend-1", "backend-2,terminating"],
+        &[],
+    );
     let counts = spread(&node, addr, 40);
-    assert_eq!(counts.get("backend-1"), Some(&40), "with a ready backend left: {counts:?}");
+    assert_eq!(
+        counts.get("backend-1"),
+        Some(&40),
+        "with a ready backend left: {counts:?}"
+    );
 
-    upsert(&node, "10.96.0.50:80/tcp", &["backend-1,terminating", "backend-2,terminating"], &[]);
+    upsert(
+        &node,
+        "10.96.0.50:80/tcp",
+        &["backend-1,terminating", "backend-2,terminating"],
+        &[],
+    );
     let counts = spread(&node, addr, 60);
     assert_eq!(counts.values().sum::<u64>(), 60);
-    assert_eq!(counts.len(), 2, "terminating backends share the load when none is ready: {counts:?}");
+    assert_eq!(
+        counts.len(),
+        2,
+        "terminating backends share the load when none is ready: {counts:?}"
+    );
 }
 
 #[test]
@@ -221,7 +269,11 @@ fn client_ip_affinity_holds_until_its_timeout() {
         &["--affinity-timeout", "1"],
     );
     let counts = spread(&node, addr, 30);
-    assert_eq!(counts.len(), 1, "affinity broke within the timeout: {counts:?}");
+    assert_eq!(
+        counts.len(),
+        1,
+        "affinity broke within the timeout: {counts:?}"
+    );
 
     // Past the timeout the choice is made afresh: over several expiries, more than one backend.
     let mut seen = HashSet::new();
@@ -250,7 +302,9 @@ fn pod_reaches_itself_through_its_own_service() {
 fn bulk_transfer_keeps_its_checksum_with_offloads_off() {
     let node = ready_node("bk", 1);
     for pod in &node.pods {
-        pod.ns.exec("ethtool", &["-K", "eth0", "tx", "off", "rx", "off"]).unwrap();
+        pod.ns
+            .exec("ethtool", &["-K", "eth0", "tx", "off", "rx", "off"])
+            .unwrap();
         node.ns
             .exec("ethtool", &["-K", &pod.host_if, "tx", "off", "rx", "off"])
             .unwrap();
@@ -274,7 +328,9 @@ fn bulk_transfer_keeps_its_checksum_with_offloads_off() {
             rand::Rng::fill(&mut rand::rng(), &mut data[..]);
             let sent = Md5::digest(&data);
             let mut stream = TcpStream::connect(vip("10.96.0.80:9000")).unwrap();
-            stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
             let mut reader = stream.try_clone().unwrap();
             let len = data.len();
             let writer = std::thread::spawn(move || {
@@ -326,7 +382,11 @@ fn ten_thousand_services_are_programmed_and_the_last_is_reachable() {
         node.pod("client").http_get(last).is_ok()
     })
     .unwrap();
-    assert!(node.pod("client").http_get(first).unwrap().starts_with("backend-"));
+    assert!(node
+        .pod("client")
+        .http_get(first)
+        .unwrap()
+        .starts_with("backend-"));
     let lb = node.seinectl_json(&["bpf", "lb", "list"]).unwrap();
     assert_eq!(lb.as_array().unwrap().len(), 10_000);
     let metrics = node.metrics().unwrap();
@@ -337,7 +397,12 @@ fn ten_thousand_services_are_programmed_and_the_last_is_reachable() {
 #[test]
 fn agent_restart_during_a_request_loop_fails_no_request() {
     let mut node = ready_node("rs", 3);
-    upsert(&node, "10.96.0.90:80/tcp", &["backend-1", "backend-2", "backend-3"], &[]);
+    upsert(
+        &node,
+        "10.96.0.90:80/tcp",
+        &["backend-1", "backend-2", "backend-3"],
+        &[],
+    );
     let addr = vip("10.96.0.90:80");
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
@@ -366,8 +431,15 @@ fn agent_restart_during_a_request_loop_fails_no_request() {
     stop.store(true, Ordering::SeqCst);
     looper.join().unwrap();
     let total = ok.load(Ordering::SeqCst);
-    assert!(before > 0 && total > before, "the loop made no progress ({before} then {total})");
-    assert!(failures.lock().unwrap().is_empty(), "failed requests: {:?}", failures.lock().unwrap());
+    assert!(
+        before > 0 && total > before,
+        "the loop made no progress ({before} then {total})"
+    );
+    assert!(
+        failures.lock().unwrap().is_empty(),
+        "failed requests: {:?}",
+        failures.lock().unwrap()
+    );
     // The restarted agent found its maps and the service in them.
     let log = node.agent.as_ref().unwrap().log_text();
     assert!(log.matches("datapath loaded").count() >= 2, "{log}");
@@ -376,7 +448,12 @@ fn agent_restart_during_a_request_loop_fails_no_request() {
 #[test]
 fn seinectl_shows_what_was_programmed() {
     let node = ready_node("ct", 2);
-    upsert(&node, "10.96.1.1:80/tcp", &["backend-1", "backend-2,terminating"], &["--affinity-timeout", "300"]);
+    upsert(
+        &node,
+        "10.96.1.1:80/tcp",
+        &["backend-1", "backend-2,terminating"],
+        &["--affinity-timeout", "300"],
+    );
     let b1 = format!("{}:{PORT}", node.pod("backend-1").ip);
     let b2 = format!("{}:{PORT}", node.pod("backend-2").ip);
 
@@ -389,18 +466,40 @@ fn seinectl_shows_what_was_programmed() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["address"].as_str().unwrap().into(), b["state"].as_str().unwrap().into()))
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().into(),
+                b["state"].as_str().unwrap().into(),
+            )
+        })
         .collect();
-    assert_eq!(backends, [(b1.clone(), "active".into()), (b2.clone(), "terminating".into())]);
+    assert_eq!(
+        backends,
+        [
+            (b1.clone(), "active".into()),
+            (b2.clone(), "terminating".into())
+        ]
+    );
 
     let table = node.seinectl_ok(&["bpf", "lb", "list"]).unwrap();
-    assert!(table.contains("10.96.1.1:80/TCP") && table.contains(&b1) && table.contains(&b2), "{table}");
+    assert!(
+        table.contains("10.96.1.1:80/TCP") && table.contains(&b1) && table.contains(&b2),
+        "{table}"
+    );
 
     let list = node.seinectl_json(&["bpf", "backend", "list"]).unwrap();
-    let addrs: HashSet<&str> = list.as_array().unwrap().iter().map(|b| b["address"].as_str().unwrap()).collect();
+    let addrs: HashSet<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap())
+        .collect();
     assert_eq!(addrs, HashSet::from([b1.as_str(), b2.as_str()]));
 
-    assert_eq!(node.pod("client").http_get(vip("10.96.1.1:80")).unwrap(), "backend-1");
+    assert_eq!(
+        node.pod("client").http_get(vip("10.96.1.1:80")).unwrap(),
+        "backend-1"
+    );
     let ct = node.seinectl_json(&["bpf", "ct", "list"]).unwrap();
     let out = ct
         .as_array()
@@ -409,30 +508,65 @@ fn seinectl_shows_what_was_programmed() {
         .find(|e| e["direction"] == "out" && e["destination"] == "10.96.1.1:80")
         .expect("conntrack entry of the request");
     assert_eq!(out["backend"], b1);
-    assert_eq!(out["source"].as_str().unwrap().split(':').next(), Some("10.244.0.2"));
+    assert_eq!(
+        out["source"].as_str().unwrap().split(':').next(),
+        Some("10.244.0.2")
+    );
 
     let stats = node.seinectl_json(&["bpf", "stats"]).unwrap();
-    let translated = stats.as_array().unwrap().iter().find(|r| r["name"] == "translated").unwrap();
+    let translated = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "translated")
+        .unwrap();
     assert!(translated["value"].as_u64().unwrap() > 0);
 
-    node.seinectl_ok(&["service", "delete", "--frontend", "10.96.1.1:80/tcp"]).unwrap();
+    node.seinectl_ok(&["service", "delete", "--frontend", "10.96.1.1:80/tcp"])
+        .unwrap();
     let lb = node.seinectl_json(&["bpf", "lb", "list"]).unwrap();
     assert!(lb.as_array().unwrap().is_empty());
     let list = node.seinectl_json(&["bpf", "backend", "list"]).unwrap();
-    assert!(list.as_array().unwrap().is_empty(), "backends left after delete: {list}");
+    assert!(
+        list.as_array().unwrap().is_empty(),
+        "backends left after delete: {list}"
+    );
 }
 
 #[test]
 fn malformed_input_is_rejected_with_exit_code_2_and_changes_nothing() {
     let node = ready_node("bd", 1);
     upsert(&node, "10.96.2.1:80/tcp", &["backend-1"], &[]);
-    let before = node.seinectl_ok(&["bpf", "lb", "list", "-o", "json"]).unwrap();
+    let before = node
+        .seinectl_ok(&["bpf", "lb", "list", "-o", "json"])
+        .unwrap();
     for args in [
         vec!["service", "upsert", "--frontend", "10.96.2.1:80"],
         vec!["service", "upsert", "--frontend", "10.96.2.1:99999/tcp"],
-        vec!["service", "upsert", "--frontend", "10.96.2.1:80/tcp", "--backend", "10.244.0.11"],
-        vec!["service", "upsert", "--frontend", "10.96.2.1:80/tcp", "--backend", "10.244.0.300:80"],
-        vec!["service", "upsert", "--frontend", "10.96.2.1:80/sctp", "--backend", "10.244.0.11:80"],
+        vec![
+            "service",
+            "upsert",
+            "--frontend",
+            "10.96.2.1:80/tcp",
+            "--backend",
+            "10.244.0.11",
+        ],
+        vec![
+            "service",
+            "upsert",
+            "--frontend",
+            "10.96.2.1:80/tcp",
+            "--backend",
+            "10.244.0.300:80",
+        ],
+        vec![
+            "service",
+            "upsert",
+            "--frontend",
+            "10.96.2.1:80/sctp",
+            "--backend",
+            "10.244.0.11:80",
+        ],
         vec!["service", "delete", "--frontend", "nonsense"],
     ] {
         let out = node.seinectl(&args).unwrap();
@@ -440,8 +574,15 @@ fn malformed_input_is_rejected_with_exit_code_2_and_changes_nothing() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("invalid"), "{args:?}: {err}");
     }
-    assert_eq!(node.seinectl_ok(&["bpf", "lb", "list", "-o", "json"]).unwrap(), before);
-    assert_eq!(node.pod("client").http_get(vip("10.96.2.1:80")).unwrap(), "backend-1");
+    assert_eq!(
+        node.seinectl_ok(&["bpf", "lb", "list", "-o", "json"])
+            .unwrap(),
+        before
+    );
+    assert_eq!(
+        node.pod("client").http_get(vip("10.96.2.1:80")).unwrap(),
+        "backend-1"
+    );
 }
 
 #[test]
@@ -450,8 +591,13 @@ fn agent_rejects_a_malformed_services_file_and_keeps_the_last_good_state() {
     let file = std::env::temp_dir().join(format!("{}-svc.yaml", node.prefix));
     std::fs::write(&file, "kind: Service\nspec: {ports: 5}\n").unwrap();
     let file_arg = file.display().to_string();
-    let err = node.start_agent(&["--services-file", &file_arg]).unwrap_err();
-    assert!(format!("{err:#}").contains("exited with exit status: 2"), "{err:#}");
+    let err = node
+        .start_agent(&["--services-file", &file_arg])
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("exited with exit status: 2"),
+        "{err:#}"
+    );
 
     let ip = node.pod("backend-1").ip;
     let good = format!(
@@ -461,45 +607,90 @@ fn agent_rejects_a_malformed_services_file_and_keeps_the_last_good_state() {
     );
     std::fs::write(&file, &good).unwrap();
     node.start_agent(&["--services-file", &file_arg]).unwrap();
-    assert_eq!(node.pod("client").http_get(vip("10.96.3.1:80")).unwrap(), "backend-1");
+    assert_eq!(
+        node.pod("client").http_get(vip("10.96.3.1:80")).unwrap(),
+        "backend-1"
+    );
 
     std::fs::write(&file, "{ this is not json").unwrap();
     wait_until(Duration::from_secs(10), || {
-        node.agent.as_ref().unwrap().log_text().contains("keeping the previous state")
+        node.agent
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("keeping the previous state")
     })
     .unwrap();
-    assert_eq!(node.pod("client").http_get(vip("10.96.3.1:80")).unwrap(), "backend-1");
+    assert_eq!(
+        node.pod("client").http_get(vip("10.96.3.1:80")).unwrap(),
+        "backend-1"
+    );
     let _ = std::fs::remove_file(&file);
 }
 
 #[test]
 fn a_full_map_is_a_clear_error_and_keeps_the_old_state() {
     let mut node = topology("fl", 2, PORT).unwrap();
-    node.start_agent(&["--max-services", "2", "--max-backends", "3"]).unwrap();
+    node.start_agent(&["--max-services", "2", "--max-backends", "3"])
+        .unwrap();
     upsert(&node, "10.96.4.1:80/tcp", &["backend-1"], &[]);
     upsert(&node, "10.96.4.2:80/tcp", &["backend-1", "backend-2"], &[]);
-    let before = node.seinectl_ok(&["bpf", "lb", "list", "-o", "json"]).unwrap();
+    let before = node
+        .seinectl_ok(&["bpf", "lb", "list", "-o", "json"])
+        .unwrap();
 
     // A third service does not fit the services map.
     let out = node
-        .seinectl(&["service", "upsert", "--frontend", "10.96.4.3:80/tcp", "--backend", "10.244.0.11:8080"])
+        .seinectl(&[
+            "service",
+            "upsert",
+            "--frontend",
+            "10.96.4.3:80/tcp",
+            "--backend",
+            "10.244.0.11:8080",
+        ])
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("map is full"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("map is full"),
+        "{out:?}"
+    );
 
     // A fourth backend does not fit the backends map: the service keeps its old backend.
     let ip2 = node.pod("backend-2").ip;
     let out = node
         .seinectl(&[
-            "service", "upsert", "--frontend", "10.96.4.1:80/tcp",
-            "--backend", "10.244.0.11:8080", "--backend", &format!("{ip2}:8080"), "--backend", "10.244.0.99:8080",
+            "service",
+            "upsert",
+            "--frontend",
+            "10.96.4.1:80/tcp",
+            "--backend",
+            "10.244.0.11:8080",
+            "--backend",
+            &format!("{ip2}:8080"),
+            "--backend",
+            "10.244.0.99:8080",
         ])
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("backends map is full"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("backends map is full"),
+        "{out:?}"
+    );
 
-    assert_eq!(node.seinectl_ok(&["bpf", "lb", "list", "-o", "json"]).unwrap(), before);
-    assert_eq!(node.seinectl_json(&["bpf", "backend", "list"]).unwrap().as_array().unwrap().len(), 3);
+    assert_eq!(
+        node.seinectl_ok(&["bpf", "lb", "list", "-o", "json"])
+            .unwrap(),
+        before
+    );
+    assert_eq!(
+        node.seinectl_json(&["bpf", "backend", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
     let counts = spread(&node, vip("10.96.4.1:80"), 10);
     assert_eq!(counts.get("backend-1"), Some(&10));
 }
@@ -508,16 +699,31 @@ fn a_full_map_is_a_clear_error_and_keeps_the_old_state() {
 fn seinectl_says_what_is_wrong_when_the_maps_are_missing() {
     let dir = std::env::temp_dir().join("seine-no-such-maps");
     let out = std::process::Command::new(seine_tests::bin("seinectl").unwrap())
-        .args(["--bpffs-dir", "/sys/fs/bpf/seine-no-such-node", "bpf", "lb", "list"])
+        .args([
+            "--bpffs-dir",
+            "/sys/fs/bpf/seine-no-such-node",
+            "bpf",
+            "lb",
+            "list",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not pinned under /sys/fs/bpf/seine-no-such-node"), "{err}");
+    assert!(
+        err.contains("not pinned under /sys/fs/bpf/seine-no-such-node"),
+        "{err}"
+    );
     assert!(err.contains("seine-agent"), "{err}");
 
     let out = std::process::Command::new(seine_tests::bin("seinectl").unwrap())
-        .args(["--bpffs-dir", &dir.display().to_string(), "bpf", "lb", "list"])
+        .args([
+            "--bpffs-dir",
+            &dir.display().to_string(),
+            "bpf",
+            "lb",
+            "list",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -4,10 +4,7 @@
 //! loads the object with that directory as its map pin path, so a restarted agent reuses the maps of
 //! the one before it and no flow loses its conntrack entry. seinectl only opens the pins.
 
-use std::{
-    io,
-    path::Path,
-};
+use std::{io, path::Path};
 
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
@@ -153,7 +150,8 @@ fn check_bpffs(dir: &Path) -> Result<(), BpfError> {
 
 fn open_map(dir: &Path, name: &'static str) -> Result<Map, BpfError> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| classify_open_error(dir, &path, source))?;
+    let data =
+        MapData::from_pin(&path).map_err(|source| classify_open_error(dir, &path, source))?;
     Map::from_map_data(data).map_err(|source| BpfError::Map { name, source })
 }
 
@@ -220,7 +218,10 @@ pub fn load(dir: &Path, sizes: MapSizes) -> Result<Ebpf, BpfError> {
     Ok(ebpf)
 }
 
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, BpfError> {
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, BpfError> {
     let prog = ebpf.program_mut(name).ok_or(BpfError::Program {
         name,
         source: aya::programs::ProgramError::UnexpectedProgramType,
@@ -239,7 +240,8 @@ pub fn attach(ebpf: &mut Ebpf, interface: &str) -> Result<(), BpfError> {
     };
     if let Err(e) = tc::qdisc_add_clsact(interface) {
         // EEXIST: the clsact qdisc is there already.
-        let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+        let exists =
+            matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
         if !exists {
             return Err(attach_err(format!("adding clsact qdisc: {e}")));
         }
@@ -315,7 +317,9 @@ pub fn lock(dir: &Path) -> Result<DirLock, BpfError> {
     // SAFETY: flock on a file descriptor we own; blocks until the lock is ours.
     let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
     if rc != 0 {
-        return Err(io_err(format!("locking {}", path.display()))(io::Error::last_os_error()));
+        return Err(io_err(format!("locking {}", path.display()))(
+            io::Error::last_os_error(),
+        ));
     }
     Ok(DirLock { _file: file })
 }

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
 use seine_common::*;
+use serde::Serialize;
 
 use crate::{
     bpf::PinnedMaps,
@@ -73,7 +73,9 @@ pub fn lb_list(maps: &PinnedMaps) -> Result<Vec<LbEntry>> {
     let mut entries = Vec::new();
     for item in maps.services.iter() {
         let (key, value) = item?;
-        let Some(frontend) = frontend_of(&key) else { continue };
+        let Some(frontend) = frontend_of(&key) else {
+            continue;
+        };
         let n = value.count as u32 + value.terminating as u32;
         let list = (0..n)
             .map(|i| {
@@ -150,7 +152,11 @@ pub fn ct_list(maps: &PinnedMaps) -> Result<Vec<CtRow>> {
             "SYN_SENT"
         };
         rows.push(CtRow {
-            direction: if key.dir == CT_DIR_REPLY { "reply" } else { "out" },
+            direction: if key.dir == CT_DIR_REPLY {
+                "reply"
+            } else {
+                "out"
+            },
             protocol: Protocol::from_number(key.proto)
                 .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
             source: endpoint(&key.saddr, key.sport),

@@ -118,8 +118,15 @@ impl Objects {
             let Some(name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
                 continue;
             };
-            let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-            slices_by_service.entry((ns, name.clone())).or_default().push(slice);
+            let ns = slice
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            slices_by_service
+                .entry((ns, name.clone()))
+                .or_default()
+                .push(slice);
         }
 
         let mut specs = Vec::new();
@@ -144,11 +151,19 @@ impl Objects {
                     .and_then(|c| c.timeout_seconds)
                     .map_or(DEFAULT_AFFINITY_TIMEOUT, |t| t.max(1) as u32)
             });
-            let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let ns = svc
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
             let name = svc.metadata.name.clone().unwrap_or_default();
             let slices = slices_by_service.get(&(ns, name));
             for port in spec.ports.iter().flatten() {
-                let Ok(protocol) = port.protocol.as_deref().unwrap_or("TCP").parse::<Protocol>()
+                let Ok(protocol) = port
+                    .protocol
+                    .as_deref()
+                    .unwrap_or("TCP")
+                    .parse::<Protocol>()
                 else {
                     continue;
                 };
@@ -181,18 +196,29 @@ impl Objects {
 fn select_backends(all: Vec<BackendSpec>) -> Vec<BackendSpec> {
     let any_ready = all.iter().any(|b| b.state == BackendState::Active);
     all.into_iter()
-        .filter(|b| !any_ready || b.state == BackendState::Active || b.state == BackendState::Terminating)
+        .filter(|b| {
+            !any_ready || b.state == BackendState::Active || b.state == BackendState::Terminating
+        })
         .collect()
 }
 
 fn backends_of(slice: &EndpointSlice, port_name: &str, protocol: Protocol) -> Vec<BackendSpec> {
     let Some(port) = slice.ports.iter().flatten().find(|p| {
         p.name.as_deref().unwrap_or("") == port_name
-            && p.protocol.as_deref().unwrap_or("TCP").parse::<Protocol>().ok() == Some(protocol)
+            && p.protocol
+                .as_deref()
+                .unwrap_or("TCP")
+                .parse::<Protocol>()
+                .ok()
+                == Some(protocol)
     }) else {
         return Vec::new();
     };
-    let Some(port) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
+    let Some(port) = port
+        .port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p > 0)
+    else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -260,7 +286,11 @@ spec: {clusterIP: None, ports: [{port: 80}]}
     fn services_and_slices_become_frontends_with_ready_backends() {
         let objects = Objects::parse(OBJECTS).unwrap();
         let specs = objects.service_specs();
-        assert_eq!(specs.len(), 2, "headless service has no frontend: {specs:?}");
+        assert_eq!(
+            specs.len(),
+            2,
+            "headless service has no frontend: {specs:?}"
+        );
         let http = &specs[0];
         assert_eq!(http.frontend.to_string(), "10.96.0.10:80/TCP");
         assert_eq!(http.affinity_timeout_secs, Some(10_800));

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 pub enum ParseError {
     #[error("invalid frontend {0:?}: expected VIP:PORT/PROTO, for example 10.96.0.10:80/tcp")]
     Frontend(String),
-    #[error("invalid backend {0:?}: expected IP:PORT[,active|terminating], for example 10.244.1.2:8080")]
+    #[error(
+        "invalid backend {0:?}: expected IP:PORT[,active|terminating], for example 10.244.1.2:8080"
+    )]
     Backend(String),
     #[error("invalid protocol {0:?}: expected tcp or udp")]
     Protocol(String),

@@ -70,6 +70,7 @@ enum Bench {
 /// The apt packages the build, the tests and the lab use.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
+    "curl",
     "iptables",
     "bpftool",
     "ethtool",

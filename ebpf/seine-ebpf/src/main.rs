@@ -331,12 +331,7 @@ fn new_flow(
 
     let reply = CtKey {
         saddr: backend.addr,
-        daddr: [
-            if hairpin { HAIRPIN_ADDR_V4 } else { t.saddr },
-            0,
-            0,
-            0,
-        ],
+        daddr: [if hairpin { HAIRPIN_ADDR_V4 } else { t.saddr }, 0, 0, 0],
         sport: backend.port,
         dport: t.sport,
         proto: t.proto,

@@ -8,8 +8,7 @@ use aya_ebpf::{
 use seine_common::*;
 
 #[map(name = "seine_services")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(DEFAULT_MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(DEFAULT_MAX_SERVICES, 0);
 
 /// (service id, bank << 31 | index) -> backend id.
 #[map(name = "seine_slots")]

@@ -106,7 +106,16 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Tuple>, ()> {
 /// Rewrites the destination address and port, fixing the L3 and L4 checksums.
 #[inline(always)]
 pub fn dnat(ctx: &TcContext, t: &Tuple, addr: u32, port: u16) -> Result<(), ()> {
-    rewrite(ctx, t, IP_DADDR_OFF, t.daddr, addr, t.l4_off + 2, t.dport, port)
+    rewrite(
+        ctx,
+        t,
+        IP_DADDR_OFF,
+        t.daddr,
+        addr,
+        t.l4_off + 2,
+        t.dport,
+        port,
+    )
 }
 
 /// Rewrites the source address and port, fixing the L3 and L4 checksums.

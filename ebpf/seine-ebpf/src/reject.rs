@@ -88,10 +88,7 @@ fn build<const WORDS: usize>(ctx: &TcContext) -> Result<(), ()> {
     icmp[0] = u32::from_ne_bytes([3, 3, 0, 0]);
     icmp[1] = 0;
     let icmp_csum = checksum(&mut icmp).to_ne_bytes();
-    let header = [
-        u32::from_ne_bytes([3, 3, icmp_csum[0], icmp_csum[1]]),
-        0u32,
-    ];
+    let header = [u32::from_ne_bytes([3, 3, icmp_csum[0], icmp_csum[1]]), 0u32];
     ctx.store(ETH_HLEN + 20, &header, 0).map_err(|_| ())?;
     Ok(())
 }

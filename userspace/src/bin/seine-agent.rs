@@ -33,7 +33,11 @@ use seine_common::STAT_NAMES;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Clone)]
-#[command(name = "seine-agent", version, about = "Seine's node agent: the eBPF service datapath")]
+#[command(
+    name = "seine-agent",
+    version,
+    about = "Seine's node agent: the eBPF service datapath"
+)]
 struct Args {
     /// Where this node's maps and programs are pinned.
     #[arg(long, env = "SEINE_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
@@ -92,9 +96,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let services = Gauge::default();
         let syncs = Family::<Vec<(String, String)>, Counter>::default();
-        let sync_seconds = Histogram::new(
-            [0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0].into_iter(),
-        );
+        let sync_seconds =
+            Histogram::new([0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0].into_iter());
         let attached = Gauge::default();
         let packets = Family::<Vec<(String, String)>, Gauge>::default();
         let mode_gauge = Family::<Vec<(String, String)>, Gauge>::default();
@@ -102,14 +105,26 @@ impl Metrics {
             .get_or_create(&vec![("mode".into(), mode.into())])
             .set(1);
         registry.register("seine_datapath_mode", "The datapath in use", mode_gauge);
-        registry.register("seine_services", "Service frontends programmed by the agent", services.clone());
-        registry.register("seine_sync", "Reconciliations of the services file, by result", syncs.clone());
+        registry.register(
+            "seine_services",
+            "Service frontends programmed by the agent",
+            services.clone(),
+        );
+        registry.register(
+            "seine_sync",
+            "Reconciliations of the services file, by result",
+            syncs.clone(),
+        );
         registry.register(
             "seine_sync_duration_seconds",
             "Time to apply a new desired state",
             sync_seconds.clone(),
         );
-        registry.register("seine_attached_interfaces", "Interfaces with the datapath attached", attached.clone());
+        registry.register(
+            "seine_attached_interfaces",
+            "Interfaces with the datapath attached",
+            attached.clone(),
+        );
         registry.register(
             "seine_datapath_packets",
             "Packets by datapath outcome, summed over CPUs",
@@ -149,7 +164,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -210,7 +227,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             wait_for_signal().await;
             server_shared.stopping.store(true, Ordering::SeqCst);
         };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             error!("health server: {e}");
         }
     });
@@ -223,7 +243,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         w.changed();
     }
     let mut attached: HashMap<String, u32> = HashMap::new();
-    attach_new(&mut ebpf, &args.attach_prefixes, &mut attached, &shared.metrics);
+    attach_new(
+        &mut ebpf,
+        &args.attach_prefixes,
+        &mut attached,
+        &shared.metrics,
+    );
     shared.ready.store(true, Ordering::SeqCst);
     info!("ready");
 
@@ -233,9 +258,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         if let Some(w) = watcher.as_mut() {
             if w.changed() {
                 match Objects::from_file(&w.path) {
-                    Ok(objects) => {
-                        apply(&mut datapath, &objects.service_specs(), &args.bpffs_dir, &shared.metrics)
-                    }
+                    Ok(objects) => apply(
+                        &mut datapath,
+                        &objects.service_specs(),
+                        &args.bpffs_dir,
+                        &shared.metrics,
+                    ),
                     Err(e) => {
                         // Keep serving the last good state.
                         error!("{e}; keeping the previous state");
@@ -248,7 +276,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        attach_new(&mut ebpf, &args.attach_prefixes, &mut attached, &shared.metrics);
+        attach_new(
+            &mut ebpf,
+            &args.attach_prefixes,
+            &mut attached,
+            &shared.metrics,
+        );
         if last_gc.elapsed() > Duration::from_secs(30) {
             last_gc = Instant::now();
             match datapath.collect_garbage() {
@@ -265,7 +298,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn apply(datapath: &mut EbpfDatapath, specs: &[seine::model::ServiceSpec], dir: &Path, metrics: &Metrics) {
+fn apply(
+    datapath: &mut EbpfDatapath,
+    specs: &[seine::model::ServiceSpec],
+    dir: &Path,
+    metrics: &Metrics,
+) {
     let _lock = match bpf::lock(dir) {
         Ok(lock) => lock,
         Err(e) => {
@@ -281,7 +319,11 @@ fn apply(datapath: &mut EbpfDatapath, specs: &[seine::model::ServiceSpec], dir: 
     for failure in &report.failed {
         error!("{failure}");
     }
-    let result = if report.failed.is_empty() { "ok" } else { "error" };
+    let result = if report.failed.is_empty() {
+        "ok"
+    } else {
+        "error"
+    };
     metrics
         .syncs
         .get_or_create(&vec![("result".into(), result.into())])
@@ -306,7 +348,9 @@ fn attach_new(
     let current = bpf::interfaces();
     attached.retain(|name, index| current.iter().any(|(i, n)| n == name && i == index));
     for (index, name) in current {
-        if !prefixes.iter().any(|p| name.starts_with(p.as_str())) || attached.get(&name) == Some(&index) {
+        if !prefixes.iter().any(|p| name.starts_with(p.as_str()))
+            || attached.get(&name) == Some(&index)
+        {
             continue;
         }
         match bpf::attach(ebpf, &name) {
@@ -322,7 +366,11 @@ fn attach_new(
 
 fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
     for (_, name) in bpf::interfaces() {
-        if args.attach_prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+        if args
+            .attach_prefixes
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
+        {
             bpf::detach(&name);
         }
     }
@@ -378,7 +426,10 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     match encode(&mut body, &shared.metrics.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(e) => (
@@ -391,7 +442,10 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the default action (exit) still applies.
         std::future::pending::<()>().await;
         return;

@@ -5,7 +5,11 @@ use std::{net::SocketAddr, process::ExitCode};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "seine-echo", version, about = "Answer HTTP and UDP with this server's name")]
+#[command(
+    name = "seine-echo",
+    version,
+    about = "Answer HTTP and UDP with this server's name"
+)]
 struct Args {
     /// The name to answer with (for example the pod's name).
     #[arg(long)]

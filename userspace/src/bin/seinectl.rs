@@ -14,7 +14,11 @@ use seine::{
 };
 
 #[derive(Parser)]
-#[command(name = "seinectl", version, about = "Inspect and program Seine's eBPF service datapath")]
+#[command(
+    name = "seinectl",
+    version,
+    about = "Inspect and program Seine's eBPF service datapath"
+)]
 struct Cli {
     /// Where the node's maps are pinned (one directory per node).
     #[arg(long, global = true, env = "SEINE_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
@@ -143,9 +147,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 } => {
                     let rows = inspect::backend_list(&maps).map_err(system)?;
                     print(output, &rows, || {
-                        println!("{:<10} {:<24} {:<6} {:<12} SERVICE_ID", "ID", "ADDRESS", "PROTO", "STATE");
+                        println!(
+                            "{:<10} {:<24} {:<6} {:<12} SERVICE_ID",
+                            "ID", "ADDRESS", "PROTO", "STATE"
+                        );
                         for r in &rows {
-                            println!("{:<10} {:<24} {:<6} {:<12} {}", r.id, r.address, r.protocol, r.state, r.service_id);
+                            println!(
+                                "{:<10} {:<24} {:<6} {:<12} {}",
+                                r.id, r.address, r.protocol, r.state, r.service_id
+                            );
                         }
                     })
                 }
@@ -172,14 +182,18 @@ fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {
             backends,
             affinity_timeout,
         } => {
-            let frontend: Frontend = frontend.parse().map_err(|e| Failure::Input(format!("{e}")))?;
+            let frontend: Frontend = frontend
+                .parse()
+                .map_err(|e| Failure::Input(format!("{e}")))?;
             let backends = backends
                 .iter()
                 .map(|b| b.parse::<BackendSpec>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| Failure::Input(format!("{e}")))?;
             if *affinity_timeout == Some(0) {
-                return Err(Failure::Input("--affinity-timeout must be at least 1 second".into()));
+                return Err(Failure::Input(
+                    "--affinity-timeout must be at least 1 second".into(),
+                ));
             }
             Some(ServiceSpec {
                 frontend,
@@ -202,18 +216,26 @@ fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {
                 Change::Updated => "updated",
                 Change::Unchanged => "unchanged",
             };
-            println!("service {} {verb} with {} backend(s)", spec.frontend, spec.backends.len());
+            println!(
+                "service {} {verb} with {} backend(s)",
+                spec.frontend,
+                spec.backends.len()
+            );
             Ok(())
         }
         (ServiceCommand::Delete { frontend }, None) => {
-            let frontend: Frontend = frontend.parse().map_err(|e| Failure::Input(format!("{e}")))?;
+            let frontend: Frontend = frontend
+                .parse()
+                .map_err(|e| Failure::Input(format!("{e}")))?;
             match dp.delete(&frontend) {
                 Ok(true) => {
                     println!("service {frontend} deleted");
                     Ok(())
                 }
                 Ok(false) => Err(Failure::Input(format!("service {frontend} not found"))),
-                Err(e @ seine::datapath::DatapathError::NotOwned(..)) => Err(Failure::Input(e.to_string())),
+                Err(e @ seine::datapath::DatapathError::NotOwned(..)) => {
+                    Err(Failure::Input(e.to_string()))
+                }
                 Err(e) => Err(system(e)),
             }
         }
@@ -221,7 +243,11 @@ fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {
     }
 }
 
-fn print<T: serde::Serialize>(output: Output, rows: &T, table: impl FnOnce()) -> Result<(), Failure> {
+fn print<T: serde::Serialize>(
+    output: Output,
+    rows: &T,
+    table: impl FnOnce(),
+) -> Result<(), Failure> {
     match output {
         Output::Json => {
             let text = serde_json::to_string_pretty(rows).map_err(system)?;
@@ -233,7 +259,10 @@ fn print<T: serde::Serialize>(output: Output, rows: &T, table: impl FnOnce()) ->
 }
 
 fn print_lb(rows: &[inspect::LbEntry]) {
-    println!("{:<26} BACKEND ADDRESS (BACKEND_ID) (SLOT)", "SERVICE ADDRESS");
+    println!(
+        "{:<26} BACKEND ADDRESS (BACKEND_ID) (SLOT)",
+        "SERVICE ADDRESS"
+    );
     for e in rows {
         let mut extra = vec![format!("ClusterIP, owner={}", e.owner)];
         if let Some(t) = e.affinity_timeout_secs {
@@ -257,7 +286,15 @@ fn print_lb(rows: &[inspect::LbEntry]) {
 fn print_ct(rows: &[inspect::CtRow]) {
     println!(
         "{:<6} {:<5} {:<22} {:<22} {:<22} {:<12} {:>9} {:>10} {:>8}",
-        "DIR", "PROTO", "SOURCE", "DESTINATION", "BACKEND", "STATE", "AGE(s)", "EXPIRES(s)", "PACKETS"
+        "DIR",
+        "PROTO",
+        "SOURCE",
+        "DESTINATION",
+        "BACKEND",
+        "STATE",
+        "AGE(s)",
+        "EXPIRES(s)",
+        "PACKETS"
     );
     for r in rows {
         println!(

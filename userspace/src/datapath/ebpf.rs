@@ -110,7 +110,8 @@ impl EbpfDatapath {
         for item in self.maps.slots.iter() {
             let (key, backend_id) = item.map_err(read_err(MAP_SLOTS))?;
             let bank = (key.slot >> 31) as usize;
-            slots.entry(key.service_id).or_default()[bank].push((key.slot & 0x7fff_ffff, backend_id));
+            slots.entry(key.service_id).or_default()[bank]
+                .push((key.slot & 0x7fff_ffff, backend_id));
         }
         let mut backends = HashMap::new();
         for item in self.maps.backends.iter() {
@@ -569,7 +570,10 @@ fn errno(e: &MapError) -> Option<i32> {
 }
 
 fn is_full(e: &MapError) -> bool {
-    matches!(errno(e), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM))
+    matches!(
+        errno(e),
+        Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)
+    )
 }
 
 fn is_enoent(e: &MapError) -> bool {
