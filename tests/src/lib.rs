@@ -290,6 +290,24 @@ impl KeepAlive {
         })
     }
 
+    /// Closes with a reset (zero linger) instead of a FIN: no TIME_WAIT is left behind.
+    pub fn reset(self) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on the socket we own, with a correctly sized linger struct.
+        unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+    }
+
     /// One request/response; returns the body.
     pub fn get(&mut self) -> Result<String> {
         self.stream

@@ -186,7 +186,9 @@ pub const STAT_DROP_CT_FULL: u32 = 8;
 pub const STAT_DROP_MALFORMED: u32 = 9;
 pub const STAT_DROP_REJECT_FAILED: u32 = 10;
 pub const STAT_DROP_NAT_FAILED: u32 = 11;
-pub const STAT_COUNT: u32 = 12;
+/// A connection that bypasses the service reused the tuple of an earlier translated flow.
+pub const STAT_CT_TUPLE_REUSED: u32 = 12;
+pub const STAT_COUNT: u32 = 13;
 
 /// Counter names, indexed as above; seinectl and the agent's metrics use them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -202,6 +204,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_malformed",
     "drop_reject_failed",
     "drop_nat_failed",
+    "ct_tuple_reused",
 ];
 
 #[cfg(feature = "user")]

@@ -61,6 +61,7 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
     };
     // SAFETY: the value is copied out at once; a concurrent update replaces it whole.
     let Some(svc) = (unsafe { SERVICES.get(&skey) }).copied() else {
+        forget_reused_tuple(&t);
         return Ok(TC_ACT_OK as i32);
     };
 
@@ -189,6 +190,28 @@ fn reply_key(t: &Tuple) -> CtKey {
         family: FAMILY_V4,
         dir: CT_DIR_REPLY,
         _pad: 0,
+    }
+}
+
+/// A pod that opens a connection straight to a backend from a port it used earlier through a
+/// service would get that flow's replies reverse-translated: the reply tuples are the same. A new
+/// direct flow (a TCP SYN, or any UDP packet) therefore retires a reply entry on its tuple.
+fn forget_reused_tuple(t: &Tuple) {
+    if !(t.proto == PROTO_UDP || (t.is_syn() && !t.is_ack())) {
+        return;
+    }
+    let key = CtKey {
+        saddr: [t.daddr, 0, 0, 0],
+        daddr: [t.saddr, 0, 0, 0],
+        sport: t.dport,
+        dport: t.sport,
+        proto: t.proto,
+        family: FAMILY_V4,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    if CT.get_ptr(&key).is_some() && CT.remove(&key).is_ok() {
+        count(STAT_CT_TUPLE_REUSED);
     }
 }
 
