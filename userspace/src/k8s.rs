@@ -1,6 +1,7 @@
 //! Desired state from Kubernetes objects: Services and EndpointSlices in a file (YAML documents, a
-//! JSON object, or a `List`), turned into service frontends with backends the way kube-proxy reads
-//! them: ready endpoints, or serving-and-terminating ones when none is ready.
+//! JSON object, or a `List`), turned into service frontends with backends: ready endpoints as active
+//! backends, serving-and-terminating ones as terminating backends. The datapath itself sends new
+//! connections to terminating backends only when no ready one is left, as kube-proxy does.
 
 use std::{collections::HashMap, net::IpAddr, path::Path};
 
@@ -183,23 +184,13 @@ impl Objects {
                     .collect::<Vec<_>>();
                 specs.push(ServiceSpec {
                     frontend,
-                    backends: select_backends(backends),
+                    backends,
                     affinity_timeout_secs: affinity,
                 });
             }
         }
         specs
     }
-}
-
-/// Ready endpoints; if there are none, the serving-and-terminating ones.
-fn select_backends(all: Vec<BackendSpec>) -> Vec<BackendSpec> {
-    let any_ready = all.iter().any(|b| b.state == BackendState::Active);
-    all.into_iter()
-        .filter(|b| {
-            !any_ready || b.state == BackendState::Active || b.state == BackendState::Terminating
-        })
-        .collect()
 }
 
 fn backends_of(slice: &EndpointSlice, port_name: &str, protocol: Protocol) -> Vec<BackendSpec> {
@@ -295,16 +286,19 @@ spec: {clusterIP: None, ports: [{port: 80}]}
         assert_eq!(http.frontend.to_string(), "10.96.0.10:80/TCP");
         assert_eq!(http.affinity_timeout_secs, Some(10_800));
         let addrs: Vec<String> = http.backends.iter().map(|b| b.to_string()).collect();
-        assert_eq!(addrs, ["10.244.0.2:8080 (active)"]);
+        // Not ready and not serving (10.244.0.4) is left out.
+        assert_eq!(
+            addrs,
+            ["10.244.0.2:8080 (active)", "10.244.0.3:8080 (terminating)"]
+        );
         assert_eq!(specs[1].backends[0].port, 5353);
     }
 
     #[test]
-    fn terminating_endpoints_are_used_when_none_is_ready() {
-        let text = OBJECTS.replace("conditions: {ready: true}", "conditions: {ready: false}");
+    fn endpoints_without_conditions_count_as_ready() {
+        let text = OBJECTS.replace("conditions: {ready: true}", "conditions: {}");
         let specs = Objects::parse(&text).unwrap().service_specs();
-        let addrs: Vec<String> = specs[0].backends.iter().map(|b| b.to_string()).collect();
-        assert_eq!(addrs, ["10.244.0.3:8080 (terminating)"]);
+        assert_eq!(specs[0].backends[0].state, BackendState::Active);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::env;
 use std::ffi::OsStr;
 use std::fs;
+use std::io::{BufRead as _, BufReader};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -290,15 +291,51 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     // The integration tests create network namespaces and bpffs pins: run them one at a time.
-    check(
-        cargo_in(root)
-            .arg("test")
-            .args(exclude)
-            .args(["--", "--test-threads=1"])
-            .args(extra),
-    )?;
-    println!("xtask: all checks passed");
+    let mut cmd = cargo_in(root);
+    cmd.arg("test")
+        .args(exclude)
+        .args(["--lib", "--bins", "--tests", "--", "--test-threads=1"])
+        .args(extra);
+    let (passed, failed, ok) = run_counting_tests(&mut cmd)?;
+    // One closing line for the whole run: cargo prints one result line per test binary.
+    println!("xtask: {passed} passed, {failed} failed");
+    if !ok || failed > 0 {
+        bail!("tests failed");
+    }
     Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64, bool)> {
+    println!("xtask: running {}", display(cmd));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {}", display(cmd)))?;
+    let stdout = child.stdout.take().context("no stdout from cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    Ok((passed, failed, status.success()))
+}
+
+/// The number just before `label` in "ok. 9 passed; 0 failed; ...".
+fn count_before(text: &str, label: &str) -> u64 {
+    text.split(';')
+        .find_map(|part| {
+            part.trim()
+                .rsplit_once(' ')
+                .filter(|(_, l)| label.trim() == *l)
+        })
+        .and_then(|(n, _)| n.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn lab(root: &Path, action: LabAction) -> Result<()> {

@@ -275,7 +275,9 @@ fn conn_rate(node: &Node, addr: SocketAddr) -> Result<f64> {
                     match short_connection(addr) {
                         Ok(_) => done.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
-                            if let Ok(mut at) = first_at2.lock() { at.get_or_insert(t0.elapsed()); }
+                            if let Ok(mut at) = first_at2.lock() {
+                                at.get_or_insert(t0.elapsed());
+                            }
                             if let Ok(mut first) = first_error.lock() {
                                 first.get_or_insert_with(|| format!("{e:#}"));
                             }
@@ -297,8 +299,15 @@ fn conn_rate(node: &Node, addr: SocketAddr) -> Result<f64> {
     let elapsed = start.elapsed().as_secs_f64();
     let failed = failed.load(Ordering::SeqCst);
     if failed > 0 {
-        let first = first_error.lock().ok().and_then(|f| f.clone()).unwrap_or_default();
-        eprintln!("bench lb: {failed} connections to {addr} failed, the first with: {first} (at {:?})", first_at.lock().ok().and_then(|f| *f));
+        let first = first_error
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or_default();
+        eprintln!(
+            "bench lb: {failed} connections to {addr} failed, the first with: {first} (at {:?})",
+            first_at.lock().ok().and_then(|f| *f)
+        );
     }
     Ok(done.load(Ordering::SeqCst) as f64 / elapsed)
 }

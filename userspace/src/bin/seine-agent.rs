@@ -96,8 +96,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let services = Gauge::default();
         let syncs = Family::<Vec<(String, String)>, Counter>::default();
-        let sync_seconds =
-            Histogram::new([0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0].into_iter());
+        let sync_seconds = Histogram::new([0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0]);
         let attached = Gauge::default();
         let packets = Family::<Vec<(String, String)>, Gauge>::default();
         let mode_gauge = Family::<Vec<(String, String)>, Gauge>::default();
