@@ -849,3 +849,40 @@ fn a_direct_connection_from_a_port_used_through_a_service_gets_its_own_replies()
         .unwrap();
     assert_eq!(reused["value"], 1);
 }
+
+#[test]
+fn agent_cleanup_removes_its_filters_and_pins() {
+    let mut node = ready_node("cu", 1);
+    let host_if = node.pod("client").host_if.clone();
+    let filters = node
+        .ns
+        .exec("tc", &["filter", "show", "dev", &host_if, "ingress"])
+        .unwrap();
+    assert!(filters.contains("seine_from_pod"), "{filters}");
+    node.stop_agent().unwrap();
+    let prefix = format!("lxc{}", &node.prefix[..node.prefix.len().min(8)]);
+    node.ns
+        .exec(
+            seine_tests::bin("seine-agent").unwrap().to_str().unwrap(),
+            &[
+                "--cleanup",
+                "--bpffs-dir",
+                node.bpffs_dir.to_str().unwrap(),
+                "--attach-prefix",
+                &prefix,
+            ],
+        )
+        .unwrap();
+    for dir in ["ingress", "egress"] {
+        let filters = node
+            .ns
+            .exec("tc", &["filter", "show", "dev", &host_if, dir])
+            .unwrap();
+        assert!(!filters.contains("seine_"), "{dir}: {filters}");
+    }
+    assert!(
+        !node.bpffs_dir.exists(),
+        "pins left under {}",
+        node.bpffs_dir.display()
+    );
+}

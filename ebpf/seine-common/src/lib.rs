@@ -115,6 +115,22 @@ pub struct CtKey {
     pub _pad: u8,
 }
 
+impl CtKey {
+    /// An IPv4 tuple as the packet carries it (addresses and ports in network order).
+    pub const fn v4(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, dir: u8) -> Self {
+        CtKey {
+            saddr: [saddr, 0, 0, 0],
+            daddr: [daddr, 0, 0, 0],
+            sport,
+            dport,
+            proto,
+            family: FAMILY_V4,
+            dir,
+            _pad: 0,
+        }
+    }
+}
+
 pub const CT_DIR_OUT: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 

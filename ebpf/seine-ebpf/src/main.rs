@@ -66,16 +66,7 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
     };
 
     let now = unsafe { bpf_ktime_get_ns() };
-    let ct_key = CtKey {
-        saddr: [t.saddr, 0, 0, 0],
-        daddr: [t.daddr, 0, 0, 0],
-        sport: t.sport,
-        dport: t.dport,
-        proto: t.proto,
-        family: FAMILY_V4,
-        dir: CT_DIR_OUT,
-        _pad: 0,
-    };
+    let ct_key = CtKey::v4(t.saddr, t.daddr, t.sport, t.dport, t.proto, CT_DIR_OUT);
 
     let backend = match existing_flow(&ct_key, &svc, &t, now) {
         Some(backend) => {
@@ -180,17 +171,9 @@ fn bounce(ctx: &TcContext) -> i32 {
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
+/// The key of a reply entry, for a packet travelling in the reply direction.
 fn reply_key(t: &Tuple) -> CtKey {
-    CtKey {
-        saddr: [t.saddr, 0, 0, 0],
-        daddr: [t.daddr, 0, 0, 0],
-        sport: t.sport,
-        dport: t.dport,
-        proto: t.proto,
-        family: FAMILY_V4,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    }
+    CtKey::v4(t.saddr, t.daddr, t.sport, t.dport, t.proto, CT_DIR_REPLY)
 }
 
 /// A pod that opens a connection straight to a backend from a port it used earlier through a
@@ -200,16 +183,7 @@ fn forget_reused_tuple(t: &Tuple) {
     if !(t.proto == PROTO_UDP || (t.is_syn() && !t.is_ack())) {
         return;
     }
-    let key = CtKey {
-        saddr: [t.daddr, 0, 0, 0],
-        daddr: [t.saddr, 0, 0, 0],
-        sport: t.dport,
-        dport: t.sport,
-        proto: t.proto,
-        family: FAMILY_V4,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    };
+    let key = CtKey::v4(t.daddr, t.saddr, t.dport, t.sport, t.proto, CT_DIR_REPLY);
     if CT.get_ptr(&key).is_some() && CT.remove(&key).is_ok() {
         count(STAT_CT_TUPLE_REUSED);
     }
@@ -352,16 +326,15 @@ fn new_flow(
     }
     refresh(&mut value, t, now, false);
 
-    let reply = CtKey {
-        saddr: backend.addr,
-        daddr: [if hairpin { HAIRPIN_ADDR_V4 } else { t.saddr }, 0, 0, 0],
-        sport: backend.port,
-        dport: t.sport,
-        proto: t.proto,
-        family: FAMILY_V4,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    };
+    let client = if hairpin { HAIRPIN_ADDR_V4 } else { t.saddr };
+    let reply = CtKey::v4(
+        backend.addr[0],
+        client,
+        backend.port,
+        t.sport,
+        t.proto,
+        CT_DIR_REPLY,
+    );
     let mut reply_value = value;
     reply_value.packets = 0;
     CT.insert(&reply, &reply_value, 0).is_ok() && CT.insert(key, &value, 0).is_ok()
