@@ -886,3 +886,105 @@ fn agent_cleanup_removes_its_filters_and_pins() {
         node.bpffs_dir.display()
     );
 }
+
+/// Sends raw Ethernet frames out of the pod's eth0 (an AF_PACKET socket opened in the pod).
+fn send_raw_frames(node: &Node, pod: &str, frames: Vec<Vec<u8>>) {
+    node.pod(pod)
+        .run(move || {
+            // SAFETY: plain socket calls on a descriptor this closure owns and closes.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+                assert!(
+                    fd >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let ifindex = libc::if_nametoindex(c"eth0".as_ptr());
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_ifindex = ifindex as i32;
+                addr.sll_halen = 6;
+                for frame in &frames {
+                    let n = libc::sendto(
+                        fd,
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        (&addr as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    );
+                    assert_eq!(
+                        n,
+                        frame.len() as isize,
+                        "{}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                libc::close(fd);
+            }
+        })
+        .unwrap();
+}
+
+fn mac_of(ns: &seine_tests::Netns, dev: &str) -> [u8; 6] {
+    let out = ns.ip(&["-o", "link", "show", dev]).unwrap();
+    let text = out.split("link/ether ").nth(1).unwrap();
+    let mut mac = [0u8; 6];
+    for (i, byte) in text[..17].split(':').enumerate() {
+        mac[i] = u8::from_str_radix(byte, 16).unwrap();
+    }
+    mac
+}
+
+#[test]
+fn malformed_packets_are_counted_and_leave_the_datapath_working() {
+    let node = ready_node("mf", 1);
+    upsert(&node, "10.96.7.1:80/tcp", &["backend-1"], &[]);
+    let client = node.pod("client");
+    let mut eth = mac_of(&node.ns, &client.host_if).to_vec();
+    eth.extend_from_slice(&mac_of(&client.ns, "eth0"));
+    eth.extend_from_slice(&[0x08, 0x00]);
+    let ip = |ver_ihl: u8, total: u16, proto: u8| -> Vec<u8> {
+        let mut h = vec![
+            ver_ihl,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            proto,
+            0,
+            0,
+        ];
+        h.extend_from_slice(&[10, 244, 0, 2, 10, 96, 7, 1]);
+        h
+    };
+    let frame = |body: Vec<u8>| [eth.clone(), body].concat();
+    let frames = vec![
+        // TCP header cut after the ports.
+        frame([ip(0x45, 24, 6), vec![0x9c, 0x40, 0, 80]].concat()),
+        // An IPv4 header that claims 60 bytes of options it does not have.
+        frame(ip(0x4f, 20, 6)),
+        // Not version 4 behind an IPv4 ethertype.
+        frame([ip(0x65, 28, 17), vec![0; 8]].concat()),
+        // Only part of an IPv4 header.
+        frame(vec![0x45, 0, 0]),
+    ];
+    send_raw_frames(&node, "client", frames);
+
+    let stats = node.seinectl_json(&["bpf", "stats"]).unwrap();
+    let malformed = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "malformed")
+        .unwrap();
+    assert_eq!(malformed["value"], 4, "{stats}");
+    assert_eq!(
+        node.pod("client").http_get(vip("10.96.7.1:80")).unwrap(),
+        "backend-1"
+    );
+}

@@ -199,7 +199,8 @@ pub const STAT_AFFINITY_HIT: u32 = 5;
 pub const STAT_HAIRPIN: u32 = 6;
 pub const STAT_DROP_BACKEND_MISSING: u32 = 7;
 pub const STAT_DROP_CT_FULL: u32 = 8;
-pub const STAT_DROP_MALFORMED: u32 = 9;
+/// A packet too short for the headers it claims: counted and left to the kernel, which drops it.
+pub const STAT_MALFORMED: u32 = 9;
 pub const STAT_DROP_REJECT_FAILED: u32 = 10;
 pub const STAT_DROP_NAT_FAILED: u32 = 11;
 /// A connection that bypasses the service reused the tuple of an earlier translated flow.
@@ -217,7 +218,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "hairpin",
     "drop_backend_missing",
     "drop_ct_full",
-    "drop_malformed",
+    "malformed",
     "drop_reject_failed",
     "drop_nat_failed",
     "ct_tuple_reused",

@@ -29,7 +29,7 @@ pub fn seine_from_pod(ctx: TcContext) -> i32 {
     match from_pod(&ctx) {
         Ok(action) => action,
         Err(()) => {
-            count(STAT_DROP_MALFORMED);
+            count(STAT_MALFORMED);
             TC_ACT_OK as i32
         }
     }
