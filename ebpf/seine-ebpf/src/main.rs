@@ -14,7 +14,6 @@ mod packet;
 mod reject;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
     macros::classifier,
     programs::TcContext,
@@ -22,7 +21,7 @@ use aya_ebpf::{
 use seine_common::*;
 
 use maps::{count, AFFINITY, BACKENDS, CT, REVNAT, SERVICES, SLOTS};
-use packet::{Tuple, ETH_HLEN};
+use packet::{Tuple, ACT_OK, ACT_SHOT, ETH_HLEN};
 
 #[classifier]
 pub fn seine_from_pod(ctx: TcContext) -> i32 {
@@ -30,7 +29,7 @@ pub fn seine_from_pod(ctx: TcContext) -> i32 {
         Ok(action) => action,
         Err(()) => {
             count(STAT_MALFORMED);
-            TC_ACT_OK as i32
+            ACT_OK
         }
     }
 }
@@ -39,13 +38,13 @@ pub fn seine_from_pod(ctx: TcContext) -> i32 {
 pub fn seine_to_pod(ctx: TcContext) -> i32 {
     match to_pod(&ctx) {
         Ok(action) => action,
-        Err(()) => TC_ACT_OK as i32,
+        Err(()) => ACT_OK,
     }
 }
 
 fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
     let Some(t) = packet::parse(ctx)? else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(ACT_OK);
     };
 
     // A pod's reply to its own hairpinned connection comes back addressed to the hairpin address.
@@ -60,9 +59,9 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
         family: FAMILY_V4,
     };
     // SAFETY: the value is copied out at once; a concurrent update replaces it whole.
-    let Some(svc) = (unsafe { SERVICES.get(&skey) }).copied() else {
+    let Some(svc) = (unsafe { SERVICES.get(skey) }).copied() else {
         forget_reused_tuple(&t);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(ACT_OK);
     };
 
     let now = unsafe { bpf_ktime_get_ns() };
@@ -80,7 +79,7 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
             };
             if !new_flow(&ct_key, &svc, backend_id, &backend, &t, now) {
                 count(STAT_DROP_CT_FULL);
-                return Ok(TC_ACT_SHOT as i32);
+                return Ok(ACT_SHOT);
             }
             count(STAT_CT_NEW);
             backend
@@ -90,71 +89,71 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
     let hairpin = backend.addr[0] == t.saddr;
     if packet::dnat(ctx, &t, backend.addr[0], backend.port).is_err() {
         count(STAT_DROP_NAT_FAILED);
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(ACT_SHOT);
     }
     if hairpin {
         // The backend is the client itself: present the flow as coming from the hairpin address and
         // send it straight back into the pod.
         if packet::snat(ctx, &t, HAIRPIN_ADDR_V4, t.sport).is_err() {
             count(STAT_DROP_NAT_FAILED);
-            return Ok(TC_ACT_SHOT as i32);
+            return Ok(ACT_SHOT);
         }
         count(STAT_HAIRPIN);
         count(STAT_TRANSLATED);
         return Ok(bounce(ctx));
     }
     count(STAT_TRANSLATED);
-    Ok(TC_ACT_OK as i32)
+    Ok(ACT_OK)
 }
 
 fn to_pod(ctx: &TcContext) -> Result<i32, ()> {
     let Some(t) = packet::parse(ctx)? else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(ACT_OK);
     };
     let key = reply_key(&t);
-    let Some(entry) = CT.get_ptr_mut(&key) else {
-        return Ok(TC_ACT_OK as i32);
+    let Some(entry) = CT.get_ptr_mut(key) else {
+        return Ok(ACT_OK);
     };
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the pointer is into a live map value; fields are plain integers.
     let entry = unsafe { &mut *entry };
     if entry.expires_ns < now {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(ACT_OK);
     }
-    let Some(rev) = (unsafe { REVNAT.get(&entry.service_id) }).copied() else {
-        return Ok(TC_ACT_OK as i32);
+    let Some(rev) = (unsafe { REVNAT.get(entry.service_id) }).copied() else {
+        return Ok(ACT_OK);
     };
     refresh(entry, &t, now, true);
     if packet::snat(ctx, &t, rev.addr[0], rev.port).is_err() {
         count(STAT_DROP_NAT_FAILED);
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(ACT_SHOT);
     }
     count(STAT_REVERSE_TRANSLATED);
-    Ok(TC_ACT_OK as i32)
+    Ok(ACT_OK)
 }
 
 /// The pod answered its own hairpinned flow: restore the service as source and the pod as
 /// destination, and send it back into the pod.
 fn hairpin_reply(ctx: &TcContext, t: &Tuple) -> Result<i32, ()> {
     let key = reply_key(t);
-    let Some(entry) = CT.get_ptr_mut(&key) else {
-        return Ok(TC_ACT_OK as i32);
+    let Some(entry) = CT.get_ptr_mut(key) else {
+        return Ok(ACT_OK);
     };
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: as in `to_pod`.
     let entry = unsafe { &mut *entry };
     if entry.flags & CT_HAIRPIN == 0 || entry.expires_ns < now {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(ACT_OK);
     }
-    let Some(rev) = (unsafe { REVNAT.get(&entry.service_id) }).copied() else {
-        return Ok(TC_ACT_OK as i32);
+    let Some(rev) = (unsafe { REVNAT.get(entry.service_id) }).copied() else {
+        return Ok(ACT_OK);
     };
     refresh(entry, t, now, true);
     if packet::dnat(ctx, t, t.saddr, t.dport).is_err()
         || packet::snat(ctx, t, rev.addr[0], rev.port).is_err()
     {
         count(STAT_DROP_NAT_FAILED);
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(ACT_SHOT);
     }
     count(STAT_REVERSE_TRANSLATED);
     Ok(bounce(ctx))
@@ -164,7 +163,7 @@ fn hairpin_reply(ctx: &TcContext, t: &Tuple) -> Result<i32, ()> {
 fn bounce(ctx: &TcContext) -> i32 {
     if packet::swap_macs(ctx).is_err() {
         count(STAT_DROP_NAT_FAILED);
-        return TC_ACT_SHOT as i32;
+        return ACT_SHOT;
     }
     // SAFETY: reading a field of the context the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -184,7 +183,7 @@ fn forget_reused_tuple(t: &Tuple) {
         return;
     }
     let key = CtKey::v4(t.daddr, t.saddr, t.dport, t.sport, t.proto, CT_DIR_REPLY);
-    if CT.get_ptr(&key).is_some() && CT.remove(&key).is_ok() {
+    if CT.get_ptr(key).is_some() && CT.remove(key).is_ok() {
         count(STAT_CT_TUPLE_REUSED);
     }
 }
@@ -198,7 +197,7 @@ fn existing_flow(key: &CtKey, svc: &ServiceValue, t: &Tuple, now: u64) -> Option
         return None;
     }
     // SAFETY: copied out at once.
-    let backend = (unsafe { BACKENDS.get(&entry.backend_id) }).copied()?;
+    let backend = (unsafe { BACKENDS.get(entry.backend_id) }).copied()?;
     if backend.service_id != svc.service_id {
         return None;
     }
@@ -261,11 +260,11 @@ fn select_backend(svc: &ServiceValue, t: &Tuple, now: u64) -> Option<(u32, Backe
     let index = base + unsafe { bpf_get_prandom_u32() } % n;
     let slot = SlotKey::new(svc.service_id, svc.bank, index);
     // SAFETY: copied out at once.
-    let Some(backend_id) = (unsafe { SLOTS.get(&slot) }).copied() else {
+    let Some(backend_id) = (unsafe { SLOTS.get(slot) }).copied() else {
         count(STAT_DROP_BACKEND_MISSING);
         return None;
     };
-    let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else {
+    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
         count(STAT_DROP_BACKEND_MISSING);
         return None;
     };
@@ -276,7 +275,7 @@ fn select_backend(svc: &ServiceValue, t: &Tuple, now: u64) -> Option<(u32, Backe
             _pad: 0,
             last_used_ns: now,
         };
-        let _ = AFFINITY.insert(&affinity_key, &value, 0);
+        let _ = AFFINITY.insert(affinity_key, value, 0);
     }
     Some((backend_id, backend))
 }
@@ -289,7 +288,7 @@ fn affinity_backend(key: &AffinityKey, svc: &ServiceValue, now: u64) -> Option<(
     if now > entry.last_used_ns + timeout_ns {
         return None;
     }
-    let backend = (unsafe { BACKENDS.get(&entry.backend_id) }).copied()?;
+    let backend = (unsafe { BACKENDS.get(entry.backend_id) }).copied()?;
     if backend.service_id != svc.service_id {
         return None;
     }
@@ -337,7 +336,7 @@ fn new_flow(
     );
     let mut reply_value = value;
     reply_value.packets = 0;
-    CT.insert(&reply, &reply_value, 0).is_ok() && CT.insert(key, &value, 0).is_ok()
+    CT.insert(reply, reply_value, 0).is_ok() && CT.insert(key, value, 0).is_ok()
 }
 
 #[cfg(not(test))]

@@ -1,10 +1,16 @@
 //! Parsing and rewriting IPv4 TCP/UDP packets in an skb.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use seine_common::{PROTO_TCP, PROTO_UDP};
+
+/// tc verdicts as the program returns them (the bindings' integer type differs between targets).
+#[allow(clippy::unnecessary_cast)]
+pub const ACT_OK: i32 = TC_ACT_OK as i32;
+#[allow(clippy::unnecessary_cast)]
+pub const ACT_SHOT: i32 = TC_ACT_SHOT as i32;
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

@@ -3,13 +3,17 @@
 //! as with kube-proxy's REJECT rule.
 
 use aya_ebpf::{
-    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_SHOT},
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
 use seine_common::{PROTO_TCP, STAT_DROP_REJECT_FAILED};
 
-use crate::{csum::checksum, maps::count, packet::ETH_HLEN};
+use crate::{
+    csum::checksum,
+    maps::count,
+    packet::{ACT_SHOT, ETH_HLEN},
+};
 
 /// New IPv4 header plus ICMP header, inserted in front of the original IP header.
 const ROOM: usize = 20 + 8;
@@ -35,7 +39,7 @@ pub fn port_unreachable(ctx: &TcContext, proto: u8) -> i32 {
         }
         Err(()) => {
             count(STAT_DROP_REJECT_FAILED);
-            TC_ACT_SHOT as i32
+            ACT_SHOT
         }
     }
 }
