@@ -988,3 +988,36 @@ fn malformed_packets_are_counted_and_leave_the_datapath_working() {
         "backend-1"
     );
 }
+
+#[test]
+fn agent_refuses_pinned_maps_of_another_layout_with_a_clear_error() {
+    let mut node = topology("ly", 0, PORT).unwrap();
+    std::fs::create_dir_all(&node.bpffs_dir).unwrap();
+    let pin = node.bpffs_dir.join("seine_services");
+    seine_tests::sh(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            pin.to_str().unwrap(),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "8",
+            "name",
+            "seine_services",
+        ],
+    )
+    .unwrap();
+    let err = node.start_agent(&[]).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains("exited with exit status: 1"), "{text}");
+    assert!(
+        text.contains("has another layout") && text.contains("--cleanup"),
+        "{text}"
+    );
+}

@@ -46,6 +46,17 @@ pub enum BpfError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "the map pinned at {path} has another layout ({found}) than this version expects ({expected}); \
+         remove the old datapath with `seine-agent --cleanup --bpffs-dir {dir}` (established connections \
+         through services lose their state)"
+    )]
+    Incompatible {
+        path: String,
+        dir: String,
+        found: String,
+        expected: String,
+    },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
@@ -189,6 +200,7 @@ pub fn load(dir: &Path, sizes: MapSizes) -> Result<Ebpf, BpfError> {
         source,
     })?;
     check_bpffs(dir)?;
+    check_pinned_layouts(dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(MAP_SERVICES, sizes.services)
@@ -216,6 +228,53 @@ pub fn load(dir: &Path, sizes: MapSizes) -> Result<Ebpf, BpfError> {
         })?;
     }
     Ok(ebpf)
+}
+
+/// Maps pinned by an earlier agent are reused as they are: refuse ones whose key or value layout
+/// (or, for the counters, size) differs from what this version's programs read.
+fn check_pinned_layouts(dir: &Path) -> Result<(), BpfError> {
+    use std::mem::size_of;
+    let expected: [(&str, usize, usize, u32); 7] = [
+        (
+            MAP_SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            0,
+        ),
+        (MAP_SLOTS, size_of::<SlotKey>(), size_of::<u32>(), 0),
+        (MAP_BACKENDS, size_of::<u32>(), size_of::<Backend>(), 0),
+        (MAP_CT, size_of::<CtKey>(), size_of::<CtValue>(), 0),
+        (MAP_REVNAT, size_of::<u32>(), size_of::<RevNat>(), 0),
+        (
+            MAP_AFFINITY,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityValue>(),
+            0,
+        ),
+        (MAP_STATS, size_of::<u32>(), size_of::<u64>(), STAT_COUNT),
+    ];
+    for (name, key, value, min_entries) in expected {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info =
+            aya::maps::MapInfo::from_pin(&path).map_err(|source| BpfError::Map { name, source })?;
+        let (k, v, n) = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if k != key || v != value || n < min_entries {
+            return Err(BpfError::Incompatible {
+                path: path.display().to_string(),
+                dir: dir.display().to_string(),
+                found: format!("key {k} B, value {v} B, {n} entries"),
+                expected: format!("key {key} B, value {value} B, at least {min_entries} entries"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn classifier<'a>(
@@ -258,7 +317,8 @@ pub fn attach(ebpf: &mut Ebpf, interface: &str) -> Result<(), BpfError> {
         });
         let link_id = match prog.attach_with_options(interface, attach_type, options) {
             Ok(id) => id,
-            Err(_) => {
+            // Our filter is there already (an earlier agent): swap the program in place.
+            Err(create_err) => {
                 let existing = SchedClassifierLink::attached(
                     interface,
                     attach_type,
@@ -267,8 +327,11 @@ pub fn attach(ebpf: &mut Ebpf, interface: &str) -> Result<(), BpfError> {
                     None,
                 )
                 .map_err(|e| attach_err(format!("{name}: {e}")))?;
-                prog.attach_to_link(existing)
-                    .map_err(|e| attach_err(format!("{name}: {e}")))?
+                prog.attach_to_link(existing).map_err(|e| {
+                    attach_err(format!(
+                        "{name}: creating the filter: {create_err}; replacing it: {e}"
+                    ))
+                })?
             }
         };
         // Keep the filter when this process exits: dropping the link would detach it.
