@@ -29,8 +29,8 @@ use seine_tests::{stats::quantile, KeepAlive, Node};
 use serde_json::json;
 
 const PORT: u16 = 8080;
-const ROUNDS: usize = 5;
-const ROUND: Duration = Duration::from_secs(2);
+const ROUNDS: usize = 8;
+const ROUND: Duration = Duration::from_millis(1500);
 const CLIENT_THREADS: usize = 2;
 const LATENCY_SAMPLES: usize = 5_000;
 
