@@ -5,6 +5,7 @@
 //! Everything is named with a prefix unique to the run and removed on drop (processes by PID,
 //! namespaces, bpffs pins), also when a test fails.
 
+pub mod objects;
 pub mod stats;
 
 use std::{
@@ -18,11 +19,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::{cell::RefCell, collections::BTreeMap};
+
 use anyhow::{bail, Context, Result};
+use seine::model::{Frontend, ServiceSpec};
 
 /// The address every pod uses as its gateway: each host-side veth carries it, as in Calico.
 pub const GATEWAY: &str = "169.254.1.1";
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// Service VIPs of the tests come from this range.
+pub const SERVICE_RANGE: &str = "10.96.0.0/12";
 
 /// A name prefix unique to this process and call.
 pub fn unique_prefix(tag: &str) -> String {
@@ -363,6 +369,11 @@ pub struct Node {
     pub pods: Vec<Pod>,
     pub ns: Netns,
     pub agent_args: Vec<String>,
+    /// Run before the agent inside the namespace, e.g. `setpriv` to drop capabilities.
+    pub agent_wrapper: Vec<String>,
+    /// The Service/EndpointSlice file the agent watches, and what it holds.
+    pub services_file: PathBuf,
+    services: RefCell<BTreeMap<Frontend, ServiceSpec>>,
 }
 
 impl Node {
@@ -378,14 +389,34 @@ impl Node {
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-        Ok(Node {
+        // A route for the service range, as a node's default route would give: iptables rejects
+        // service traffic in FORWARD, which only routed packets reach. Both ends stay in the node.
+        ns.ip(&[
+            "link",
+            "add",
+            "svcrange",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "svcrange-peer",
+        ])?;
+        ns.ip(&["link", "set", "svcrange", "up"])?;
+        ns.ip(&["link", "set", "svcrange-peer", "up"])?;
+        ns.ip(&["route", "add", SERVICE_RANGE, "dev", "svcrange"])?;
+        let node = Node {
             bpffs_dir: PathBuf::from(BPFFS_ROOT).join(format!("seine-{prefix}")),
+            services_file: std::env::temp_dir().join(format!("{prefix}-services.json")),
             prefix,
             agent: None,
             pods: Vec::new(),
             ns,
             agent_args: Vec::new(),
-        })
+            agent_wrapper: Vec::new(),
+            services: RefCell::new(BTreeMap::new()),
+        };
+        node.write_services()?;
+        Ok(node)
     }
 
     /// Adds a pod with address `ip`/32, its gateway `GATEWAY`, and a /32 route on the node.
@@ -471,9 +502,18 @@ impl Node {
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = self
-            .ns
-            .command(&bin("seine-agent")?)
+        let mut command = match self.agent_wrapper.split_first() {
+            None => self.ns.command(&bin("seine-agent")?),
+            Some((program, args)) => {
+                let mut c = self.ns.command(Path::new(program));
+                c.args(args).arg(bin("seine-agent")?);
+                c
+            }
+        };
+        if !self.agent_args.iter().any(|a| a == "--services-file") {
+            command.arg("--services-file").arg(&self.services_file);
+        }
+        let child = command
             .arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
             .args(["--attach-prefix", &self.attach_prefix()])
@@ -490,7 +530,8 @@ impl Node {
             log,
         };
         let ns_path = self.ns.path();
-        let ready = wait_until(Duration::from_secs(20), || {
+        // Generous: an agent programming 10,000 services through iptables takes a while.
+        let ready = wait_until(Duration::from_secs(120), || {
             if let Ok(Some(_)) = process.child.try_wait() {
                 return true;
             }
@@ -558,11 +599,73 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Sets one service in the agent's services file and waits until the agent applied it.
+    pub fn set_service(&self, spec: ServiceSpec) -> Result<()> {
+        self.services.borrow_mut().insert(spec.frontend, spec);
+        self.sync_services()
+    }
+
+    pub fn remove_service(&self, frontend: &Frontend) -> Result<()> {
+        self.services.borrow_mut().remove(frontend);
+        self.sync_services()
+    }
+
+    fn sync_services(&self) -> Result<()> {
+        let before = self.syncs()?;
+        self.write_services()?;
+        wait_until(Duration::from_secs(120), || {
+            self.syncs().is_ok_and(|n| n > before)
+        })
+        .context("the agent did not apply the services file")?;
+        let log = self
+            .agent
+            .as_ref()
+            .map(Process::log_text)
+            .unwrap_or_default();
+        if self.syncs_with("error")? > 0 {
+            bail!("the agent failed to apply the services:\n{log}");
+        }
+        Ok(())
+    }
+
+    /// All reconciliations the agent has finished, whatever their result.
+    fn syncs(&self) -> Result<u64> {
+        Ok(
+            self.syncs_with("ok")?
+                + self.syncs_with("error")?
+                + self.syncs_with("invalid_input")?,
+        )
+    }
+
+    fn syncs_with(&self, result: &str) -> Result<u64> {
+        let metrics = self.metrics()?;
+        let prefix = format!("seine_sync_total{{result=\"{result}\"}} ");
+        Ok(metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Writes the services as Kubernetes objects, atomically (the agent never reads half a file).
+    fn write_services(&self) -> Result<()> {
+        let items = objects::services_to_objects(self.services.borrow().values());
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+        let tmp = self.services_file.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&list)?)?;
+        std::fs::rename(&tmp, &self.services_file)?;
+        Ok(())
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.agent.take();
         self.pods.clear();
         let _ = std::fs::remove_dir_all(&self.bpffs_dir);
+        let _ = std::fs::remove_file(&self.services_file);
+        let _ = std::fs::remove_file(seine::bpf::status_path(&self.bpffs_dir));
     }
 }
 
@@ -584,6 +687,24 @@ fn http_raw(addr: &str, path: &str) -> Option<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     Some(response)
+}
+
+pub fn vip(s: &str) -> SocketAddr {
+    s.parse().expect("a socket address")
+}
+
+/// Opens `n` new connections from the client pod and counts answers per backend.
+pub fn spread(node: &Node, addr: SocketAddr, n: usize) -> BTreeMap<String, u64> {
+    node.pod("client")
+        .run(move || {
+            let mut counts = BTreeMap::new();
+            for _ in 0..n {
+                let name = http_get(addr).expect("a request through the service");
+                *counts.entry(name).or_insert(0) += 1;
+            }
+            counts
+        })
+        .expect("client thread")
 }
 
 /// The usual test topology: one node, a client pod and `backends` pods serving on `port`.

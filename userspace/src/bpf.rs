@@ -360,17 +360,24 @@ pub struct DirLock {
     _file: std::fs::File,
 }
 
+/// Where the agent of the node whose maps live in `dir` records its mode, for `seinectl status`.
+pub fn status_path(dir: &Path) -> std::path::PathBuf {
+    Path::new("/run/seine/agents").join(format!("{}.json", flat_name(dir)))
+}
+
+fn flat_name(dir: &Path) -> String {
+    dir.display()
+        .to_string()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
 pub fn lock(dir: &Path) -> Result<DirLock, BpfError> {
     let io_err = |context: String| move |source| BpfError::Io { context, source };
     let locks = Path::new("/run/seine/locks");
     std::fs::create_dir_all(locks).map_err(io_err(format!("creating {}", locks.display())))?;
-    let name: String = dir
-        .display()
-        .to_string()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let path = locks.join(format!("{name}.lock"));
+    let path = locks.join(format!("{}.lock", flat_name(dir)));
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

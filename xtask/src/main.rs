@@ -341,7 +341,14 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     let mut cmd = cargo_in(root);
     cmd.arg("test")
         .args(exclude)
-        .args(["--lib", "--bins", "--tests", "--", "--test-threads=1"])
+        .args([
+            "--no-fail-fast",
+            "--lib",
+            "--bins",
+            "--tests",
+            "--",
+            "--test-threads=1",
+        ])
         .args(extra);
     let (passed, failed, ok) = run_counting_tests(&mut cmd)?;
     // One closing line for the whole run: cargo prints one result line per test binary.

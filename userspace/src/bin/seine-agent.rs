@@ -1,7 +1,7 @@
-//! seine-agent: the node agent. Loads the datapath (maps pinned per node), attaches it to pod veths,
-//! and programs services from a watched file of Service and EndpointSlice objects. Serves
-//! /healthz, /readyz and /metrics; stops on SIGTERM leaving the datapath in place, so a restart
-//! breaks no connection.
+//! seine-agent: the node agent. Runs the service datapath — eBPF (maps pinned per node, programs
+//! attached to pod veths) or, where eBPF cannot be used, iptables — and programs services from a
+//! watched file of Service and EndpointSlice objects. Serves /healthz, /readyz and /metrics; stops
+//! on SIGTERM leaving the datapath in place, so a restart breaks no connection.
 
 use std::{
     collections::HashMap,
@@ -25,6 +25,7 @@ use seine::{
     bpf::{self, MapSizes, PinnedMaps, DEFAULT_BPFFS_DIR},
     datapath::{
         ebpf::{EbpfDatapath, Owner},
+        iptables::{IptablesBackend, IptablesDatapath},
         Datapath,
     },
     k8s::Objects,
@@ -50,8 +51,14 @@ struct Args {
     #[arg(long = "attach-prefix", default_values = ["lxc"])]
     attach_prefixes: Vec<String>,
     /// Datapath implementation.
-    #[arg(long, value_enum, default_value_t = Mode::Ebpf)]
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
     datapath: Mode,
+    /// iptables backend, for the iptables datapath and for cleanup.
+    #[arg(long, value_enum, default_value_t = IptablesChoice::Auto)]
+    iptables_backend: IptablesChoice,
+    /// Seconds between full iptables resyncs, which repair rules removed by someone else.
+    #[arg(long, default_value_t = 30)]
+    iptables_resync_seconds: u64,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "127.0.0.1:9962")]
     health_addr: std::net::SocketAddr,
@@ -63,7 +70,8 @@ struct Args {
     ct_size: u32,
     #[arg(long, default_value_t = seine_common::DEFAULT_AFFINITY_SIZE)]
     affinity_size: u32,
-    /// Remove Seine's filters from matching interfaces and its pinned maps, then exit.
+    /// Remove Seine's filters from matching interfaces, its pinned maps and its iptables chains,
+    /// then exit.
     #[arg(long)]
     cleanup: bool,
     /// Log format.
@@ -73,7 +81,18 @@ struct Args {
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Mode {
+    /// eBPF, falling back to iptables when loading or attaching fails.
+    Auto,
     Ebpf,
+    Iptables,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum IptablesChoice {
+    /// The backend that already holds rules, else the one `iptables` points at.
+    Auto,
+    Nft,
+    Legacy,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -144,7 +163,8 @@ struct Shared {
     metrics: Metrics,
     ready: AtomicBool,
     stopping: AtomicBool,
-    stats_maps: std::sync::Mutex<PinnedMaps>,
+    /// The eBPF counters, when the eBPF datapath runs.
+    stats_maps: Option<std::sync::Mutex<PinnedMaps>>,
 }
 
 fn main() -> ExitCode {
@@ -188,25 +208,29 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
-    let sizes = MapSizes {
-        services: args.max_services,
-        backends: args.max_backends,
-        conntrack: args.ct_size,
-        affinity: args.affinity_size,
+    let mut active = match args.datapath {
+        Mode::Ebpf => start_ebpf(&args)?,
+        Mode::Iptables => start_iptables(&args, None)?,
+        Mode::Auto => match start_ebpf(&args) {
+            Ok(active) => active,
+            Err(e) => {
+                let reason = format!("{e:#}");
+                warn!(%reason, "the eBPF datapath cannot be used here; falling back to iptables");
+                start_iptables(&args, Some(reason))?
+            }
+        },
     };
-    let mut ebpf = bpf::load(&args.bpffs_dir, sizes)?;
-    let mut datapath = EbpfDatapath::open(&args.bpffs_dir, Owner::Agent)?;
-    info!(
-        dir = %args.bpffs_dir.display(),
-        reused_services = datapath.service_count(),
-        "datapath loaded"
-    );
+    let stats_maps = match &active {
+        Active::Ebpf { .. } => Some(std::sync::Mutex::new(PinnedMaps::open(&args.bpffs_dir)?)),
+        Active::Iptables { .. } => None,
+    };
     let shared = Arc::new(Shared {
-        metrics: Metrics::new(datapath.mode()),
+        metrics: Metrics::new(active.datapath().mode()),
         ready: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
-        stats_maps: std::sync::Mutex::new(PinnedMaps::open(&args.bpffs_dir)?),
+        stats_maps,
     });
+    write_status(&args, &active);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -236,29 +260,22 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let mut watcher = args.services_file.clone().map(FileWatch::new);
     if let Some(specs) = initial {
-        apply(&mut datapath, &specs, &args.bpffs_dir, &shared.metrics);
+        apply(active.datapath(), &specs, &args.bpffs_dir, &shared.metrics);
     }
     if let Some(w) = watcher.as_mut() {
         w.changed();
     }
-    let mut attached: HashMap<String, u32> = HashMap::new();
-    attach_new(
-        &mut ebpf,
-        &args.attach_prefixes,
-        &mut attached,
-        &shared.metrics,
-    );
+    active.tick(&args, &shared.metrics, true);
     shared.ready.store(true, Ordering::SeqCst);
     info!("ready");
 
-    let mut last_gc = Instant::now();
     while !shared.stopping.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
         if let Some(w) = watcher.as_mut() {
             if w.changed() {
                 match Objects::from_file(&w.path) {
                     Ok(objects) => apply(
-                        &mut datapath,
+                        active.datapath(),
                         &objects.service_specs(),
                         &args.bpffs_dir,
                         &shared.metrics,
@@ -275,20 +292,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        attach_new(
-            &mut ebpf,
-            &args.attach_prefixes,
-            &mut attached,
-            &shared.metrics,
-        );
-        if last_gc.elapsed() > Duration::from_secs(30) {
-            last_gc = Instant::now();
-            match datapath.collect_garbage() {
-                Ok(n) if n > 0 => info!(removed = n, "expired conntrack entries removed"),
-                Ok(_) => {}
-                Err(e) => warn!("conntrack garbage collection: {e}"),
-            }
-        }
+        active.tick(&args, &shared.metrics, false);
     }
     info!("stopping; the datapath stays in place");
     // Dropping the loaded object would not detach the filters (their links were released), but the
@@ -298,7 +302,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn apply(
-    datapath: &mut EbpfDatapath,
+    datapath: &mut dyn Datapath,
     specs: &[seine::model::ServiceSpec],
     dir: &Path,
     metrics: &Metrics,
@@ -314,7 +318,7 @@ fn apply(
     let report = datapath.apply(specs);
     let elapsed = start.elapsed();
     metrics.sync_seconds.observe(elapsed.as_secs_f64());
-    metrics.services.set(datapath.service_count() as i64);
+    metrics.services.set(datapath.frontends().len() as i64);
     for failure in &report.failed {
         error!("{failure}");
     }
@@ -374,8 +378,181 @@ fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
         }
     }
     bpf::unpin_all(&args.bpffs_dir)?;
-    info!(dir = %args.bpffs_dir.display(), "filters detached and pins removed");
+    for backend in iptables_backends(args) {
+        IptablesDatapath::cleanup(backend)?;
+    }
+    let _ = std::fs::remove_file(bpf::status_path(&args.bpffs_dir));
+    info!(dir = %args.bpffs_dir.display(), "filters detached, pins and iptables chains removed");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The backends to clean: the chosen one, or both when detecting (a switch may have left either).
+fn iptables_backends(args: &Args) -> Vec<IptablesBackend> {
+    match args.iptables_backend {
+        IptablesChoice::Nft => vec![IptablesBackend::Nft],
+        IptablesChoice::Legacy => vec![IptablesBackend::Legacy],
+        IptablesChoice::Auto => vec![IptablesBackend::Nft, IptablesBackend::Legacy],
+    }
+}
+
+/// The datapath in use, with what it needs besides the `Datapath` interface.
+enum Active {
+    Ebpf {
+        ebpf: Box<aya::Ebpf>,
+        datapath: Box<EbpfDatapath>,
+        attached: HashMap<String, u32>,
+        last_gc: Instant,
+    },
+    Iptables {
+        datapath: IptablesDatapath,
+        last_resync: Instant,
+        fallback_reason: Option<String>,
+    },
+}
+
+impl Active {
+    fn datapath(&mut self) -> &mut dyn Datapath {
+        match self {
+            Active::Ebpf { datapath, .. } => datapath.as_mut(),
+            Active::Iptables { datapath, .. } => datapath,
+        }
+    }
+
+    /// Periodic work: attach to new pod interfaces and expire conntrack (eBPF), or a full resync
+    /// (iptables).
+    fn tick(&mut self, args: &Args, metrics: &Metrics, first: bool) {
+        match self {
+            Active::Ebpf {
+                ebpf,
+                datapath,
+                attached,
+                last_gc,
+            } => {
+                attach_new(ebpf, &args.attach_prefixes, attached, metrics);
+                if last_gc.elapsed() > Duration::from_secs(30) {
+                    *last_gc = Instant::now();
+                    match datapath.collect_garbage() {
+                        Ok(n) if n > 0 => info!(removed = n, "expired conntrack entries removed"),
+                        Ok(_) => {}
+                        Err(e) => warn!("conntrack garbage collection: {e}"),
+                    }
+                }
+            }
+            Active::Iptables {
+                datapath,
+                last_resync,
+                ..
+            } => {
+                if first
+                    || last_resync.elapsed() > Duration::from_secs(args.iptables_resync_seconds)
+                {
+                    *last_resync = Instant::now();
+                    match datapath.full_resync() {
+                        Ok(()) => tracing::debug!("iptables full resync done"),
+                        Err(e) => error!("iptables full resync: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn start_ebpf(args: &Args) -> anyhow::Result<Active> {
+    let sizes = MapSizes {
+        services: args.max_services,
+        backends: args.max_backends,
+        conntrack: args.ct_size,
+        affinity: args.affinity_size,
+    };
+    let mut ebpf = bpf::load(&args.bpffs_dir, sizes)?;
+    let datapath = EbpfDatapath::open(&args.bpffs_dir, Owner::Agent)?;
+    // Attaching is part of being able to use eBPF: a failure here is a reason to fall back.
+    let mut attached = HashMap::new();
+    for (index, name) in bpf::interfaces() {
+        if args
+            .attach_prefixes
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
+        {
+            bpf::attach(&mut ebpf, &name)?;
+            attached.insert(name, index);
+        }
+    }
+    // Rules a previous iptables-mode agent left would translate the same traffic twice.
+    for backend in iptables_backends(args) {
+        if let Err(e) = IptablesDatapath::cleanup(backend) {
+            warn!("removing iptables rules of an earlier mode: {e}");
+        }
+    }
+    info!(
+        dir = %args.bpffs_dir.display(),
+        reused_services = datapath.service_count(),
+        attached = attached.len(),
+        "datapath loaded"
+    );
+    Ok(Active::Ebpf {
+        ebpf: Box::new(ebpf),
+        datapath: Box::new(datapath),
+        attached,
+        last_gc: Instant::now(),
+    })
+}
+
+fn start_iptables(args: &Args, fallback_reason: Option<String>) -> anyhow::Result<Active> {
+    // eBPF filters of an earlier agent would translate the same traffic twice: remove them.
+    for (_, name) in bpf::interfaces() {
+        if args
+            .attach_prefixes
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
+        {
+            bpf::detach(&name);
+        }
+    }
+    if let Err(e) = bpf::unpin_all(&args.bpffs_dir) {
+        warn!("removing the pins of an earlier eBPF agent: {e}");
+    }
+    let backend = match args.iptables_backend {
+        IptablesChoice::Nft => IptablesBackend::Nft,
+        IptablesChoice::Legacy => IptablesBackend::Legacy,
+        IptablesChoice::Auto => IptablesBackend::detect()?,
+    };
+    info!(backend = backend.name(), "datapath loaded (iptables)");
+    Ok(Active::Iptables {
+        datapath: IptablesDatapath::new(backend),
+        last_resync: Instant::now(),
+        fallback_reason,
+    })
+}
+
+/// What `seinectl status` shows: the mode in use and why.
+fn write_status(args: &Args, active: &Active) {
+    let status = match active {
+        Active::Ebpf { .. } => serde_json::json!({
+            "mode": "ebpf",
+            "bpffs_dir": args.bpffs_dir,
+        }),
+        Active::Iptables {
+            datapath,
+            fallback_reason,
+            ..
+        } => serde_json::json!({
+            "mode": "iptables",
+            "iptables_backend": datapath.backend().name(),
+            "fallback_reason": fallback_reason,
+        }),
+    };
+    let mut status = status;
+    status["pid"] = std::process::id().into();
+    status["health_addr"] = args.health_addr.to_string().into();
+    let path = bpf::status_path(&args.bpffs_dir);
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&path, status.to_string()));
+    if let Err(e) = written {
+        warn!("writing {}: {e}", path.display());
+    }
 }
 
 /// Notices changes of a file by modification time and size.
@@ -410,7 +587,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    if let Ok(maps) = shared.stats_maps.lock() {
+    if let Some(Ok(maps)) = shared.stats_maps.as_ref().map(|m| m.lock()) {
         if let Ok(values) = maps.stats() {
             for (value, name) in values.into_iter().zip(STAT_NAMES) {
                 shared

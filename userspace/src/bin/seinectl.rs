@@ -34,6 +34,11 @@ enum Command {
         #[command(subcommand)]
         what: BpfCommand,
     },
+    /// The node agent's datapath mode (eBPF or iptables) and why.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Program services by hand (entries owned by seinectl; the agent leaves them alone).
     Service {
         #[command(subcommand)]
@@ -171,7 +176,52 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Service { what } => service(&cli.bpffs_dir, what),
+        Command::Status { output } => status(&cli.bpffs_dir, output),
     }
+}
+
+fn status(dir: &std::path::Path, output: Output) -> Result<(), Failure> {
+    let path = seine::bpf::status_path(dir);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Failure::System(format!(
+            "no status of a seine-agent for --bpffs-dir {} ({}: {e})",
+            dir.display(),
+            path.display()
+        ))
+    })?;
+    let mut status: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Failure::System(format!("{}: {e}", path.display())))?;
+    let running = status["pid"]
+        .as_u64()
+        .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+    status["running"] = running.into();
+    if status["mode"] == "ebpf" {
+        if let Ok(maps) = PinnedMaps::open(dir) {
+            if let Ok(rows) = inspect::lb_list(&maps) {
+                status["services"] = rows.len().into();
+            }
+        }
+    }
+    print(output, &status, || {
+        println!(
+            "mode:      {}",
+            status["mode"].as_str().unwrap_or("unknown")
+        );
+        if let Some(backend) = status["iptables_backend"].as_str() {
+            println!("iptables:  {backend}");
+        }
+        if let Some(reason) = status["fallback_reason"].as_str() {
+            println!("fallback:  {reason}");
+        }
+        println!(
+            "agent:     pid {} ({})",
+            status["pid"],
+            if running { "running" } else { "not running" }
+        );
+        if let Some(n) = status["services"].as_u64() {
+            println!("services:  {n}");
+        }
+    })
 }
 
 fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {

@@ -4,6 +4,7 @@
 //! set is visible or the old one still is.
 
 pub mod ebpf;
+pub mod iptables;
 
 use crate::model::{Frontend, ServiceSpec};
 
@@ -31,6 +32,8 @@ pub enum DatapathError {
     },
     #[error(transparent)]
     Bpf(#[from] crate::bpf::BpfError),
+    #[error("iptables: {0}")]
+    Iptables(String),
 }
 
 /// What one `apply` did.

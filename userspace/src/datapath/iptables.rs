@@ -1,0 +1,674 @@
+//! The iptables implementation of `Datapath`, for nodes where eBPF cannot be used. It keeps
+//! kube-proxy's chain structure under a Seine prefix: a services chain, a chain per service, a chain
+//! per endpoint with `statistic --mode random` probabilities, REJECT for services without endpoints,
+//! `recent` for ClientIP affinity, and a mark-and-masquerade for hairpin traffic.
+//!
+//! Changes go through `iptables-restore --noflush` in one transaction that names only the chains
+//! whose rules changed; a full resync rewrites every Seine chain, removes stray ones and restores the
+//! jumps from the built-in chains, repairing whatever someone else removed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    io::Write as _,
+    net::IpAddr,
+    process::{Command, Stdio},
+};
+
+use sha2::{Digest, Sha256};
+
+use super::{ApplyReport, Change, Datapath, DatapathError};
+use crate::model::{BackendSpec, BackendState, Frontend, ServiceSpec};
+
+/// Every chain Seine owns starts with this; kube-proxy's `KUBE-` chains are never touched.
+pub const CHAIN_PREFIX: &str = "SEINE-";
+const SERVICES: &str = "SEINE-SERVICES";
+const MARK_MASQ: &str = "SEINE-MARK-MASQ";
+const POSTROUTING: &str = "SEINE-POSTROUTING";
+/// The packet mark that asks for masquerade (hairpin); distinct from kube-proxy's 0x4000.
+const MASQ_MARK: &str = "0x20000";
+
+/// Which iptables the node uses: the nf_tables one or the legacy one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IptablesBackend {
+    Nft,
+    Legacy,
+}
+
+impl IptablesBackend {
+    fn suffix(self) -> &'static str {
+        match self {
+            IptablesBackend::Nft => "nft",
+            IptablesBackend::Legacy => "legacy",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.suffix()
+    }
+
+    fn iptables(self) -> String {
+        format!("iptables-{}", self.suffix())
+    }
+
+    fn restore(self) -> String {
+        format!("iptables-{}-restore", self.suffix())
+    }
+
+    fn save(self) -> String {
+        format!("iptables-{}-save", self.suffix())
+    }
+
+    /// The backend whose tables already hold rules (as kube-proxy decides); when neither or both
+    /// do equally, the one `iptables` points at.
+    pub fn detect() -> Result<Self, DatapathError> {
+        let rules = |b: IptablesBackend| {
+            Command::new(b.save())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .filter(|l| l.starts_with("-A "))
+                        .count()
+                })
+        };
+        let (nft, legacy) = (rules(IptablesBackend::Nft), rules(IptablesBackend::Legacy));
+        match (nft, legacy) {
+            (None, None) => Err(DatapathError::Iptables(
+                "neither iptables-nft-save nor iptables-legacy-save works: install iptables".into(),
+            )),
+            (Some(_), None) => Ok(IptablesBackend::Nft),
+            (None, Some(_)) => Ok(IptablesBackend::Legacy),
+            (Some(n), Some(l)) if l > n => Ok(IptablesBackend::Legacy),
+            (Some(n), Some(l)) if n > l => Ok(IptablesBackend::Nft),
+            _ => {
+                let version = Command::new("iptables")
+                    .arg("--version")
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                Ok(if version.contains("legacy") {
+                    IptablesBackend::Legacy
+                } else {
+                    IptablesBackend::Nft
+                })
+            }
+        }
+    }
+}
+
+/// A chain's identity: (table, name).
+type ChainId = (&'static str, String);
+
+pub struct IptablesDatapath {
+    backend: IptablesBackend,
+    services: BTreeMap<Frontend, ServiceSpec>,
+    /// What the kernel holds, as last written by us: chain -> rules.
+    written: BTreeMap<ChainId, Vec<String>>,
+    synced_once: bool,
+}
+
+impl IptablesDatapath {
+    pub fn new(backend: IptablesBackend) -> Self {
+        IptablesDatapath {
+            backend,
+            services: BTreeMap::new(),
+            written: BTreeMap::new(),
+            synced_once: false,
+        }
+    }
+
+    pub fn backend(&self) -> IptablesBackend {
+        self.backend
+    }
+
+    /// Whether a full resync has run since start (the first sync is always a full one).
+    pub fn synced_once(&self) -> bool {
+        self.synced_once
+    }
+
+    /// Rewrites every Seine chain, deletes stray ones and restores the jumps from the built-in
+    /// chains.
+    pub fn full_resync(&mut self) -> Result<(), DatapathError> {
+        let desired = render(&self.services);
+        let existing = self.existing_chains()?;
+        let mut payload = Payload::default();
+        for ((table, chain), rules) in &desired {
+            payload.replace(table, chain, rules);
+        }
+        for (table, chain) in existing {
+            if !desired.contains_key(&(table, chain.clone())) {
+                payload.delete(table, &chain);
+            }
+        }
+        self.restore(&payload)?;
+        self.ensure_jumps()?;
+        self.written = desired;
+        self.synced_once = true;
+        Ok(())
+    }
+
+    /// Writes only the chains whose rules differ from what was written last.
+    fn sync(&mut self) -> Result<(), DatapathError> {
+        if !self.synced_once {
+            return self.full_resync();
+        }
+        let desired = render(&self.services);
+        let mut payload = Payload::default();
+        for (id, rules) in &desired {
+            if self.written.get(id) != Some(rules) {
+                payload.replace(id.0, &id.1, rules);
+            }
+        }
+        for id in self.written.keys() {
+            if !desired.contains_key(id) {
+                payload.delete(id.0, &id.1);
+            }
+        }
+        if !payload.is_empty() {
+            self.restore(&payload)?;
+        }
+        self.written = desired;
+        Ok(())
+    }
+
+    fn restore(&self, payload: &Payload) -> Result<(), DatapathError> {
+        let text = payload.render();
+        let mut child = Command::new(self.backend.restore())
+            .args(["--noflush", "--wait"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                DatapathError::Iptables(format!("starting {}: {e}", self.backend.restore()))
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(text.as_bytes()).map_err(|e| {
+                DatapathError::Iptables(format!("writing to iptables-restore: {e}"))
+            })?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| DatapathError::Iptables(format!("waiting for iptables-restore: {e}")))?;
+        if !out.status.success() {
+            return Err(DatapathError::Iptables(format!(
+                "{} failed ({}): {}",
+                self.backend.restore(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Seine chains present in the kernel now.
+    fn existing_chains(&self) -> Result<Vec<ChainId>, DatapathError> {
+        let mut chains = Vec::new();
+        for table in ["filter", "nat"] {
+            let out = Command::new(self.backend.save())
+                .args(["-t", table])
+                .output()
+                .map_err(|e| {
+                    DatapathError::Iptables(format!("running {}: {e}", self.backend.save()))
+                })?;
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(name) = line
+                    .strip_prefix(':')
+                    .and_then(|l| l.split_whitespace().next())
+                {
+                    if name.starts_with(CHAIN_PREFIX) {
+                        chains.push((table, name.to_string()));
+                    }
+                }
+            }
+        }
+        Ok(chains)
+    }
+
+    fn ensure_jumps(&self) -> Result<(), DatapathError> {
+        for (table, chain, rule) in jumps() {
+            let ipt = self.backend.iptables();
+            let present = Command::new(&ipt)
+                .args(["-w", "-t", table, "-C", chain])
+                .args(&rule)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !present {
+                let out = Command::new(&ipt)
+                    .args(["-w", "-t", table, "-I", chain, "1"])
+                    .args(&rule)
+                    .output()
+                    .map_err(|e| DatapathError::Iptables(format!("running {ipt}: {e}")))?;
+                if !out.status.success() {
+                    return Err(DatapathError::Iptables(format!(
+                        "adding the jump from {table}/{chain}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every Seine rule and chain from this backend's tables.
+    pub fn cleanup(backend: IptablesBackend) -> Result<(), DatapathError> {
+        let dp = IptablesDatapath::new(backend);
+        for (table, chain, rule) in jumps() {
+            // A jump may have been added more than once by hand; remove them all.
+            for _ in 0..16 {
+                let removed = Command::new(backend.iptables())
+                    .args(["-w", "-t", table, "-D", chain])
+                    .args(&rule)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !removed {
+                    break;
+                }
+            }
+        }
+        let mut payload = Payload::default();
+        for (table, chain) in dp.existing_chains()? {
+            payload.delete(table, &chain);
+        }
+        if !payload.is_empty() {
+            dp.restore(&payload)?;
+        }
+        Ok(())
+    }
+}
+
+impl Datapath for IptablesDatapath {
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+
+    /// One transaction for the whole desired state.
+    fn apply(&mut self, desired: &[ServiceSpec]) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut next = BTreeMap::new();
+        for spec in desired {
+            let spec = spec.normalized();
+            if spec.frontend.ip.is_ipv6() || spec.backends.iter().any(|b| b.ip.is_ipv6()) {
+                report.failed.push(DatapathError::Ipv6(spec.frontend));
+                continue;
+            }
+            match self.services.get(&spec.frontend) {
+                None => report.created += 1,
+                Some(old) if *old == spec => report.unchanged += 1,
+                Some(_) => report.updated += 1,
+            }
+            next.insert(spec.frontend, spec);
+        }
+        report.deleted = self
+            .services
+            .keys()
+            .filter(|f| !next.contains_key(f))
+            .count();
+        let previous = std::mem::replace(&mut self.services, next);
+        if let Err(e) = self.sync() {
+            // iptables-restore is atomic: the kernel still holds the previous state.
+            self.services = previous;
+            report.failed.push(e);
+            report.created = 0;
+            report.updated = 0;
+            report.deleted = 0;
+        }
+        report
+    }
+
+    fn upsert(&mut self, spec: &ServiceSpec) -> Result<Change, DatapathError> {
+        let spec = spec.normalized();
+        if spec.frontend.ip.is_ipv6() || spec.backends.iter().any(|b| b.ip.is_ipv6()) {
+            return Err(DatapathError::Ipv6(spec.frontend));
+        }
+        let change = match self.services.get(&spec.frontend) {
+            Some(old) if *old == spec => return Ok(Change::Unchanged),
+            Some(_) => Change::Updated,
+            None => Change::Created,
+        };
+        let previous = self.services.insert(spec.frontend, spec.clone());
+        if let Err(e) = self.sync() {
+            match previous {
+                Some(old) => self.services.insert(spec.frontend, old),
+                None => self.services.remove(&spec.frontend),
+            };
+            return Err(e);
+        }
+        Ok(change)
+    }
+
+    fn delete(&mut self, frontend: &Frontend) -> Result<bool, DatapathError> {
+        let Some(old) = self.services.remove(frontend) else {
+            return Ok(false);
+        };
+        if let Err(e) = self.sync() {
+            self.services.insert(*frontend, old);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    fn frontends(&self) -> Vec<Frontend> {
+        self.services.keys().copied().collect()
+    }
+}
+
+/// The jumps from built-in chains into Seine's: (table, chain, rule arguments).
+fn jumps() -> Vec<(&'static str, &'static str, Vec<String>)> {
+    let rule = |comment: &str, target: &str, new_only: bool| {
+        let mut r: Vec<String> = Vec::new();
+        if new_only {
+            r.extend(["-m", "conntrack", "--ctstate", "NEW"].map(String::from));
+        }
+        r.extend(["-m", "comment", "--comment", comment, "-j", target].map(String::from));
+        r
+    };
+    vec![
+        (
+            "nat",
+            "PREROUTING",
+            rule("seine service portals", SERVICES, false),
+        ),
+        (
+            "nat",
+            "OUTPUT",
+            rule("seine service portals", SERVICES, false),
+        ),
+        (
+            "nat",
+            "POSTROUTING",
+            rule("seine postrouting", POSTROUTING, false),
+        ),
+        (
+            "filter",
+            "FORWARD",
+            rule("seine service portals", SERVICES, true),
+        ),
+        (
+            "filter",
+            "OUTPUT",
+            rule("seine service portals", SERVICES, true),
+        ),
+        (
+            "filter",
+            "INPUT",
+            rule("seine service portals", SERVICES, true),
+        ),
+    ]
+}
+
+fn chain_name(kind: &str, key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut name = format!("{CHAIN_PREFIX}{kind}-");
+    for byte in &digest[..8] {
+        let _ = write!(name, "{byte:02X}");
+    }
+    name
+}
+
+fn proto_args(f: &Frontend) -> String {
+    let p = match f.protocol {
+        crate::model::Protocol::Tcp => "tcp",
+        crate::model::Protocol::Udp => "udp",
+    };
+    format!("-p {p} -m {p}")
+}
+
+/// The backends that take new connections: the ready ones, or, when none is ready, the
+/// terminating ones that still serve.
+fn usable(spec: &ServiceSpec) -> Vec<&BackendSpec> {
+    let ready: Vec<&BackendSpec> = spec
+        .backends
+        .iter()
+        .filter(|b| b.state == BackendState::Active)
+        .collect();
+    if ready.is_empty() {
+        spec.backends.iter().collect()
+    } else {
+        ready
+    }
+}
+
+fn ip4(ip: IpAddr) -> String {
+    format!("{ip}/32")
+}
+
+/// Every Seine chain with its rules, for the whole desired state.
+fn render(services: &BTreeMap<Frontend, ServiceSpec>) -> BTreeMap<ChainId, Vec<String>> {
+    let mut chains: BTreeMap<ChainId, Vec<String>> = BTreeMap::new();
+    let mut nat_services = Vec::new();
+    let mut filter_services = Vec::new();
+    chains.insert(
+        ("nat", MARK_MASQ.to_string()),
+        vec![format!("-j MARK --or-mark {MASQ_MARK}")],
+    );
+    chains.insert(
+        ("nat", POSTROUTING.to_string()),
+        vec![
+            format!("-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
+            format!("-j MARK --xor-mark {MASQ_MARK}"),
+            "-j MASQUERADE --random-fully".to_string(),
+        ],
+    );
+    for (frontend, spec) in services {
+        let proto = proto_args(frontend);
+        let fe = frontend.to_string();
+        let endpoints = usable(spec);
+        if endpoints.is_empty() {
+            filter_services.push(format!(
+                "-d {} {proto} --dport {} -m comment --comment \"{fe} has no endpoints\" -j REJECT --reject-with icmp-port-unreachable",
+                ip4(frontend.ip),
+                frontend.port
+            ));
+            continue;
+        }
+        let svc_chain = chain_name("SVC", &fe);
+        nat_services.push(format!(
+            "-d {} {proto} --dport {} -m comment --comment \"{fe}\" -j {svc_chain}",
+            ip4(frontend.ip),
+            frontend.port
+        ));
+        let sep_chains: Vec<String> = endpoints
+            .iter()
+            .map(|b| chain_name("SEP", &format!("{fe} {}:{}", b.ip, b.port)))
+            .collect();
+        let mut svc_rules = Vec::new();
+        if let Some(timeout) = spec.affinity_timeout_secs {
+            for sep in &sep_chains {
+                svc_rules.push(format!(
+                    "-m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}"
+                ));
+            }
+        }
+        let n = sep_chains.len();
+        for (i, sep) in sep_chains.iter().enumerate() {
+            if i + 1 < n {
+                // Each rule takes 1/(remaining) of what reaches it: an even spread overall.
+                let p = 1.0 / (n - i) as f64;
+                svc_rules.push(format!(
+                    "-m statistic --mode random --probability {p:.11} -j {sep}"
+                ));
+            } else {
+                svc_rules.push(format!("-j {sep}"));
+            }
+        }
+        chains.insert(("nat", svc_chain), svc_rules);
+        for (b, sep) in endpoints.iter().zip(&sep_chains) {
+            let mut rules = vec![format!("-s {} -j {MARK_MASQ}", ip4(b.ip))];
+            if spec.affinity_timeout_secs.is_some() {
+                rules.push(format!("-m recent --name {sep} --set"));
+            }
+            rules.push(format!(
+                "{proto} -j DNAT --to-destination {}:{}",
+                b.ip, b.port
+            ));
+            chains.insert(("nat", sep.clone()), rules);
+        }
+    }
+    chains.insert(("nat", SERVICES.to_string()), nat_services);
+    chains.insert(("filter", SERVICES.to_string()), filter_services);
+    chains
+}
+
+/// One iptables-restore transaction: chains to (re)write and chains to delete, per table.
+#[derive(Default)]
+struct Payload {
+    replace: BTreeMap<&'static str, Vec<(String, Vec<String>)>>,
+    delete: BTreeMap<&'static str, BTreeSet<String>>,
+}
+
+impl Payload {
+    fn replace(&mut self, table: &'static str, chain: &str, rules: &[String]) {
+        self.replace
+            .entry(table)
+            .or_default()
+            .push((chain.to_string(), rules.to_vec()));
+    }
+
+    fn delete(&mut self, table: &'static str, chain: &str) {
+        self.delete
+            .entry(table)
+            .or_default()
+            .insert(chain.to_string());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.replace.values().all(Vec::is_empty) && self.delete.values().all(BTreeSet::is_empty)
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for table in ["filter", "nat"] {
+            let replace = self.replace.get(table).map(Vec::as_slice).unwrap_or(&[]);
+            let delete = self.delete.get(table);
+            if replace.is_empty() && delete.is_none_or(BTreeSet::is_empty) {
+                continue;
+            }
+            let _ = writeln!(out, "*{table}");
+            // Declaring a chain under --noflush creates it or empties it.
+            for (chain, _) in replace {
+                let _ = writeln!(out, ":{chain} - [0:0]");
+            }
+            for chain in delete.into_iter().flatten() {
+                let _ = writeln!(out, ":{chain} - [0:0]");
+            }
+            for (chain, rules) in replace {
+                for rule in rules {
+                    let _ = writeln!(out, "-A {chain} {rule}");
+                }
+            }
+            for chain in delete.into_iter().flatten() {
+                let _ = writeln!(out, "-X {chain}");
+            }
+            let _ = writeln!(out, "COMMIT");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str, backends: &[&str], affinity: Option<u32>) -> ServiceSpec {
+        ServiceSpec {
+            frontend: text.parse().unwrap(),
+            backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+            affinity_timeout_secs: affinity,
+        }
+    }
+
+    fn rendered(specs: &[ServiceSpec]) -> BTreeMap<ChainId, Vec<String>> {
+        render(&specs.iter().map(|s| (s.frontend, s.normalized())).collect())
+    }
+
+    #[test]
+    fn probabilities_give_each_endpoint_an_even_share() {
+        let chains = rendered(&[spec(
+            "10.96.0.1:80/tcp",
+            &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"],
+            None,
+        )]);
+        let svc = chains
+            .iter()
+            .find(|((_, c), _)| c.starts_with("SEINE-SVC-"))
+            .unwrap()
+            .1;
+        assert!(svc[0].contains("--probability 0.33333333333"), "{svc:?}");
+        assert!(svc[1].contains("--probability 0.50000000000"), "{svc:?}");
+        assert!(!svc[2].contains("statistic"), "{svc:?}");
+    }
+
+    #[test]
+    fn a_service_without_endpoints_is_rejected_in_the_filter_table() {
+        let chains = rendered(&[spec("10.96.0.1:53/udp", &[], None)]);
+        let filter = &chains[&("filter", SERVICES.to_string())];
+        assert_eq!(filter.len(), 1);
+        assert!(filter[0].contains("-d 10.96.0.1/32 -p udp -m udp --dport 53"));
+        assert!(filter[0].contains("-j REJECT"));
+        assert!(chains[&("nat", SERVICES.to_string())].is_empty());
+    }
+
+    #[test]
+    fn terminating_endpoints_are_used_only_when_none_is_ready() {
+        let chains = rendered(&[spec(
+            "10.96.0.1:80/tcp",
+            &["10.0.0.1:80", "10.0.0.2:80,terminating"],
+            None,
+        )]);
+        let seps: Vec<_> = chains
+            .keys()
+            .filter(|(_, c)| c.starts_with("SEINE-SEP-"))
+            .collect();
+        assert_eq!(seps.len(), 1);
+        let chains = rendered(&[spec("10.96.0.1:80/tcp", &["10.0.0.2:80,terminating"], None)]);
+        assert_eq!(
+            chains
+                .keys()
+                .filter(|(_, c)| c.starts_with("SEINE-SEP-"))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn affinity_uses_recent_per_endpoint() {
+        let chains = rendered(&[spec("10.96.0.1:80/tcp", &["10.0.0.1:80"], Some(30))]);
+        let svc = chains
+            .iter()
+            .find(|((_, c), _)| c.starts_with("SEINE-SVC-"))
+            .unwrap()
+            .1;
+        assert!(svc[0].contains("--rcheck --seconds 30 --reap"), "{svc:?}");
+        let sep = chains
+            .iter()
+            .find(|((_, c), _)| c.starts_with("SEINE-SEP-"))
+            .unwrap()
+            .1;
+        assert!(sep.iter().any(|r| r.contains("--set")), "{sep:?}");
+    }
+
+    #[test]
+    fn chain_names_fit_iptables_and_never_collide_with_kube_proxy() {
+        let name = chain_name("SVC", "10.96.0.1:80/TCP");
+        assert!(name.len() <= 28, "{name}");
+        assert!(name.starts_with("SEINE-SVC-"));
+    }
+
+    #[test]
+    fn the_payload_deletes_after_rewriting_references() {
+        let mut p = Payload::default();
+        p.replace("nat", SERVICES, &["-j RETURN".to_string()]);
+        p.delete("nat", "SEINE-SVC-OLD");
+        let text = p.render();
+        let rewrite = text.find("-A SEINE-SERVICES").unwrap();
+        let delete = text.find("-X SEINE-SVC-OLD").unwrap();
+        assert!(rewrite < delete, "{text}");
+        assert!(text.starts_with("*nat\n"));
+    }
+}
