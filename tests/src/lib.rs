@@ -606,6 +606,12 @@ impl Node {
         self.sync_services()
     }
 
+    /// Replaces every service in the agent's file at once and waits until the agent applied them.
+    pub fn replace_services(&self, specs: Vec<ServiceSpec>) -> Result<()> {
+        *self.services.borrow_mut() = specs.into_iter().map(|s| (s.frontend, s)).collect();
+        self.sync_services()
+    }
+
     pub fn remove_service(&self, frontend: &Frontend) -> Result<()> {
         self.services.borrow_mut().remove(frontend);
         self.sync_services()

@@ -54,9 +54,7 @@ impl Objects {
         let mut objects = Objects::default();
         let trimmed = text.trim_start();
         if trimmed.starts_with('{') || trimmed.starts_with('[') {
-            let value: serde_json::Value =
-                serde_json::from_str(text).map_err(|e| (1, e.to_string()))?;
-            objects.add(value, 1)?;
+            objects.add_json(text)?;
             return Ok(objects);
         }
         for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -67,6 +65,48 @@ impl Objects {
             objects.add(value, i + 1)?;
         }
         Ok(objects)
+    }
+
+    /// JSON goes straight from text into the typed objects, item by item: a generic tree of a
+    /// 10,000-service List would cost the agent hundreds of megabytes.
+    fn add_json(&mut self, text: &str) -> Result<(), (usize, String)> {
+        #[derive(serde::Deserialize)]
+        struct Head<'a> {
+            kind: Option<String>,
+            #[serde(borrow)]
+            items: Option<Vec<&'a serde_json::value::RawValue>>,
+        }
+        let err = |e: serde_json::Error| (1, e.to_string());
+        if text.trim_start().starts_with('[') {
+            let items: Vec<&serde_json::value::RawValue> =
+                serde_json::from_str(text).map_err(err)?;
+            return items.iter().try_for_each(|item| self.add_json(item.get()));
+        }
+        let head: Head = serde_json::from_str(text).map_err(err)?;
+        let kind = head.kind.ok_or((1, "object has no kind".to_string()))?;
+        match kind.as_str() {
+            "List" | "ServiceList" | "EndpointSliceList" => head
+                .items
+                .unwrap_or_default()
+                .iter()
+                .try_for_each(|item| self.add_json(item.get())),
+            "Service" => {
+                let svc: Service =
+                    serde_json::from_str(text).map_err(|e| (1, format!("invalid Service: {e}")))?;
+                self.services.push(svc);
+                Ok(())
+            }
+            "EndpointSlice" => {
+                let slice: EndpointSlice = serde_json::from_str(text)
+                    .map_err(|e| (1, format!("invalid EndpointSlice: {e}")))?;
+                self.slices.push(slice);
+                Ok(())
+            }
+            other => Err((
+                1,
+                format!("unsupported kind {other:?}: expected Service or EndpointSlice"),
+            )),
+        }
     }
 
     fn add(&mut self, value: serde_json::Value, doc: usize) -> Result<(), (usize, String)> {
@@ -299,6 +339,23 @@ spec: {clusterIP: None, ports: [{port: 80}]}
         let text = OBJECTS.replace("conditions: {ready: true}", "conditions: {}");
         let specs = Objects::parse(&text).unwrap().service_specs();
         assert_eq!(specs[0].backends[0].state, BackendState::Active);
+    }
+
+    #[test]
+    fn a_json_list_is_read_item_by_item() {
+        let text = r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"},
+             "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "a-1", "labels": {"kubernetes.io/service-name": "a"}},
+             "addressType": "IPv4", "ports": [{"port": 8080}],
+             "endpoints": [{"addresses": ["10.244.0.9"]}]}]}"#;
+        let specs = Objects::parse(text).unwrap().service_specs();
+        assert_eq!(specs[0].backends[0].to_string(), "10.244.0.9:8080 (active)");
+        let bad = text.replace(r#""ports": [{"port": 8080}]"#, r#""ports": 7"#);
+        let err = Objects::parse(&bad).unwrap_err();
+        assert!(err.1.contains("invalid EndpointSlice"), "{}", err.1);
+        assert!(Objects::parse(r#"{"kind": "Pod"}"#).is_err());
     }
 
     #[test]

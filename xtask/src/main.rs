@@ -60,11 +60,14 @@ enum LabAction {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// ClusterIP load balancing through the eBPF datapath.
+    /// ClusterIP load balancing: the eBPF and the iptables datapath against direct pod access.
     Lb {
         /// Where to write the results [default: target/bench/lb.json in the workspace].
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
+        /// iptables backend of the iptables datapath: auto (detected), nft or legacy.
+        #[arg(long, default_value = "auto")]
+        iptables_backend: String,
     },
 }
 
@@ -116,7 +119,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => test(&root, &args),
         Cmd::Lab { action } => lab(&root, action),
         Cmd::Bench { bench } => match bench {
-            Bench::Lb { json } => bench_lb(&root, json),
+            Bench::Lb {
+                json,
+                iptables_backend,
+            } => bench_lb(&root, json, &iptables_backend),
         },
     }
 }
@@ -408,7 +414,7 @@ fn lab(root: &Path, action: LabAction) -> Result<()> {
     )
 }
 
-fn bench_lb(root: &Path, json: Option<PathBuf>) -> Result<()> {
+fn bench_lb(root: &Path, json: Option<PathBuf>, iptables_backend: &str) -> Result<()> {
     // A path given on the command line is relative to where the user is, the default to the workspace.
     let json = match json {
         Some(p) if p.is_relative() => env::current_dir()
@@ -427,7 +433,8 @@ fn bench_lb(root: &Path, json: Option<PathBuf>) -> Result<()> {
         Command::new(target_dir(root).join("release/seine-bench"))
             .arg("lb")
             .arg("--json")
-            .arg(&json),
+            .arg(&json)
+            .args(["--iptables-backend", iptables_backend]),
     )
 }
 

@@ -1,10 +1,11 @@
 //! seine-bench: the benchmarks behind `cargo xtask bench`. Each compares against a baseline measured
 //! in the same run, prints a table and writes JSON.
 //!
-//! `lb`: short TCP connections per second and kept-alive request latency through a service VIP
-//! versus directly to the backend pod, with 1 and with 10,000 services installed (the probe uses the
-//! last service inserted); the time to program 10,000 services x 10 backends from empty; the time to
-//! change one service while 10,000 are present.
+//! `lb`, for the eBPF and the iptables datapath in the same run: short TCP connections per second and
+//! kept-alive request latency through a service VIP versus directly to the backend pod, with 1, 1,000
+//! and 10,000 services installed (the probe uses the last service inserted); the time to program
+//! 10,000 services x 10 backends from empty; the time to change one service while 10,000 are
+//! present; and the agent's resident memory with 10,000 services of its own.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -21,12 +22,13 @@ use anyhow::{bail, Context, Result};
 use seine::{
     datapath::{
         ebpf::{EbpfDatapath, Owner},
+        iptables::{IptablesBackend, IptablesDatapath},
         Datapath,
     },
     model::{BackendSpec, BackendState, Frontend, Protocol, ServiceSpec},
 };
 use seine_tests::{stats::quantile, KeepAlive, Node};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const PORT: u16 = 8080;
 const ROUNDS: usize = 8;
@@ -44,10 +46,27 @@ fn main() -> ExitCode {
                 .and_then(|i| args.get(i + 1))
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("target/bench/lb.json"));
-            lb(&json)
+            let value = |flag: &str| {
+                args.iter()
+                    .position(|a| a == flag)
+                    .and_then(|i| args.get(i + 1))
+                    .cloned()
+            };
+            let backend = match value("--iptables-backend").as_deref() {
+                None | Some("auto") => None,
+                Some("nft") => Some(IptablesBackend::Nft),
+                Some("legacy") => Some(IptablesBackend::Legacy),
+                Some(other) => {
+                    eprintln!(
+                        "seine-bench: --iptables-backend {other}: expected auto, nft or legacy"
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            lb(&json, backend)
         }
         _ => {
-            eprintln!("usage: seine-bench lb [--json PATH]");
+            eprintln!("usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]");
             return ExitCode::from(2);
         }
     };
@@ -60,6 +79,21 @@ fn main() -> ExitCode {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Ebpf,
+    Iptables,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Default)]
 struct PathFigures {
     conn_rate: f64,
@@ -67,143 +101,152 @@ struct PathFigures {
     p99_us: f64,
 }
 
-fn lb(json_path: &PathBuf) -> Result<()> {
-    println!("bench lb: building the topology (node, client pod, backend pod)");
-    let mut node = Node::create("bn")?;
-    node.add_pod("client", Ipv4Addr::new(10, 244, 0, 2))?;
-    node.add_pod("backend", Ipv4Addr::new(10, 244, 0, 11))?;
-    node.pod_mut("backend").serve(PORT)?;
-    node.start_agent(&[])?;
-    let mut dp = EbpfDatapath::open(&node.bpffs_dir, Owner::Cli)?;
-    let backend_ip = node.pod("backend").ip;
-    let direct: SocketAddr = (backend_ip, PORT).into();
-    let real_backend = BackendSpec {
-        ip: backend_ip.into(),
-        port: PORT,
-        state: BackendState::Active,
+struct ModeFigures {
+    /// (services, direct, vip)
+    sizes: Vec<(u32, PathFigures, PathFigures)>,
+    program_seconds: f64,
+    update_median: f64,
+    update_p99: f64,
+    update_samples: usize,
+    agent_rss_bytes: u64,
+}
+
+impl ModeFigures {
+    fn at(&self, n: u32) -> (PathFigures, PathFigures) {
+        self.sizes
+            .iter()
+            .find(|(s, _, _)| *s == n)
+            .map(|(_, d, v)| (*d, *v))
+            .unwrap_or_default()
+    }
+}
+
+fn lb(json_path: &PathBuf, iptables_backend: Option<IptablesBackend>) -> Result<()> {
+    let iptables_backend = match iptables_backend {
+        Some(b) => b,
+        None => IptablesBackend::detect()?,
     };
+    let ebpf = bench_mode(Mode::Ebpf, iptables_backend)?;
+    let iptables = bench_mode(Mode::Iptables, iptables_backend)?;
 
-    // 1 service.
-    let one = ServiceSpec {
-        frontend: frontend(Ipv4Addr::new(10, 96, 0, 1)),
-        backends: vec![real_backend],
-        affinity_timeout_secs: None,
-    };
-    dp.upsert(&one)?;
-    println!("bench lb: 1 service: measuring direct and VIP");
-    let (direct_1, vip_1) = measure_pair(&node, direct, sock(one.frontend))?;
-    dp.delete(&one.frontend)?;
-
-    // 10,000 services x 10 backends, from empty.
-    let mut specs: Vec<ServiceSpec> = (0..10_000u32)
-        .map(|i| ServiceSpec {
-            frontend: frontend(Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8)),
-            backends: (0..10u32)
-                .map(|j| BackendSpec {
-                    ip: Ipv4Addr::from(0x0af4_0000u32 + (i * 10 + j) % 60_000 + 256).into(),
-                    port: PORT,
-                    state: BackendState::Active,
-                })
-                .collect(),
-            affinity_timeout_secs: None,
-        })
-        .collect();
-    println!("bench lb: programming 10,000 services x 10 backends from empty");
-    let start = Instant::now();
-    let report = dp.apply(&specs);
-    let program_seconds = start.elapsed().as_secs_f64();
-    if !report.failed.is_empty() || report.created != 10_000 {
-        bail!(
-            "programming failed: {} created, first error: {:?}",
-            report.created,
-            report.failed.first().map(|e| e.to_string())
-        );
-    }
-
-    // One change with 10,000 present: the last service flips between two backend sets.
-    println!("bench lb: changing one service with 10,000 present (101 times)");
-    let last = specs.last().cloned().context("no services")?;
-    let mut alternate = last.clone();
-    alternate.backends.truncate(9);
-    let mut update_samples = Vec::new();
-    for i in 0..101 {
-        let spec = if i % 2 == 0 { &alternate } else { &last };
-        let start = Instant::now();
-        dp.upsert(spec)?;
-        update_samples.push(start.elapsed().as_secs_f64());
-    }
-    let update_median = quantile(&mut update_samples, 0.5);
-    let update_p99 = quantile(&mut update_samples, 0.99);
-    // The same change through a full desired-state apply (the diff the agent runs).
-    if let Some(spec) = specs.last_mut() {
-        spec.backends = vec![real_backend];
-    }
-    let start = Instant::now();
-    let report = dp.apply(&specs);
-    let apply_one_change_seconds = start.elapsed().as_secs_f64();
-    if report.updated != 1 || !report.failed.is_empty() {
-        bail!("the diff updated {} services (expected 1)", report.updated);
-    }
-
-    println!("bench lb: 10,000 services: measuring direct and VIP to the last one inserted");
-    let last_vip = sock(last.frontend);
-    let (direct_10k, vip_10k) = measure_pair(&node, direct, last_vip)?;
-
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let (e1d, e1v) = ebpf.at(1);
+    let (e10d, e10v) = ebpf.at(10_000);
+    let (_, i10v) = iptables.at(10_000);
     let summary = json!({
-        "vip_over_direct_conn_rate_1": vip_1.conn_rate / direct_1.conn_rate,
-        "vip_over_direct_conn_rate_10000": vip_10k.conn_rate / direct_10k.conn_rate,
-        "program_10000x10_seconds": program_seconds,
-        "update_one_with_10000_seconds": update_median,
+        "vip_over_direct_conn_rate_1": ratio(e1v.conn_rate, e1d.conn_rate),
+        "vip_over_direct_conn_rate_10000": ratio(e10v.conn_rate, e10d.conn_rate),
+        "program_10000x10_seconds": ebpf.program_seconds,
+        "update_one_with_10000_seconds": ebpf.update_median,
+        "ebpf_over_iptables_conn_rate_10000": ratio(e10v.conn_rate, i10v.conn_rate),
+        "ebpf_conn_rate_10000_over_1": ratio(e10v.conn_rate, e1v.conn_rate),
+        "iptables_over_ebpf_program_time_10000x10": ratio(iptables.program_seconds, ebpf.program_seconds),
+        "agent_rss_bytes_10000": ebpf.agent_rss_bytes,
+        "iptables_agent_rss_bytes_10000": iptables.agent_rss_bytes,
     });
     let figures = |f: PathFigures| json!({"conn_per_second": f.conn_rate, "latency_p50_us": f.p50_us, "latency_p99_us": f.p99_us});
+    let mode_json = |m: &ModeFigures| -> Value {
+        let sizes: serde_json::Map<String, Value> = m
+            .sizes
+            .iter()
+            .map(|(n, d, v)| {
+                (
+                    format!("services_{n}"),
+                    json!({"direct": figures(*d), "vip": figures(*v)}),
+                )
+            })
+            .collect();
+        json!({
+            "sizes": sizes,
+            "program_10000x10_seconds": m.program_seconds,
+            "update_one_with_10000_seconds": {"median": m.update_median, "p99": m.update_p99,
+                                              "samples": m.update_samples},
+            "agent_rss_bytes_10000": m.agent_rss_bytes,
+        })
+    };
     let report = json!({
         "bench": "lb",
-        "datapath": "ebpf",
         "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
                     "kernel": seine_tests::sh("uname", &["-r"]).unwrap_or_default().trim()},
+        "iptables_backend": iptables_backend.name(),
         "method": {"client_threads": CLIENT_THREADS, "rounds": ROUNDS, "round_seconds": ROUND.as_secs_f64(),
                    "latency_samples": LATENCY_SAMPLES,
-                   "note": "direct and VIP alternate within each round set; rates are medians of the rounds"},
-        "services_1": {"direct": figures(direct_1), "vip": figures(vip_1)},
-        "services_10000": {"direct": figures(direct_10k), "vip": figures(vip_10k)},
-        "program_10000x10_seconds": program_seconds,
-        "update_one_with_10000_seconds": {"median": update_median, "p99": update_p99, "samples": 101},
-        "apply_full_state_with_one_change_seconds": apply_one_change_seconds,
+                   "note": "direct and VIP alternate round by round; rates are medians of the rounds; \
+                            programming and update times are the datapath library's; RSS is the agent's \
+                            with 10,000 services x 10 backends from its services file"},
+        "ebpf": mode_json(&ebpf),
+        "iptables": mode_json(&iptables),
         "summary": summary,
     });
 
     println!();
     println!(
-        "{:<10} {:<7} {:>12} {:>10} {:>10} {:>14}",
-        "SERVICES", "PATH", "CONN/S", "P50(us)", "P99(us)", "VIP/DIRECT"
+        "{:<9} {:>8} {:<7} {:>9} {:>9} {:>9} {:>11} {:>13}",
+        "MODE", "SERVICES", "PATH", "CONN/S", "P50(us)", "P99(us)", "VS DIRECT", "EBPF/IPTABLES"
     );
-    for (n, d, v) in [("1", direct_1, vip_1), ("10000", direct_10k, vip_10k)] {
-        println!(
-            "{:<10} {:<7} {:>12.0} {:>10.1} {:>10.1} {:>14}",
-            n, "direct", d.conn_rate, d.p50_us, d.p99_us, ""
-        );
-        println!(
-            "{:<10} {:<7} {:>12.0} {:>10.1} {:>10.1} {:>14.3}",
-            n,
-            "vip",
-            v.conn_rate,
-            v.p50_us,
-            v.p99_us,
-            v.conn_rate / d.conn_rate
-        );
+    for m in [(Mode::Ebpf, &ebpf), (Mode::Iptables, &iptables)] {
+        for (n, d, v) in &m.1.sizes {
+            println!(
+                "{:<9} {:>8} {:<7} {:>9.0} {:>9.1} {:>9.1} {:>11} {:>13}",
+                m.0.name(),
+                n,
+                "direct",
+                d.conn_rate,
+                d.p50_us,
+                d.p99_us,
+                "",
+                ""
+            );
+            let versus = if m.0 == Mode::Ebpf {
+                format!("{:.2}", ratio(v.conn_rate, iptables.at(*n).1.conn_rate))
+            } else {
+                String::new()
+            };
+            println!(
+                "{:<9} {:>8} {:<7} {:>9.0} {:>9.1} {:>9.1} {:>11.3} {:>13}",
+                m.0.name(),
+                n,
+                "vip",
+                v.conn_rate,
+                v.p50_us,
+                v.p99_us,
+                ratio(v.conn_rate, d.conn_rate),
+                versus
+            );
+        }
     }
     println!();
     println!(
-        "program 10,000 services x 10 backends from empty: {program_seconds:.3} s (target < 1 s)"
+        "{:<44} {:>12} {:>12} {:>14}",
+        "", "EBPF", "IPTABLES", "IPTABLES/EBPF"
     );
     println!(
-        "change one service with 10,000 present: median {:.1} us, p99 {:.1} us (target < 1 ms)",
-        update_median * 1e6,
-        update_p99 * 1e6
+        "{:<44} {:>12.3} {:>12.3} {:>14.1}",
+        "program 10,000 services x 10 backends (s)",
+        ebpf.program_seconds,
+        iptables.program_seconds,
+        ratio(iptables.program_seconds, ebpf.program_seconds)
     );
     println!(
-        "same change through a full desired-state diff: {:.2} ms",
-        apply_one_change_seconds * 1e3
+        "{:<44} {:>12.6} {:>12.6} {:>14.1}",
+        "change one service with 10,000 present (s)",
+        ebpf.update_median,
+        iptables.update_median,
+        ratio(iptables.update_median, ebpf.update_median)
+    );
+    println!(
+        "{:<44} {:>12.1} {:>12.1} {:>14.2}",
+        "agent RSS with 10,000 services (MiB)",
+        ebpf.agent_rss_bytes as f64 / 1048576.0,
+        iptables.agent_rss_bytes as f64 / 1048576.0,
+        ratio(iptables.agent_rss_bytes as f64, ebpf.agent_rss_bytes as f64)
+    );
+    println!(
+        "\neBPF conn rate at 10,000 services / at 1: {:.3}; eBPF / iptables at 10,000: {:.2} (target >= 3); \
+         iptables / eBPF programming: {:.1} (target >= 10)",
+        ratio(e10v.conn_rate, e1v.conn_rate),
+        ratio(e10v.conn_rate, i10v.conn_rate),
+        ratio(iptables.program_seconds, ebpf.program_seconds)
     );
 
     if let Some(dir) = json_path.parent() {
@@ -212,10 +255,155 @@ fn lb(json_path: &PathBuf) -> Result<()> {
     std::fs::write(json_path, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
     println!("\nwrote {}", json_path.display());
-    // Remove the services before the node goes, so the bench leaves nothing behind.
-    drop(dp);
-    node.stop_agent()?;
     Ok(())
+}
+
+/// `count` services of 10 unreachable backends each at 10.97.0.0/16, then the probe: one more
+/// service, at `probe_ip`, whose only backend is the real one.
+fn services(count: u32, probe_ip: Ipv4Addr, real: BackendSpec) -> Vec<ServiceSpec> {
+    let mut specs: Vec<ServiceSpec> = (0..count)
+        .map(|i| ServiceSpec {
+            frontend: frontend(Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8)),
+            backends: (0..10u32)
+                .map(|j| BackendSpec {
+                    ip: Ipv4Addr::from(0x0af4_0100u32 + (i * 10 + j) % 60_000).into(),
+                    port: PORT,
+                    state: BackendState::Active,
+                })
+                .collect(),
+            affinity_timeout_secs: None,
+        })
+        .collect();
+    specs.push(ServiceSpec {
+        frontend: frontend(probe_ip),
+        backends: vec![real],
+        affinity_timeout_secs: None,
+    });
+    specs
+}
+
+fn bench_mode(mode: Mode, iptables_backend: IptablesBackend) -> Result<ModeFigures> {
+    let name = mode.name();
+    println!("bench lb [{name}]: building the topology (node, client pod, backend pod)");
+    let mut node = Node::create("bn")?;
+    node.add_pod("client", Ipv4Addr::new(10, 244, 0, 2))?;
+    node.add_pod("backend", Ipv4Addr::new(10, 244, 0, 11))?;
+    node.pod_mut("backend").serve(PORT)?;
+    // iptables programs the namespace of the thread that runs it: this one.
+    seine_tests::enter(&node.ns.path())?;
+    let mut dp: Box<dyn Datapath> = match mode {
+        Mode::Ebpf => {
+            // The agent loads and attaches the programs; the library programs the maps beside it.
+            node.start_agent(&["--datapath", name])?;
+            Box::new(EbpfDatapath::open(&node.bpffs_dir, Owner::Cli)?)
+        }
+        // No agent yet: its resyncs would remove chains the library writes.
+        Mode::Iptables => Box::new(IptablesDatapath::new(iptables_backend)),
+    };
+    let backend_ip = node.pod("backend").ip;
+    let direct: SocketAddr = (backend_ip, PORT).into();
+    let real = BackendSpec {
+        ip: backend_ip.into(),
+        port: PORT,
+        state: BackendState::Active,
+    };
+    // Above every other VIP, so that in iptables' services chain the probe comes last.
+    let probe_ip = Ipv4Addr::new(10, 99, 0, 1);
+    let probe: SocketAddr = (probe_ip, 80).into();
+
+    let mut sizes = Vec::new();
+    for n in [1, 1_000] {
+        apply(dp.as_mut(), &services(n - 1, probe_ip, real))?;
+        println!("bench lb [{name}]: {n} service(s): measuring direct and VIP");
+        let (d, v) = measure_pair(&node, direct, probe)?;
+        sizes.push((n, d, v));
+    }
+
+    println!("bench lb [{name}]: programming 10,000 services x 10 backends from empty");
+    apply(dp.as_mut(), &[])?;
+    let mut specs = services(9_999, probe_ip, real);
+    let probe_real = specs.last().cloned().context("no services")?;
+    if let Some(last) = specs.last_mut() {
+        // Ten backends like every other service; the changes below make the real one the only one.
+        last.backends = services(1, probe_ip, real)[0].backends.clone();
+    }
+    let probe_ten = specs.last().cloned().context("no services")?;
+    let start = Instant::now();
+    apply(dp.as_mut(), &specs)?;
+    let program_seconds = start.elapsed().as_secs_f64();
+
+    // An odd count, so the last change leaves the probe on the real backend.
+    let reps = if mode == Mode::Ebpf { 101 } else { 7 };
+    println!("bench lb [{name}]: changing one service with 10,000 present ({reps} times)");
+    let mut samples = Vec::new();
+    for i in 0..reps {
+        let spec = if i % 2 == 0 { &probe_real } else { &probe_ten };
+        let start = Instant::now();
+        dp.upsert(spec)?;
+        samples.push(start.elapsed().as_secs_f64());
+    }
+    let update_median = quantile(&mut samples, 0.5);
+    let update_p99 = quantile(&mut samples, 0.99);
+
+    println!(
+        "bench lb [{name}]: 10,000 services: measuring direct and VIP to the last one inserted"
+    );
+    let (d, v) = measure_pair(&node, direct, probe)?;
+    sizes.push((10_000, d, v));
+    drop(dp);
+
+    println!("bench lb [{name}]: the agent programming 10,000 services x 10 backends of its own");
+    // The agent's own set, at other VIPs: with eBPF the library's entries stay beside it.
+    let agent_specs: Vec<ServiceSpec> = services(9_999, probe_ip, real)
+        .into_iter()
+        .map(|mut s| {
+            if let std::net::IpAddr::V4(ip) = s.frontend.ip {
+                let o = ip.octets();
+                s.frontend.ip = Ipv4Addr::new(10, 98, o[2], o[3]).into();
+            }
+            s
+        })
+        .collect();
+    if mode == Mode::Iptables {
+        node.start_agent(&[
+            "--datapath",
+            name,
+            "--iptables-backend",
+            iptables_backend.name(),
+        ])?;
+    }
+    node.replace_services(agent_specs)?;
+    let pid = node.agent.as_ref().map(|a| a.pid()).context("no agent")?;
+    let agent_rss_bytes = rss_bytes(pid)?;
+    node.stop_agent()?;
+
+    Ok(ModeFigures {
+        sizes,
+        program_seconds,
+        update_median,
+        update_p99,
+        update_samples: reps,
+        agent_rss_bytes,
+    })
+}
+
+fn apply(dp: &mut dyn Datapath, specs: &[ServiceSpec]) -> Result<()> {
+    let report = dp.apply(specs);
+    if let Some(e) = report.failed.first() {
+        bail!("programming {} services failed: {e}", specs.len());
+    }
+    Ok(())
+}
+
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kib * 1024)
 }
 
 fn frontend(ip: Ipv4Addr) -> Frontend {
@@ -224,10 +412,6 @@ fn frontend(ip: Ipv4Addr) -> Frontend {
         port: 80,
         protocol: Protocol::Tcp,
     }
-}
-
-fn sock(f: Frontend) -> SocketAddr {
-    SocketAddr::new(f.ip, f.port)
 }
 
 /// Direct and VIP, alternating round by round so that drift of a shared machine hits both alike.
@@ -259,8 +443,6 @@ fn conn_rate(node: &Node, addr: SocketAddr) -> Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    let first_at = Arc::new(std::sync::Mutex::new(None::<Duration>));
-    let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let path = node.pod("client").ns.path();
     let threads: Vec<_> = (0..CLIENT_THREADS)
@@ -268,16 +450,12 @@ fn conn_rate(node: &Node, addr: SocketAddr) -> Result<f64> {
             let (done, failed, stop, path) =
                 (done.clone(), failed.clone(), stop.clone(), path.clone());
             let first_error = first_error.clone();
-            let first_at2 = first_at.clone();
             std::thread::spawn(move || -> Result<()> {
                 seine_tests::enter(&path)?;
                 while !stop.load(Ordering::Relaxed) {
                     match short_connection(addr) {
                         Ok(_) => done.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
-                            if let Ok(mut at) = first_at2.lock() {
-                                at.get_or_insert(t0.elapsed());
-                            }
                             if let Ok(mut first) = first_error.lock() {
                                 first.get_or_insert_with(|| format!("{e:#}"));
                             }
@@ -304,10 +482,7 @@ fn conn_rate(node: &Node, addr: SocketAddr) -> Result<f64> {
             .ok()
             .and_then(|f| f.clone())
             .unwrap_or_default();
-        eprintln!(
-            "bench lb: {failed} connections to {addr} failed, the first with: {first} (at {:?})",
-            first_at.lock().ok().and_then(|f| *f)
-        );
+        bail!("{failed} connections to {addr} failed, the first with: {first}");
     }
     Ok(done.load(Ordering::SeqCst) as f64 / elapsed)
 }

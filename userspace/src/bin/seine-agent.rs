@@ -331,6 +331,9 @@ fn apply(
         .syncs
         .get_or_create(&vec![("result".into(), result.into())])
         .inc();
+    // Parsing a large services file leaves freed memory behind; hand it back to the system.
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe { libc::malloc_trim(0) };
     info!(
         created = report.created,
         updated = report.updated,
