@@ -7,14 +7,26 @@ use std::{
     thread,
 };
 
-/// Serves HTTP/1.1 (keep-alive) on `listener`, one thread per connection, until the listener fails.
+/// Threads that accept and serve HTTP connections. A fixed pool, each thread serving the connection
+/// it accepted, avoids a thread spawn per connection, which would dominate short-connection
+/// benchmarks; it is large enough for the kept-alive connections the tests hold open at once.
+const HTTP_WORKERS: usize = 32;
+
+/// Serves HTTP/1.1 (keep-alive) on `listener` until the listener fails.
 pub fn serve_http(listener: TcpListener, name: String) {
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let name = name.clone();
-        thread::spawn(move || {
-            let _ = http_connection(stream, &name);
-        });
+    let workers: Vec<_> = (0..HTTP_WORKERS)
+        .filter_map(|_| {
+            let listener = listener.try_clone().ok()?;
+            let name = name.clone();
+            Some(thread::spawn(move || {
+                while let Ok((stream, _)) = listener.accept() {
+                    let _ = http_connection(stream, &name);
+                }
+            }))
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.join();
     }
 }
 

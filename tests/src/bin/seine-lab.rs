@@ -116,6 +116,7 @@ fn up() -> Result<()> {
          \x20 {seinectl} --bpffs-dir {bpffs} bpf lb list      # the service map\n\
          \x20 {seinectl} --bpffs-dir {bpffs} bpf ct list      # conntrack after those requests\n\
          \x20 {seinectl} --bpffs-dir {bpffs} bpf stats\n\
+         \x20 {seinectl} --bpffs-dir {bpffs} status             # eBPF, or iptables after a fallback\n\
          \x20 $EDITOR {STATE_DIR}/services.yaml                  # drop an endpoint; the agent applies it\n\
          \x20 ip netns exec {PREFIX}-node curl -s 127.0.0.1:9962/metrics | grep ^seine_\n\
          \x20 tail -f {agent_log}                                # the agent's log\n\
@@ -180,6 +181,7 @@ fn down(verbose: bool) -> Result<()> {
     }
     if let Some(dir) = state["bpffs_dir"].as_str() {
         let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_file(seine::bpf::status_path(Path::new(dir)));
     }
     std::fs::remove_dir_all(STATE_DIR).with_context(|| format!("removing {STATE_DIR}"))?;
     if verbose {
