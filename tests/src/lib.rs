@@ -485,7 +485,33 @@ impl Node {
         (pids, namespaces)
     }
 
-    fn attach_prefix(&self) -> String {
+    /// `seine-agent --cleanup` for this node, run in its namespace.
+    pub fn cleanup_agent(&self) -> Result<String> {
+        let agent = bin("seine-agent")?;
+        let dir = self.bpffs_dir.display().to_string();
+        self.ns.exec(
+            &agent.display().to_string(),
+            &[
+                "--cleanup",
+                "--bpffs-dir",
+                &dir,
+                "--attach-prefix",
+                &self.attach_prefix(),
+            ],
+        )
+    }
+
+    /// One of the eBPF datapath's counters (`seinectl bpf stats`), by name.
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let stats = self.seinectl_json(&["bpf", "stats"])?;
+        stats
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == name))
+            .and_then(|r| r["value"].as_u64())
+            .with_context(|| format!("no counter {name} in {stats}"))
+    }
+
+    pub fn attach_prefix(&self) -> String {
         format!("lxc{}", &self.prefix[..self.prefix.len().min(8)])
     }
 

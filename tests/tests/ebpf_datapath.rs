@@ -116,14 +116,7 @@ fn seinectl_shows_what_was_programmed() {
         Some("10.244.0.2")
     );
 
-    let stats = node.seinectl_json(&["bpf", "stats"]).unwrap();
-    let translated = stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "translated")
-        .unwrap();
-    assert!(translated["value"].as_u64().unwrap() > 0);
+    assert!(node.counter("translated").unwrap() > 0);
 
     node.seinectl_ok(&["service", "delete", "--frontend", "10.96.1.1:80/tcp"])
         .unwrap();
@@ -397,15 +390,8 @@ fn service_updates_under_load_never_expose_a_half_written_backend_set() {
         0,
         "connections failed during {flips} updates"
     );
-    let stats = node.seinectl_json(&["bpf", "stats"]).unwrap();
     for name in ["drop_backend_missing", "no_backend"] {
-        let row = stats
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == name)
-            .unwrap();
-        assert_eq!(row["value"], 0, "{name}");
+        assert_eq!(node.counter(name).unwrap(), 0, "{name}");
     }
     // Both banks were used, and the slots of the idle one were not left growing.
     let lb = node.seinectl_json(&["bpf", "lb", "list"]).unwrap();
@@ -443,14 +429,7 @@ fn a_direct_connection_from_a_port_used_through_a_service_gets_its_own_replies()
     let (through_vip, direct) = result.expect("both connections from port 40000");
     assert!(through_vip.ends_with("backend-1\n"), "{through_vip}");
     assert!(direct.ends_with("backend-1\n"), "{direct}");
-    let stats = node.seinectl_json(&["bpf", "stats"]).unwrap();
-    let reused = stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "ct_tuple_reused")
-        .unwrap();
-    assert_eq!(reused["value"], 1);
+    assert_eq!(node.counter("ct_tuple_reused").unwrap(), 1);
 }
 
 #[test]
@@ -463,19 +442,7 @@ fn agent_cleanup_removes_its_filters_and_pins() {
         .unwrap();
     assert!(filters.contains("seine_from_pod"), "{filters}");
     node.stop_agent().unwrap();
-    let prefix = format!("lxc{}", &node.prefix[..node.prefix.len().min(8)]);
-    node.ns
-        .exec(
-            seine_tests::bin("seine-agent").unwrap().to_str().unwrap(),
-            &[
-                "--cleanup",
-                "--bpffs-dir",
-                node.bpffs_dir.to_str().unwrap(),
-                "--attach-prefix",
-                &prefix,
-            ],
-        )
-        .unwrap();
+    node.cleanup_agent().unwrap();
     for dir in ["ingress", "egress"] {
         let filters = node
             .ns
@@ -578,14 +545,7 @@ fn malformed_packets_are_counted_and_leave_the_datapath_working() {
     ];
     send_raw_frames(&node, "client", frames);
 
-    let stats = node.seinectl_json(&["bpf", "stats"]).unwrap();
-    let malformed = stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "malformed")
-        .unwrap();
-    assert_eq!(malformed["value"], 4, "{stats}");
+    assert_eq!(node.counter("malformed").unwrap(), 4);
     assert_eq!(
         node.pod("client").http_get(vip("10.96.7.1:80")).unwrap(),
         "backend-1"

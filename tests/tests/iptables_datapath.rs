@@ -247,19 +247,7 @@ fn switching_modes_and_cleanup_leave_nothing_behind() {
     assert_eq!(node.pod("client").http_get(addr).unwrap(), "backend-1");
     node.stop_agent().unwrap();
 
-    let prefix = format!("lxc{}", &node.prefix[..node.prefix.len().min(8)]);
-    node.ns
-        .exec(
-            seine_tests::bin("seine-agent").unwrap().to_str().unwrap(),
-            &[
-                "--cleanup",
-                "--bpffs-dir",
-                node.bpffs_dir.to_str().unwrap(),
-                "--attach-prefix",
-                &prefix,
-            ],
-        )
-        .unwrap();
+    node.cleanup_agent().unwrap();
     assert!(!filters(&node).contains("seine_"));
     assert!(!Path::new(&node.bpffs_dir).exists());
     for backend in ["nft", "legacy"] {

@@ -90,18 +90,6 @@ fn set(node: &Node, frontend: &str, backends: &[&str], affinity: Option<u32>) {
         .unwrap();
 }
 
-fn counter(node: &Node, name: &str) -> u64 {
-    let stats = node.seinectl_json(&["bpf", "stats"]).unwrap();
-    stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap()["value"]
-        .as_u64()
-        .unwrap()
-}
-
 fn tcp_and_udp_reach_backends_through_the_vip(mode: Mode) {
     let node = ready_node("tu", 3, mode);
     let all = ["backend-1", "backend-2", "backend-3"];
@@ -180,7 +168,7 @@ fn service_without_backends_is_refused_at_once(mode: Mode) {
     assert_eq!(tcp, Err(ErrorKind::ConnectionRefused));
     assert_eq!(udp, Err(ErrorKind::ConnectionRefused));
     if mode == Mode::Ebpf {
-        assert!(counter(&node, "no_backend") >= 2);
+        assert!(node.counter("no_backend").unwrap() >= 2);
     }
 }
 
@@ -484,7 +472,7 @@ fn service_updates_under_load_fail_no_connection(mode: Mode) {
         "connections failed during updates"
     );
     if mode == Mode::Ebpf {
-        assert_eq!(counter(&node, "drop_backend_missing"), 0);
-        assert_eq!(counter(&node, "no_backend"), 0);
+        assert_eq!(node.counter("drop_backend_missing").unwrap(), 0);
+        assert_eq!(node.counter("no_backend").unwrap(), 0);
     }
 }

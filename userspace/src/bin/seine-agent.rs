@@ -345,18 +345,17 @@ fn apply(
     );
 }
 
+/// Attaches to pod interfaces that appeared (or came back with a new index) since the last call.
 fn attach_new(
     ebpf: &mut aya::Ebpf,
-    prefixes: &[String],
+    args: &Args,
     attached: &mut HashMap<String, u32>,
     metrics: &Metrics,
 ) {
-    let current = bpf::interfaces();
+    let current = pod_interfaces(args);
     attached.retain(|name, index| current.iter().any(|(i, n)| n == name && i == index));
     for (index, name) in current {
-        if !prefixes.iter().any(|p| name.starts_with(p.as_str()))
-            || attached.get(&name) == Some(&index)
-        {
+        if attached.get(&name) == Some(&index) {
             continue;
         }
         match bpf::attach(ebpf, &name) {
@@ -370,15 +369,21 @@ fn attach_new(
     metrics.attached.set(attached.len() as i64);
 }
 
+/// The host sides of pod veths in this namespace: the interfaces the datapath attaches to.
+fn pod_interfaces(args: &Args) -> Vec<(u32, String)> {
+    bpf::interfaces()
+        .into_iter()
+        .filter(|(_, name)| {
+            args.attach_prefixes
+                .iter()
+                .any(|p| name.starts_with(p.as_str()))
+        })
+        .collect()
+}
+
 fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
-    for (_, name) in bpf::interfaces() {
-        if args
-            .attach_prefixes
-            .iter()
-            .any(|p| name.starts_with(p.as_str()))
-        {
-            bpf::detach(&name);
-        }
+    for (_, name) in pod_interfaces(args) {
+        bpf::detach(&name);
     }
     bpf::unpin_all(&args.bpffs_dir)?;
     for backend in iptables_backends(args) {
@@ -431,7 +436,7 @@ impl Active {
                 attached,
                 last_gc,
             } => {
-                attach_new(ebpf, &args.attach_prefixes, attached, metrics);
+                attach_new(ebpf, args, attached, metrics);
                 if last_gc.elapsed() > Duration::from_secs(30) {
                     *last_gc = Instant::now();
                     match datapath.collect_garbage() {
@@ -471,15 +476,9 @@ fn start_ebpf(args: &Args) -> anyhow::Result<Active> {
     let datapath = EbpfDatapath::open(&args.bpffs_dir, Owner::Agent)?;
     // Attaching is part of being able to use eBPF: a failure here is a reason to fall back.
     let mut attached = HashMap::new();
-    for (index, name) in bpf::interfaces() {
-        if args
-            .attach_prefixes
-            .iter()
-            .any(|p| name.starts_with(p.as_str()))
-        {
-            bpf::attach(&mut ebpf, &name)?;
-            attached.insert(name, index);
-        }
+    for (index, name) in pod_interfaces(args) {
+        bpf::attach(&mut ebpf, &name)?;
+        attached.insert(name, index);
     }
     // Rules a previous iptables-mode agent left would translate the same traffic twice.
     for backend in iptables_backends(args) {
@@ -503,14 +502,8 @@ fn start_ebpf(args: &Args) -> anyhow::Result<Active> {
 
 fn start_iptables(args: &Args, fallback_reason: Option<String>) -> anyhow::Result<Active> {
     // eBPF filters of an earlier agent would translate the same traffic twice: remove them.
-    for (_, name) in bpf::interfaces() {
-        if args
-            .attach_prefixes
-            .iter()
-            .any(|p| name.starts_with(p.as_str()))
-        {
-            bpf::detach(&name);
-        }
+    for (_, name) in pod_interfaces(args) {
+        bpf::detach(&name);
     }
     if let Err(e) = bpf::unpin_all(&args.bpffs_dir) {
         warn!("removing the pins of an earlier eBPF agent: {e}");
