@@ -5,6 +5,7 @@
 //! Everything is named with a prefix unique to the run and removed on drop (processes by PID,
 //! namespaces, bpffs pins), also when a test fails.
 
+pub mod etcd;
 pub mod objects;
 pub mod stats;
 
