@@ -45,6 +45,11 @@ impl Etcd {
         Ok(etcd)
     }
 
+    /// The client endpoints, as the API server's `--etcd-servers` takes them.
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.client_url.clone()]
+    }
+
     /// Starts (again) on the same data directory and waits until it serves clients.
     pub fn resume(&mut self) -> Result<()> {
         let log = std::env::temp_dir().join(format!("{}.log", self.name));

@@ -28,7 +28,7 @@ fn key(name: &str) -> ObjectKey {
 fn created_objects_read_back_with_the_etcd_revision_as_resource_version() {
     let etcd = Etcd::start().unwrap();
     runtime().block_on(async {
-        let storage = Storage::connect(&[etcd.client_url.clone()]).await.unwrap();
+        let storage = Storage::connect(&etcd.endpoints()).await.unwrap();
         let created = storage
             .create(&key("a"), config_map("a", "1"))
             .await
@@ -67,7 +67,7 @@ fn created_objects_read_back_with_the_etcd_revision_as_resource_version() {
 fn an_update_from_a_stale_resource_version_is_a_conflict_and_changes_nothing() {
     let etcd = Etcd::start().unwrap();
     runtime().block_on(async {
-        let storage = Storage::connect(&[etcd.client_url.clone()]).await.unwrap();
+        let storage = Storage::connect(&etcd.endpoints()).await.unwrap();
         let v1 = storage
             .create(&key("a"), config_map("a", "1"))
             .await
@@ -113,7 +113,7 @@ fn an_update_from_a_stale_resource_version_is_a_conflict_and_changes_nothing() {
 fn lists_page_with_limit_and_continue_in_one_namespace_or_all() {
     let etcd = Etcd::start().unwrap();
     runtime().block_on(async {
-        let storage = Storage::connect(&[etcd.client_url.clone()]).await.unwrap();
+        let storage = Storage::connect(&etcd.endpoints()).await.unwrap();
         for i in 0..5 {
             let name = format!("cm-{i}");
             storage
@@ -155,8 +155,8 @@ fn concurrent_creates_of_one_name_have_exactly_one_winner() {
     let etcd = Etcd::start().unwrap();
     runtime().block_on(async {
         // Two clients, as two API server replicas would have.
-        let a = Storage::connect(&[etcd.client_url.clone()]).await.unwrap();
-        let b = Storage::connect(&[etcd.client_url.clone()]).await.unwrap();
+        let a = Storage::connect(&etcd.endpoints()).await.unwrap();
+        let b = Storage::connect(&etcd.endpoints()).await.unwrap();
         let mut wins = 0;
         for i in 0..50 {
             let name = format!("race-{i}");
@@ -176,9 +176,7 @@ fn concurrent_creates_of_one_name_have_exactly_one_winner() {
 fn an_etcd_outage_is_unavailable_and_loses_nothing_acknowledged() {
     let mut etcd = Etcd::start().unwrap();
     let rt = runtime();
-    let storage = rt
-        .block_on(Storage::connect(&[etcd.client_url.clone()]))
-        .unwrap();
+    let storage = rt.block_on(Storage::connect(&etcd.endpoints())).unwrap();
     rt.block_on(storage.create(&key("kept"), config_map("kept", "1")))
         .unwrap();
 
