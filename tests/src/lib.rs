@@ -5,6 +5,7 @@
 //! Everything is named with a prefix unique to the run and removed on drop (processes by PID,
 //! namespaces, bpffs pins), also when a test fails.
 
+pub mod apiserver;
 pub mod etcd;
 pub mod objects;
 pub mod stats;
@@ -695,7 +696,17 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.agent.take();
+        // Failing tests put the logs into their messages; nothing needs the files afterwards.
+        let mut logs = vec![std::env::temp_dir().join(format!("{}-agent.log", self.prefix))];
+        logs.extend(
+            self.pods
+                .iter()
+                .flat_map(|p| p.workloads.iter().map(|w| w.log.clone())),
+        );
         self.pods.clear();
+        for log in logs {
+            let _ = std::fs::remove_file(log);
+        }
         let _ = std::fs::remove_dir_all(&self.bpffs_dir);
         let _ = std::fs::remove_file(&self.services_file);
         let _ = std::fs::remove_file(seine::bpf::status_path(&self.bpffs_dir));

@@ -1,0 +1,215 @@
+//! seine-apiserver: the Kubernetes API on etcd, over HTTPS, with kube-apiserver's flag names.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use rand::Rng as _;
+use seine_controlplane::{
+    api::{self, auth::TokenAuthenticator, auth::User, tls, ApiState},
+    storage::Storage,
+};
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "seine-apiserver",
+    version,
+    about = "A Kubernetes-compatible API server on etcd"
+)]
+struct Args {
+    /// etcd client URLs, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    etcd_servers: Vec<String>,
+    #[arg(long, default_value = "0.0.0.0")]
+    bind_address: IpAddr,
+    #[arg(long, default_value_t = 6443)]
+    secure_port: u16,
+    /// Bearer tokens: token,user,uid[,"group1,group2"] per line.
+    #[arg(long)]
+    token_auth_file: Option<PathBuf>,
+    /// Serving certificate; without it one is generated under --cert-dir.
+    #[arg(long, requires = "tls_private_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert_file")]
+    tls_private_key_file: Option<PathBuf>,
+    /// Where generated certificates and the admin token are kept.
+    #[arg(long, default_value = "/var/lib/seine/apiserver")]
+    cert_dir: PathBuf,
+    /// Write an admin kubeconfig for this server here.
+    #[arg(long)]
+    write_kubeconfig: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("seine-apiserver: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("seine-apiserver: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let mut tokens = TokenAuthenticator::default();
+    if let Some(path) = &args.token_auth_file {
+        tokens.load(path).map_err(anyhow::Error::msg)?;
+    }
+    std::fs::create_dir_all(&args.cert_dir)
+        .with_context(|| format!("creating {}", args.cert_dir.display()))?;
+    let admin_token = admin_token(&args.cert_dir)?;
+    tokens.add(
+        &admin_token,
+        User {
+            name: "admin".into(),
+            uid: "admin".into(),
+            groups: vec!["system:masters".into()],
+        },
+    );
+
+    let files = match (&args.tls_cert_file, &args.tls_private_key_file) {
+        (Some(cert), Some(key)) => tls::ServingFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: None,
+        },
+        _ => {
+            let mut addresses = vec![IpAddr::from([127, 0, 0, 1])];
+            if !args.bind_address.is_unspecified() {
+                addresses.push(args.bind_address);
+            }
+            tls::ensure_generated(&args.cert_dir, &addresses)?
+        }
+    };
+    let tls_config = tls::server_config(&files.cert, &files.key)?;
+
+    let storage = Storage::connect(&args.etcd_servers)
+        .await
+        .context("connecting to etcd")?;
+    // Retried until etcd answers: the server starts before etcd is reachable, as kube-apiserver does.
+    loop {
+        match api::bootstrap(&storage).await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!("creating the system namespaces: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    let listen = std::net::SocketAddr::new(args.bind_address, args.secure_port);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let local = listener.local_addr()?;
+    if let Some(path) = &args.write_kubeconfig {
+        let host = if args.bind_address.is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            args.bind_address
+        };
+        let server = format!("https://{}", std::net::SocketAddr::new(host, local.port()));
+        let config = tls::kubeconfig(&server, files.ca.as_deref(), &admin_token)?;
+        std::fs::write(path, config).with_context(|| format!("writing {}", path.display()))?;
+        info!(path = %path.display(), "admin kubeconfig written");
+    }
+    info!(address = %local, "serving the Kubernetes API over HTTPS");
+
+    let state = Arc::new(ApiState { storage, tokens });
+    let app = api::router(state);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    warn!("accept: {e}");
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let stream = match acceptor.accept(stream).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, "TLS handshake: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, "connection: {e}");
+            }
+        });
+    }
+    info!("stopping");
+    Ok(())
+}
+
+/// The admin's bearer token, generated once and kept (0600) so restarts keep kubeconfigs valid.
+fn admin_token(dir: &std::path::Path) -> Result<String> {
+    let path = dir.join("admin.token");
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        let token = token.trim().to_string();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let bytes: [u8; 24] = rand::rng().random();
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(token.as_bytes())?;
+    Ok(token)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        }
+        Err(_) => std::future::pending::<()>().await,
+    }
+}

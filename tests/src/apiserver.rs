@@ -1,0 +1,160 @@
+//! A real seine-apiserver for tests: on a free loopback port, over an `Etcd`, with its own cert
+//! directory and admin kubeconfig; stopped by PID and cleaned up on drop. `kubectl` and `curl` talk
+//! to it as a user would.
+
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{bin, etcd::Etcd, unique_prefix, wait_until, Process};
+
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    pub kubeconfig: PathBuf,
+    pub cert_dir: PathBuf,
+    process: Option<Process>,
+}
+
+impl ApiServer {
+    pub fn start(etcd: &Etcd) -> Result<Self> {
+        let name = unique_prefix("apiserver");
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let cert_dir = std::env::temp_dir().join(format!("{name}.pki"));
+        let kubeconfig = std::env::temp_dir().join(format!("{name}.kubeconfig"));
+        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let child = Command::new(bin("seine-apiserver")?)
+            .args(["--etcd-servers", &etcd.endpoints().join(",")])
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--secure-port",
+                &port.to_string(),
+            ])
+            .arg("--cert-dir")
+            .arg(&cert_dir)
+            .arg("--write-kubeconfig")
+            .arg(&kubeconfig)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .context("starting seine-apiserver")?;
+        let process = Process {
+            child,
+            name: "seine-apiserver".into(),
+            log,
+        };
+        let ready = wait_until(Duration::from_secs(30), || {
+            kubeconfig.exists()
+                && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
+        if ready.is_err() {
+            bail!("seine-apiserver did not start:\n{}", process.log_text());
+        }
+        Ok(ApiServer {
+            addr,
+            kubeconfig,
+            cert_dir,
+            process: Some(process),
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        self.process
+            .as_ref()
+            .map(Process::log_text)
+            .unwrap_or_default()
+    }
+
+    /// Runs kubectl against this server; returns its output, failing or not.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .context("running kubectl")
+    }
+
+    /// kubectl that must succeed; returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn admin_token(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(self.cert_dir.join("admin.token"))?
+            .trim()
+            .to_string())
+    }
+
+    /// One HTTPS request with curl (trusting the server's CA); returns (status, headers, body).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, String, String)> {
+        let url = format!("https://{}{path}", self.addr);
+        let ca = self.cert_dir.join("ca.crt");
+        let mut cmd = Command::new("curl");
+        // HTTP/1.1, so that a refused large body is refused before it is sent (100-continue).
+        cmd.args(["-sS", "--http1.1", "-D", "-", "-X", method, "--cacert"])
+            .arg(&ca)
+            .args(["-H", &format!("Content-Type: {content_type}")]);
+        if let Some(token) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        if body.is_some() {
+            cmd.args(["--data-binary", "@-"]);
+        }
+        cmd.arg(&url).stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = cmd.spawn().context("running curl")?;
+        if let (Some(body), Some(mut stdin)) = (body, child.stdin.take()) {
+            use std::io::Write as _;
+            stdin.write_all(body)?;
+        }
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut rest = text.as_str();
+        // Interim responses (100 Continue) come first, each with its own header block.
+        while rest.starts_with("HTTP/1.1 1") {
+            rest = rest.split_once("\r\n\r\n").map_or("", |(_, r)| r);
+        }
+        let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no HTTP status from curl: {text:?}"))?;
+        Ok((status, head.to_string(), body.to_string()))
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(process) = self.process.take() {
+            let log = process.log.clone();
+            drop(process);
+            let _ = std::fs::remove_file(log);
+        }
+        let _ = std::fs::remove_dir_all(&self.cert_dir);
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}

@@ -1,0 +1,314 @@
+//! seine-apiserver against a real etcd, driven by kubectl and curl: discovery, the system
+//! namespaces, create/get/list/delete with label selectors and paging, authentication, optimistic
+//! concurrency, Kubernetes-style errors for bad input, and an etcd outage.
+
+use seine_tests::{apiserver::ApiServer, etcd::Etcd};
+use serde_json::{json, Value};
+
+const CONFIG_MAP: &str = r#"{"apiVersion": "v1", "kind": "ConfigMap",
+  "metadata": {"name": "web", "labels": {"app": "web"}}, "data": {"color": "blue"}}"#;
+
+fn write_manifest(server: &ApiServer, name: &str, text: &str) -> String {
+    let path = server.cert_dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn json_of(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn kubectl_sees_the_system_namespaces_and_manages_objects() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+
+    let namespaces = server
+        .kubectl_ok(&["get", "namespaces", "-o", "name"])
+        .unwrap();
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(
+            namespaces.contains(&format!("namespace/{ns}")),
+            "{namespaces}"
+        );
+    }
+    assert!(server
+        .kubectl_ok(&["api-resources"])
+        .unwrap()
+        .contains("endpointslices"));
+
+    // kubectl's client-side OpenAPI validation needs /openapi, which is not served yet.
+    let manifest = write_manifest(&server, "cm.json", CONFIG_MAP);
+    let created = server
+        .kubectl_ok(&["create", "--validate=false", "-f", &manifest])
+        .unwrap();
+    assert!(created.contains("configmap/web created"), "{created}");
+    let object = json_of(
+        &server
+            .kubectl_ok(&["get", "configmap", "web", "-o", "json"])
+            .unwrap(),
+    );
+    assert_eq!(object["data"]["color"], "blue");
+    assert_eq!(object["metadata"]["namespace"], "default");
+    assert!(object["metadata"]["uid"].as_str().unwrap().len() == 36);
+    let rv: i64 = object["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rv > 0);
+
+    let selected = server
+        .kubectl_ok(&["get", "configmaps", "-l", "app=web", "-o", "name"])
+        .unwrap();
+    assert_eq!(selected.trim(), "configmap/web");
+    let none = server
+        .kubectl_ok(&["get", "configmaps", "-l", "app=db", "-o", "name"])
+        .unwrap();
+    assert!(none.trim().is_empty(), "{none}");
+
+    let deleted = server.kubectl_ok(&["delete", "configmap", "web"]).unwrap();
+    assert!(deleted.contains("deleted"), "{deleted}");
+    let gone = server.kubectl(&["get", "configmap", "web"]).unwrap();
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
+}
+
+#[test]
+fn anonymous_requests_are_unauthorized_except_health_and_version() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let (status, _, body) = server
+        .request("GET", "/api/v1/namespaces", None, "application/json", None)
+        .unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(json_of(&body)["reason"], "Unauthorized");
+    let (status, _, _) = server
+        .request(
+            "GET",
+            "/api/v1/namespaces",
+            Some("wrong-token"),
+            "application/json",
+            None,
+        )
+        .unwrap();
+    assert_eq!(status, 401);
+    for path in ["/healthz", "/livez", "/readyz", "/version"] {
+        let (status, _, _) = server
+            .request("GET", path, None, "application/json", None)
+            .unwrap();
+        assert_eq!(status, 200, "{path}");
+    }
+}
+
+#[test]
+fn bad_input_gets_kubernetes_status_errors_and_changes_nothing() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let token = server.admin_token().unwrap();
+    let post = |path: &str, content_type: &str, body: &[u8]| {
+        server
+            .request("POST", path, Some(&token), content_type, Some(body))
+            .unwrap()
+    };
+    let cms = "/api/v1/namespaces/default/configmaps";
+
+    let (status, _, body) = post(cms, "application/json", b"{not json");
+    assert_eq!(
+        (status, json_of(&body)["reason"].clone()),
+        (400, json!("BadRequest"))
+    );
+
+    let bad_name = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"Not_Valid"}}"#;
+    let (status, _, body) = post(cms, "application/json", bad_name.as_bytes());
+    let status_body = json_of(&body);
+    assert_eq!(status, 422);
+    assert_eq!(status_body["reason"], "Invalid");
+    assert_eq!(
+        status_body["details"]["causes"][0]["field"],
+        "metadata.name"
+    );
+
+    let wrong_kind = r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"a"}}"#;
+    assert_eq!(post(cms, "application/json", wrong_kind.as_bytes()).0, 400);
+    let other_ns = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"a","namespace":"kube-system"}}"#;
+    assert_eq!(post(cms, "application/json", other_ns.as_bytes()).0, 400);
+    let missing_ns = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"a"}}"#;
+    assert_eq!(
+        post(
+            "/api/v1/namespaces/nope/configmaps",
+            "application/json",
+            missing_ns.as_bytes()
+        )
+        .0,
+        404
+    );
+
+    let huge = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"big"}},"data":{{"x":"{}"}}}}"#,
+        "a".repeat(4 * 1024 * 1024)
+    );
+    assert_eq!(post(cms, "application/json", huge.as_bytes()).0, 413);
+    assert_eq!(
+        post(cms, "application/vnd.kubernetes.protobuf", b"k8s\0").0,
+        415
+    );
+    let (status, _, _) = server
+        .request(
+            "GET",
+            "/api/v1/widgets",
+            Some(&token),
+            "application/json",
+            None,
+        )
+        .unwrap();
+    assert_eq!(status, 404);
+
+    let list = server
+        .kubectl_ok(&["get", "configmaps", "-o", "name"])
+        .unwrap();
+    assert!(list.trim().is_empty(), "bad requests left objects: {list}");
+}
+
+#[test]
+fn updates_from_a_stale_resource_version_conflict_and_lists_page() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let token = server.admin_token().unwrap();
+    let cms = "/api/v1/namespaces/default/configmaps";
+    for i in 0..5 {
+        let body =
+            format!(r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"cm-{i}"}}}}"#);
+        let (status, _, _) = server
+            .request(
+                "POST",
+                cms,
+                Some(&token),
+                "application/json",
+                Some(body.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(status, 201);
+    }
+    let (_, _, body) = server
+        .request(
+            "GET",
+            &format!("{cms}/cm-0"),
+            Some(&token),
+            "application/json",
+            None,
+        )
+        .unwrap();
+    let mut object = json_of(&body);
+    object["data"] = json!({"v": "1"});
+    let path = format!("{cms}/cm-0");
+    let (status, _, _) = server
+        .request(
+            "PUT",
+            &path,
+            Some(&token),
+            "application/json",
+            Some(object.to_string().as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(status, 200);
+    // The same resourceVersion again is stale now.
+    object["data"] = json!({"v": "2"});
+    let (status, _, body) = server
+        .request(
+            "PUT",
+            &path,
+            Some(&token),
+            "application/json",
+            Some(object.to_string().as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(status, 409);
+    assert_eq!(json_of(&body)["reason"], "Conflict");
+    let (_, _, body) = server
+        .request("GET", &path, Some(&token), "application/json", None)
+        .unwrap();
+    assert_eq!(json_of(&body)["data"]["v"], "1");
+
+    let mut names = Vec::new();
+    let mut next = String::new();
+    loop {
+        let query = if next.is_empty() {
+            "?limit=2".to_string()
+        } else {
+            format!("?limit=2&continue={next}")
+        };
+        let (status, _, body) = server
+            .request(
+                "GET",
+                &format!("{cms}{query}"),
+                Some(&token),
+                "application/json",
+                None,
+            )
+            .unwrap();
+        assert_eq!(status, 200);
+        let page = json_of(&body);
+        assert_eq!(page["kind"], "ConfigMapList");
+        names.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["metadata"]["name"].as_str().unwrap().to_string()),
+        );
+        match page["metadata"]["continue"].as_str() {
+            Some(token) => next = token.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["cm-0", "cm-1", "cm-2", "cm-3", "cm-4"]);
+}
+
+#[test]
+fn an_etcd_outage_gives_503_and_the_server_recovers_without_a_restart() {
+    let mut etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let token = server.admin_token().unwrap();
+    let manifest = write_manifest(&server, "cm.json", CONFIG_MAP);
+    server
+        .kubectl_ok(&["create", "--validate=false", "-f", &manifest])
+        .unwrap();
+
+    etcd.pause().unwrap();
+    let (status, head, body) = server
+        .request(
+            "GET",
+            "/api/v1/namespaces/default/configmaps/web",
+            Some(&token),
+            "application/json",
+            None,
+        )
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    assert_ne!(
+        server
+            .request("GET", "/readyz", None, "application/json", None)
+            .unwrap()
+            .0,
+        200
+    );
+
+    etcd.resume().unwrap();
+    seine_tests::wait_until(std::time::Duration::from_secs(30), || {
+        server
+            .request("GET", "/readyz", None, "application/json", None)
+            .is_ok_and(|r| r.0 == 200)
+    })
+    .unwrap();
+    let object = json_of(
+        &server
+            .kubectl_ok(&["get", "configmap", "web", "-o", "json"])
+            .unwrap(),
+    );
+    assert_eq!(object["data"]["color"], "blue", "{}", server.log_text());
+}
