@@ -142,8 +142,26 @@ fn setup() -> Result<()> {
     setup_rust()?;
     setup_bpf_linker()?;
     setup_bpffs()?;
+    check_kubectl()?;
     println!("setup: done");
     Ok(())
+}
+
+/// kubectl drives the API server tests. No registry reachable here packages it; the machine image
+/// ships it at /usr/bin/kubectl, so setup only checks and says what is missing.
+fn check_kubectl() -> Result<()> {
+    let version = Command::new("kubectl")
+        .args(["version", "--client", "-o", "yaml"])
+        .output();
+    match version {
+        Ok(out) if out.status.success() => {
+            println!("setup: kubectl ... ok (already installed)");
+            Ok(())
+        }
+        _ => bail!(
+            "kubectl is not installed: the API server tests need a kubectl client (v1.32 or near) on PATH"
+        ),
+    }
 }
 
 fn ensure_root() -> Result<()> {
