@@ -99,6 +99,34 @@ fn anonymous_requests_are_unauthorized_except_health_and_version() {
             .unwrap();
         assert_eq!(status, 200, "{path}");
     }
+    // Metrics need credentials, and count requests by verb, resource and code.
+    assert_eq!(
+        server
+            .request("GET", "/metrics", None, "application/json", None)
+            .unwrap()
+            .0,
+        401
+    );
+    let token = server.admin_token().unwrap();
+    server.kubectl_ok(&["get", "namespaces"]).unwrap();
+    let (status, _, metrics) = server
+        .request("GET", "/metrics", Some(&token), "application/json", None)
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .contains(r#"apiserver_request_total{verb="LIST",resource="namespaces",code="200"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"apiserver_request_total{verb="LIST",resource="namespaces",code="401"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("apiserver_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -311,4 +339,64 @@ fn an_etcd_outage_gives_503_and_the_server_recovers_without_a_restart() {
             .unwrap(),
     );
     assert_eq!(object["data"]["color"], "blue", "{}", server.log_text());
+}
+
+#[test]
+fn kubectl_patch_applies_merge_and_json_patches() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let manifest = write_manifest(&server, "cm.json", CONFIG_MAP);
+    server
+        .kubectl_ok(&["create", "--validate=false", "-f", &manifest])
+        .unwrap();
+
+    server
+        .kubectl_ok(&[
+            "patch",
+            "configmap",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"color":"green","size":"L"}}"#,
+        ])
+        .unwrap();
+    server
+        .kubectl_ok(&[
+            "patch",
+            "configmap",
+            "web",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/data/size"}]"#,
+        ])
+        .unwrap();
+    let object = json_of(
+        &server
+            .kubectl_ok(&["get", "configmap", "web", "-o", "json"])
+            .unwrap(),
+    );
+    assert_eq!(object["data"], json!({"color": "green"}));
+    assert_eq!(object["metadata"]["name"], "web");
+
+    // A failing JSON patch changes nothing.
+    let failed = server
+        .kubectl(&[
+            "patch",
+            "configmap",
+            "web",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/data/nope"}]"#,
+        ])
+        .unwrap();
+    assert!(!failed.status.success());
+    let after = json_of(
+        &server
+            .kubectl_ok(&["get", "configmap", "web", "-o", "json"])
+            .unwrap(),
+    );
+    assert_eq!(
+        after["metadata"]["resourceVersion"],
+        object["metadata"]["resourceVersion"]
+    );
 }

@@ -2,6 +2,8 @@
 //! delete for the served resources, with errors as `Status` objects.
 
 pub mod auth;
+pub mod metrics;
+pub mod patch;
 pub mod resources;
 pub mod status;
 pub mod tls;
@@ -30,6 +32,7 @@ pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 pub struct ApiState {
     pub storage: Storage,
     pub tokens: auth::TokenAuthenticator,
+    pub metrics: Arc<metrics::RequestMetrics>,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -40,8 +43,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/version", get(version))
         .route("/api", get(api_versions))
         .route("/apis", get(api_groups))
+        .route("/metrics", get(render_metrics))
         .fallback(dispatch)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            metrics::record,
+        ))
         .with_state(state)
 }
 
@@ -74,6 +82,17 @@ async fn authenticate(
     } else {
         ApiError::unauthorized().into_response()
     }
+}
+
+async fn render_metrics(State(state): State<Arc<ApiState>>) -> Response {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
@@ -200,13 +219,15 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         name: name.map(str::to_string),
     };
     let query = uri.query().unwrap_or("").to_string();
-    // JSON only: clients that sent protobuf or CBOR retry with JSON on a 415.
-    if let Some(content_type) = request
+    let media = request
         .headers()
         .get("content-type")
         .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
+        .unwrap_or_default();
+    // JSON only: protobuf, CBOR and YAML (server-side apply) bodies are refused.
     {
-        let media = content_type.split(';').next().unwrap_or("").trim();
+        let media = media.as_str();
         if !(media == "application/json" || media.ends_with("+json") || media.is_empty()) {
             return ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -243,6 +264,7 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         (Method::GET, true) => get_one(&state, &target).await,
         (Method::POST, false) => create(&state, &target, &body).await,
         (Method::PUT, true) => update(&state, &target, &body).await,
+        (Method::PATCH, true) => patch_one(&state, &target, &media, &body).await,
         (Method::DELETE, true) => delete(&state, &target).await,
         _ => Err(ApiError::method_not_allowed()),
     };
@@ -405,6 +427,73 @@ async fn update(state: &ApiState, target: &Target, body: &Bytes) -> ApiResult {
     }
     let updated = state.storage.update(&key, object, expected).await?;
     Ok((StatusCode::OK, updated))
+}
+
+async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &Bytes) -> ApiResult {
+    let name = target.name.as_deref().unwrap_or_default();
+    let patch: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+    let key = object_key(target, name);
+    // Without a resourceVersion in the patch, a concurrent write is retried on, as Kubernetes does.
+    let precondition = patch["metadata"]["resourceVersion"]
+        .as_str()
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))
+        })
+        .transpose()?;
+    for _ in 0..5 {
+        let current = state.storage.get(&key).await?;
+        let mut object = current.clone();
+        match media {
+            "application/merge-patch+json" => patch::merge_patch(&mut object, &patch),
+            "application/json-patch+json" => patch::json_patch(&mut object, &patch)
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e))?,
+            "application/strategic-merge-patch+json" => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    "strategic merge patch is not supported yet: use a merge patch \
+                     (kubectl patch --type=merge) or a JSON patch (--type=json)",
+                ))
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    format!("unsupported patch type {other:?}"),
+                ))
+            }
+        }
+        // What the server owns stays as it was.
+        for field in ["name", "namespace", "uid", "creationTimestamp"] {
+            match (
+                current["metadata"].get(field),
+                object["metadata"].as_object_mut(),
+            ) {
+                (Some(v), Some(meta)) => {
+                    meta.insert(field.into(), v.clone());
+                }
+                (None, Some(meta)) => {
+                    meta.remove(field);
+                }
+                (_, None) => object["metadata"] = current["metadata"].clone(),
+            }
+        }
+        object["kind"] = current["kind"].clone();
+        object["apiVersion"] = current["apiVersion"].clone();
+        let expected = precondition.unwrap_or_else(|| resource_version(&current));
+        match state.storage.update(&key, object, Some(expected)).await {
+            Ok(updated) => return Ok((StatusCode::OK, updated)),
+            Err(StorageError::Conflict { .. }) if precondition.is_none() => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StorageError::Conflict {
+        resource: target.resource.plural.to_string(),
+        name: name.to_string(),
+    }
+    .into())
 }
 
 async fn delete(state: &ApiState, target: &Target) -> ApiResult {

@@ -140,7 +140,11 @@ async fn run(args: Args) -> Result<()> {
     }
     info!(address = %local, "serving the Kubernetes API over HTTPS");
 
-    let state = Arc::new(ApiState { storage, tokens });
+    let state = Arc::new(ApiState {
+        storage,
+        tokens,
+        metrics: Arc::default(),
+    });
     let app = api::router(state);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     let mut shutdown = std::pin::pin!(shutdown_signal());

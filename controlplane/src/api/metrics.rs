@@ -1,0 +1,147 @@
+//! Request metrics under kube-apiserver's names: `apiserver_request_total{verb,resource,code}` and
+//! `apiserver_request_duration_seconds{verb,resource}`.
+
+use std::time::Instant;
+
+use axum::{
+    extract::{Request, State},
+    http::Method,
+    middleware::Next,
+    response::Response,
+};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+type Labels = Vec<(String, String)>;
+
+pub struct RequestMetrics {
+    registry: Registry,
+    total: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram>,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let total = Family::<Labels, Counter>::default();
+        let duration = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0])
+        });
+        registry.register(
+            "apiserver_request",
+            "Counter of apiserver requests broken out for each verb, resource and HTTP response code",
+            total.clone(),
+        );
+        registry.register(
+            "apiserver_request_duration_seconds",
+            "Response latency distribution in seconds for each verb and resource",
+            duration.clone(),
+        );
+        RequestMetrics {
+            registry,
+            total,
+            duration,
+        }
+    }
+}
+
+impl RequestMetrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        match encode(&mut out, &self.registry) {
+            Ok(()) => out,
+            Err(e) => format!("# encoding failed: {e}\n"),
+        }
+    }
+}
+
+/// The Kubernetes verb and resource of a request, from its method and path.
+fn classify(method: &Method, path: &str, query: &str) -> (String, String) {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest: &[&str] = match segments.as_slice() {
+        ["api", _, rest @ ..] => rest,
+        ["apis", _, _, rest @ ..] => rest,
+        _ => return (method.as_str().to_ascii_uppercase(), String::new()),
+    };
+    let (resource, named) = match rest {
+        ["namespaces", _, resource, ..] => (*resource, rest.len() >= 4),
+        [resource, name @ ..] => (*resource, !name.is_empty()),
+        [] => ("", false),
+    };
+    let watch = query
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1");
+    let verb = match (method.as_str(), named) {
+        ("GET", true) => "GET",
+        ("GET", false) if watch => "WATCH",
+        ("GET", false) => "LIST",
+        ("POST", _) => "POST",
+        ("PUT", _) => "PUT",
+        ("PATCH", _) => "PATCH",
+        ("DELETE", true) => "DELETE",
+        ("DELETE", false) => "DELETECOLLECTION",
+        (other, _) => other,
+    };
+    (verb.to_string(), resource.to_string())
+}
+
+pub async fn record(
+    State(metrics): State<std::sync::Arc<RequestMetrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (verb, resource) = classify(
+        request.method(),
+        request.uri().path(),
+        request.uri().query().unwrap_or(""),
+    );
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let code = response.status().as_u16().to_string();
+    metrics
+        .total
+        .get_or_create(&vec![
+            ("verb".into(), verb.clone()),
+            ("resource".into(), resource.clone()),
+            ("code".into(), code),
+        ])
+        .inc();
+    metrics
+        .duration
+        .get_or_create(&vec![("verb".into(), verb), ("resource".into(), resource)])
+        .observe(start.elapsed().as_secs_f64());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_classified_as_kubernetes_verbs() {
+        let get = Method::GET;
+        assert_eq!(
+            classify(&get, "/api/v1/namespaces/default/pods/a", ""),
+            ("GET".into(), "pods".into())
+        );
+        assert_eq!(
+            classify(&get, "/api/v1/namespaces/default/pods", ""),
+            ("LIST".into(), "pods".into())
+        );
+        assert_eq!(
+            classify(&get, "/api/v1/pods", "watch=true"),
+            ("WATCH".into(), "pods".into())
+        );
+        assert_eq!(
+            classify(&get, "/api/v1/namespaces/kube-system", ""),
+            ("GET".into(), "namespaces".into())
+        );
+        assert_eq!(
+            classify(&Method::DELETE, "/apis/batch/v1/namespaces/a/jobs", ""),
+            ("DELETECOLLECTION".into(), "jobs".into())
+        );
+    }
+}
