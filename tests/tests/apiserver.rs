@@ -400,3 +400,57 @@ fn kubectl_patch_applies_merge_and_json_patches() {
         object["metadata"]["resourceVersion"]
     );
 }
+
+#[test]
+fn field_selectors_and_deletecollection_pick_their_objects() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let token = server.admin_token().unwrap();
+    let cms = "/api/v1/namespaces/default/configmaps";
+    for (name, app) in [("a", "web"), ("b", "web"), ("c", "db")] {
+        let body = format!(
+            r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"{name}","labels":{{"app":"{app}"}}}}}}"#
+        );
+        let created = server
+            .request(
+                "POST",
+                cms,
+                Some(&token),
+                "application/json",
+                Some(body.as_bytes()),
+            )
+            .unwrap();
+        assert_eq!(created.0, 201);
+    }
+    let by_name = server
+        .kubectl_ok(&[
+            "get",
+            "configmaps",
+            "--field-selector",
+            "metadata.name=b",
+            "-o",
+            "name",
+        ])
+        .unwrap();
+    assert_eq!(by_name.trim(), "configmap/b");
+    let unsupported = server
+        .kubectl(&["get", "configmaps", "--field-selector", "spec.nope=1"])
+        .unwrap();
+    assert!(!unsupported.status.success());
+
+    let (status, _, body) = server
+        .request(
+            "DELETE",
+            &format!("{cms}?labelSelector=app%3Dweb"),
+            Some(&token),
+            "application/json",
+            None,
+        )
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(json_of(&body)["items"].as_array().unwrap().len(), 2);
+    let left = server
+        .kubectl_ok(&["get", "configmaps", "-o", "name"])
+        .unwrap();
+    assert_eq!(left.trim(), "configmap/c");
+}

@@ -266,6 +266,7 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         (Method::PUT, true) => update(&state, &target, &body).await,
         (Method::PATCH, true) => patch_one(&state, &target, &media, &body).await,
         (Method::DELETE, true) => delete(&state, &target).await,
+        (Method::DELETE, false) => delete_collection(&state, &target, &query).await,
         _ => Err(ApiError::method_not_allowed()),
     };
     match result {
@@ -308,18 +309,13 @@ async fn list(state: &ApiState, target: &Target, query: &str) -> ApiResult {
         Some((_, token)) if !token.is_empty() => Some(decode_continue(token)?),
         _ => None,
     };
-    let selector = params
-        .iter()
-        .find(|(k, _)| k == "labelSelector")
-        .map(|(_, v)| parse_label_selector(v))
-        .transpose()?
-        .unwrap_or_default();
+    let selector = Selector::from_params(&params)?;
     let prefix = list_prefix(target.resource.storage_name(), target.namespace.as_deref());
     let page = state.storage.list(&prefix, limit, after.as_deref()).await?;
     let items: Vec<Value> = page
         .items
         .into_iter()
-        .filter(|o| selector.iter().all(|req| req.matches(o)))
+        .filter(|o| selector.matches(o))
         .collect();
     let mut metadata = json!({"resourceVersion": page.revision.to_string()});
     if let Some(key) = page.continue_after {
@@ -496,6 +492,35 @@ async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &Bytes)
     .into())
 }
 
+/// Deletes every object of the collection that the selectors match; returns them as a list.
+async fn delete_collection(state: &ApiState, target: &Target, query: &str) -> ApiResult {
+    let selector = Selector::from_params(&parse_query(query))?;
+    let prefix = list_prefix(target.resource.storage_name(), target.namespace.as_deref());
+    let page = state.storage.list(&prefix, 0, None).await?;
+    let mut deleted = Vec::new();
+    for object in page.items.into_iter().filter(|o| selector.matches(o)) {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let namespace = object["metadata"]["namespace"].as_str();
+        let key = ObjectKey::new(target.resource.storage_name(), namespace, name);
+        match state
+            .storage
+            .delete(&key, Some(resource_version(&object)))
+            .await
+        {
+            Ok(gone) => deleted.push(gone),
+            // Deleted or changed meanwhile: not this request's to delete.
+            Err(StorageError::NotFound { .. } | StorageError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((
+        StatusCode::OK,
+        json!({"kind": format!("{}List", target.resource.kind),
+               "apiVersion": target.resource.api_version(),
+               "metadata": {}, "items": deleted}),
+    ))
+}
+
 async fn delete(state: &ApiState, target: &Target) -> ApiResult {
     let name = target.name.as_deref().unwrap_or_default();
     let deleted = state
@@ -625,6 +650,62 @@ fn decode_continue(token: &str) -> Result<String, ApiError> {
         .and_then(|b| String::from_utf8(b).ok())
         .filter(|k| k.starts_with("/registry/"))
         .ok_or_else(|| ApiError::bad_request("invalid continue token"))
+}
+
+/// The label and field selectors of a list or deletecollection request.
+#[derive(Default)]
+struct Selector {
+    labels: Vec<LabelRequirement>,
+    /// (field path, value, negated): only the fields every resource supports.
+    fields: Vec<(&'static str, String, bool)>,
+}
+
+impl Selector {
+    fn from_params(params: &[(String, String)]) -> Result<Self, ApiError> {
+        let mut selector = Selector::default();
+        for (key, value) in params {
+            match key.as_str() {
+                "labelSelector" => selector.labels.extend(parse_label_selector(value)?),
+                "fieldSelector" => {
+                    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                        let (field, wanted, negated) = if let Some((f, v)) = part.split_once("!=") {
+                            (f, v, true)
+                        } else if let Some((f, v)) =
+                            part.split_once("==").or_else(|| part.split_once('='))
+                        {
+                            (f, v, false)
+                        } else {
+                            return Err(ApiError::bad_request(format!(
+                                "invalid field selector {part:?}"
+                            )));
+                        };
+                        let field = match field.trim() {
+                            "metadata.name" => "name",
+                            "metadata.namespace" => "namespace",
+                            other => {
+                                return Err(ApiError::bad_request(format!(
+                                    "field label not supported: {other}"
+                                )))
+                            }
+                        };
+                        selector
+                            .fields
+                            .push((field, wanted.trim().to_string(), negated));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(selector)
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.labels.iter().all(|r| r.matches(object))
+            && self.fields.iter().all(|(field, value, negated)| {
+                let actual = object["metadata"][*field].as_str().unwrap_or("");
+                (actual == value) != *negated
+            })
+    }
 }
 
 /// One requirement of an equality-based label selector.
