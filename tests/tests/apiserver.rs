@@ -454,3 +454,40 @@ fn field_selectors_and_deletecollection_pick_their_objects() {
         .unwrap();
     assert_eq!(left.trim(), "configmap/c");
 }
+
+#[test]
+fn kubectl_get_prints_the_server_side_columns() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let namespaces = server.kubectl_ok(&["get", "namespaces"]).unwrap();
+    let header: Vec<&str> = namespaces
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(header, ["NAME", "STATUS", "AGE"], "{namespaces}");
+    assert!(
+        namespaces
+            .lines()
+            .any(|l| l.starts_with("default") && l.contains("Active")),
+        "{namespaces}"
+    );
+
+    let manifest = write_manifest(&server, "cm.json", CONFIG_MAP);
+    server
+        .kubectl_ok(&["create", "--validate=false", "-f", &manifest])
+        .unwrap();
+    let config_maps = server
+        .kubectl_ok(&["get", "configmaps", "--show-labels"])
+        .unwrap();
+    let mut lines = config_maps.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "DATA", "AGE", "LABELS"], "{config_maps}");
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        (row[0], row[1], row[3]),
+        ("web", "1", "app=web"),
+        "{config_maps}"
+    );
+}

@@ -6,6 +6,7 @@ pub mod metrics;
 pub mod patch;
 pub mod resources;
 pub mod status;
+pub mod table;
 pub mod tls;
 
 use std::sync::Arc;
@@ -219,6 +220,11 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         name: name.map(str::to_string),
     };
     let query = uri.query().unwrap_or("").to_string();
+    let as_table = request
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(table::wanted);
     let media = request
         .headers()
         .get("content-type")
@@ -270,6 +276,26 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         _ => Err(ApiError::method_not_allowed()),
     };
     match result {
+        Ok((code, value)) if as_table && method == Method::GET => {
+            let include = parse_query(&query)
+                .into_iter()
+                .find(|(k, _)| k == "includeObject")
+                .map(|(_, v)| v)
+                .unwrap_or_default();
+            let (items, rv) = match value.get("items").and_then(Value::as_array) {
+                Some(items) => (items.clone(), value["metadata"]["resourceVersion"].clone()),
+                None => (
+                    vec![value.clone()],
+                    value["metadata"]["resourceVersion"].clone(),
+                ),
+            };
+            let rv = rv.as_str().unwrap_or_default().to_string();
+            (
+                code,
+                Json(table::render(target.resource.kind, &items, &rv, &include)),
+            )
+                .into_response()
+        }
         Ok((code, value)) => (code, Json(value)).into_response(),
         Err(e) => e.into_response(),
     }
