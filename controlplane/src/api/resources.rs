@@ -96,8 +96,8 @@ impl Resource {
         }
     }
 
-    /// The name in etcd keys: `pods`, or `endpointslices.discovery.k8s.io`-style for groups,
-    /// shortened as Kubernetes does for its own groups (`/registry/jobs/...`).
+    /// The name in etcd keys: the plural, for grouped resources too, as Kubernetes keys its own
+    /// (`/registry/jobs/...`, `/registry/endpointslices/...`).
     pub fn storage_name(&self) -> &'static str {
         self.plural
     }

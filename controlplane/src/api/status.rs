@@ -121,8 +121,3 @@ impl IntoResponse for ApiError {
         response
     }
 }
-
-/// A successful deletion, as Kubernetes reports one when it returns no object.
-pub fn success(details: Value) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details})
-}

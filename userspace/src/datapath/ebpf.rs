@@ -174,10 +174,6 @@ impl EbpfDatapath {
         Ok(stale.len())
     }
 
-    pub fn maps(&self) -> &PinnedMaps {
-        &self.maps
-    }
-
     pub fn service_count(&self) -> usize {
         self.installed.len()
     }
