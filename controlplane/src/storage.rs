@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions, WatchStream,
 };
 use serde_json::Value;
 
@@ -22,6 +23,8 @@ pub enum StorageError {
          please apply your changes to the latest version and try again"
     )]
     Conflict { resource: String, name: String },
+    #[error("already allocated: {}", .0.join(", "))]
+    Claimed(Vec<String>),
     #[error("etcd is unavailable: {0}")]
     Unavailable(String),
     #[error("stored object at {key} is not valid JSON: {message}")]
@@ -96,23 +99,42 @@ impl Storage {
     }
 
     /// Stores a new object; fails if one exists at the key. Returns it with its resourceVersion.
-    pub async fn create(&self, key: &ObjectKey, mut object: Value) -> Result<Value, StorageError> {
+    pub async fn create(&self, key: &ObjectKey, object: Value) -> Result<Value, StorageError> {
+        self.create_with(key, object, &Claims::default()).await
+    }
+
+    /// Stores a new object and, in the same transaction, claims keys that must not exist yet
+    /// (an allocated IP or port) and releases others.
+    pub async fn create_with(
+        &self,
+        key: &ObjectKey,
+        mut object: Value,
+        claims: &Claims,
+    ) -> Result<Value, StorageError> {
         let etcd_key = key.etcd_key();
         strip_resource_version(&mut object);
         let body = object.to_string();
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                etcd_key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then([TxnOp::put(etcd_key.as_str(), body, None)]);
+        let mut guards = vec![Compare::create_revision(
+            etcd_key.as_str(),
+            CompareOp::Equal,
+            0,
+        )];
+        guards.extend(claims.guards());
+        let mut ops = vec![TxnOp::put(etcd_key.as_str(), body, None)];
+        ops.extend(claims.ops());
+        let mut checks = vec![TxnOp::get(etcd_key.as_str(), None)];
+        checks.extend(claims.checks());
+        let txn = Txn::new().when(guards).and_then(ops).or_else(checks);
         let resp = self.client.clone().txn(txn).await.map_err(unavailable)?;
         if !resp.succeeded() {
-            return Err(StorageError::AlreadyExists {
-                resource: key.resource.clone(),
-                name: key.name.clone(),
-            });
+            let found = found_keys(&resp.op_responses());
+            if found.contains(&etcd_key) {
+                return Err(StorageError::AlreadyExists {
+                    resource: key.resource.clone(),
+                    name: key.name.clone(),
+                });
+            }
+            return Err(StorageError::Claimed(found));
         }
         let revision = resp.header().map_or(0, |h| h.revision());
         set_resource_version(&mut object, revision);
@@ -176,23 +198,40 @@ impl Storage {
     pub async fn update(
         &self,
         key: &ObjectKey,
+        object: Value,
+        expected_revision: Option<i64>,
+    ) -> Result<Value, StorageError> {
+        self.update_with(key, object, expected_revision, &Claims::default())
+            .await
+    }
+
+    /// `update`, claiming and releasing keys in the same transaction.
+    pub async fn update_with(
+        &self,
+        key: &ObjectKey,
         mut object: Value,
         expected_revision: Option<i64>,
+        claims: &Claims,
     ) -> Result<Value, StorageError> {
         let etcd_key = key.etcd_key();
         strip_resource_version(&mut object);
         let body = object.to_string();
-        let guard = match expected_revision {
+        let mut guards = vec![match expected_revision {
             Some(rev) => Compare::mod_revision(etcd_key.as_str(), CompareOp::Equal, rev),
             None => Compare::create_revision(etcd_key.as_str(), CompareOp::Greater, 0),
-        };
+        }];
+        guards.extend(claims.guards());
+        let mut ops = vec![TxnOp::put(etcd_key.as_str(), body, None)];
+        ops.extend(claims.ops());
         let txn = Txn::new()
-            .when([guard])
-            .and_then([TxnOp::put(etcd_key.as_str(), body, None)])
+            .when(guards)
+            .and_then(ops)
             .or_else([TxnOp::get(etcd_key.as_str(), None)]);
         let resp = self.client.clone().txn(txn).await.map_err(unavailable)?;
         if !resp.succeeded() {
-            return Err(self.explain_failure(key, &resp.op_responses()));
+            return Err(self
+                .explain_failure(key, expected_revision, &resp, claims)
+                .await);
         }
         let revision = resp.header().map_or(0, |h| h.revision());
         set_resource_version(&mut object, revision);
@@ -205,48 +244,193 @@ impl Storage {
         key: &ObjectKey,
         expected_revision: Option<i64>,
     ) -> Result<Value, StorageError> {
+        self.delete_with(key, expected_revision, &Claims::default())
+            .await
+    }
+
+    /// `delete`, releasing (and claiming) keys in the same transaction.
+    pub async fn delete_with(
+        &self,
+        key: &ObjectKey,
+        expected_revision: Option<i64>,
+        claims: &Claims,
+    ) -> Result<Value, StorageError> {
         let etcd_key = key.etcd_key();
         let current = self.get(key).await?;
         let revision = expected_revision.unwrap_or_else(|| resource_version(&current));
+        let mut guards = vec![Compare::mod_revision(
+            etcd_key.as_str(),
+            CompareOp::Equal,
+            revision,
+        )];
+        guards.extend(claims.guards());
+        let mut ops = vec![TxnOp::delete(etcd_key.as_str(), None)];
+        ops.extend(claims.ops());
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                etcd_key.as_str(),
-                CompareOp::Equal,
-                revision,
-            )])
-            .and_then([TxnOp::delete(etcd_key.as_str(), None)])
+            .when(guards)
+            .and_then(ops)
             .or_else([TxnOp::get(etcd_key.as_str(), None)]);
         let resp = self.client.clone().txn(txn).await.map_err(unavailable)?;
         if !resp.succeeded() {
-            return Err(self.explain_failure(key, &resp.op_responses()));
+            return Err(self
+                .explain_failure(key, Some(revision), &resp, claims)
+                .await);
         }
-        Ok(current)
+        let mut gone = current;
+        set_resource_version(&mut gone, resp.header().map_or(0, |h| h.revision()));
+        Ok(gone)
     }
 
-    fn explain_failure(&self, key: &ObjectKey, responses: &[TxnOpResponse]) -> StorageError {
-        let exists = responses.iter().any(|r| match r {
-            TxnOpResponse::Get(get) => !get.kvs().is_empty(),
-            _ => false,
+    /// Which guard of a failed write did not hold: the object is gone, it changed, or a claimed
+    /// key is taken.
+    async fn explain_failure(
+        &self,
+        key: &ObjectKey,
+        expected_revision: Option<i64>,
+        resp: &etcd_client::TxnResponse,
+        claims: &Claims,
+    ) -> StorageError {
+        let current = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.mod_revision()),
+            _ => None,
         });
-        if exists {
-            StorageError::Conflict {
+        match current {
+            None => StorageError::NotFound {
                 resource: key.resource.clone(),
                 name: key.name.clone(),
-            }
-        } else {
-            StorageError::NotFound {
+            },
+            Some(rev) if expected_revision.is_some_and(|e| e != rev) => StorageError::Conflict {
                 resource: key.resource.clone(),
                 name: key.name.clone(),
+            },
+            Some(_) => {
+                let mut taken = Vec::new();
+                for claim in &claims.claim {
+                    if let Ok(resp) = self.client.clone().get(claim.0.as_str(), None).await {
+                        if !resp.kvs().is_empty() {
+                            taken.push(claim.0.clone());
+                        }
+                    }
+                }
+                if taken.is_empty() {
+                    // Nothing explains it any more: the state moved on; the caller retries.
+                    StorageError::Conflict {
+                        resource: key.resource.clone(),
+                        name: key.name.clone(),
+                    }
+                } else {
+                    StorageError::Claimed(taken)
+                }
             }
         }
     }
+
+    /// Which keys under `prefix` exist (keys only).
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let options = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_keys_only();
+        let resp = self
+            .client
+            .clone()
+            .get(prefix, Some(options))
+            .await
+            .map_err(unavailable)?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect())
+    }
+
+    /// The revision etcd is at now.
+    pub async fn current_revision(&self) -> Result<i64, StorageError> {
+        let resp = self
+            .client
+            .clone()
+            .get("/registry/", Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(unavailable)?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// An etcd watch on every key under `prefix` from `start_revision` (inclusive), with the
+    /// previous value of each changed key and progress notifications.
+    pub async fn watch_prefix(
+        &self,
+        prefix: &str,
+        start_revision: i64,
+    ) -> Result<WatchStream, StorageError> {
+        let options = WatchOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_start_revision(start_revision)
+            .with_prev_key()
+            .with_progress_notify();
+        self.client
+            .clone()
+            .watch(prefix, Some(options))
+            .await
+            .map_err(unavailable)
+    }
+}
+
+/// Keys written with an object in one transaction: claimed keys must not exist and are created
+/// with a value (the owner); released keys are deleted.
+#[derive(Debug, Default, Clone)]
+pub struct Claims {
+    pub claim: Vec<(String, String)>,
+    pub release: Vec<String>,
+}
+
+impl Claims {
+    pub fn is_empty(&self) -> bool {
+        self.claim.is_empty() && self.release.is_empty()
+    }
+
+    fn guards(&self) -> Vec<Compare> {
+        self.claim
+            .iter()
+            .map(|(k, _)| Compare::create_revision(k.as_str(), CompareOp::Equal, 0))
+            .collect()
+    }
+
+    fn ops(&self) -> Vec<TxnOp> {
+        let mut ops: Vec<TxnOp> = self
+            .claim
+            .iter()
+            .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), None))
+            .collect();
+        ops.extend(self.release.iter().map(|k| TxnOp::delete(k.as_str(), None)));
+        ops
+    }
+
+    fn checks(&self) -> Vec<TxnOp> {
+        self.claim
+            .iter()
+            .map(|(k, _)| TxnOp::get(k.as_str(), None))
+            .collect()
+    }
+}
+
+/// The keys that exist among the Get results of a failed transaction.
+fn found_keys(responses: &[TxnOpResponse]) -> Vec<String> {
+    responses
+        .iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.key()).into_owned()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn unavailable(e: etcd_client::Error) -> StorageError {
     StorageError::Unavailable(e.to_string())
 }
 
-fn decode(key: &str, bytes: &[u8], mod_revision: i64) -> Result<Value, StorageError> {
+pub fn decode(key: &str, bytes: &[u8], mod_revision: i64) -> Result<Value, StorageError> {
     let mut object: Value = serde_json::from_slice(bytes).map_err(|e| StorageError::Corrupt {
         key: key.to_string(),
         message: e.to_string(),

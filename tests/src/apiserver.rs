@@ -4,13 +4,16 @@
 
 use std::{
     fs::File,
+    io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
-    process::{Command, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
     time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 use crate::{bin, etcd::Etcd, unique_prefix, wait_until, Process};
 
@@ -23,6 +26,11 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn start(etcd: &Etcd) -> Result<Self> {
+        Self::start_with(etcd, &[])
+    }
+
+    /// Starts with extra flags (`--service-cluster-ip-range ...`, `--watch-cache-size ...`).
+    pub fn start_with(etcd: &Etcd, extra: &[&str]) -> Result<Self> {
         let name = unique_prefix("apiserver");
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -41,6 +49,7 @@ impl ApiServer {
             .arg(&cert_dir)
             .arg("--write-kubeconfig")
             .arg(&kubeconfig)
+            .args(extra)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(File::create(&log)?)
@@ -144,6 +153,122 @@ impl ApiServer {
             .and_then(|s| s.parse().ok())
             .with_context(|| format!("no HTTP status from curl: {text:?}"))?;
         Ok((status, head.to_string(), body.to_string()))
+    }
+}
+
+impl ApiServer {
+    /// A request as the admin with a JSON body; returns the status and the JSON answer.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let token = self.admin_token()?;
+        let body = body.map(Value::to_string);
+        let (status, _, text) = self.request(
+            method,
+            path,
+            Some(&token),
+            content_type,
+            body.as_deref().map(str::as_bytes),
+        )?;
+        let value = serde_json::from_str(&text)
+            .with_context(|| format!("{method} {path}: the answer is not JSON: {text:?}"))?;
+        Ok((status, value))
+    }
+
+    pub fn get(&self, path: &str) -> Result<(u16, Value)> {
+        self.call("GET", path, "application/json", None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        self.call("POST", path, "application/json", Some(body))
+    }
+
+    pub fn put(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        self.call("PUT", path, "application/json", Some(body))
+    }
+
+    pub fn merge_patch(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        self.call("PATCH", path, "application/merge-patch+json", Some(body))
+    }
+
+    pub fn delete(&self, path: &str, options: Option<&Value>) -> Result<(u16, Value)> {
+        self.call("DELETE", path, "application/json", options)
+    }
+
+    /// A watch (`path` carries `?watch=true...`), read line by line as the server streams it.
+    pub fn watch(&self, path: &str) -> Result<Watch> {
+        let url = format!("https://{}{path}", self.addr);
+        let mut child = Command::new("curl")
+            .args(["-sS", "-N", "--cacert"])
+            .arg(self.cert_dir.join("ca.crt"))
+            .args([
+                "-H",
+                &format!("Authorization: Bearer {}", self.admin_token()?),
+            ])
+            .arg(&url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running curl")?;
+        let stdout = child.stdout.take().context("curl's stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Watch { child, rx })
+    }
+}
+
+/// A watch stream being read; the curl behind it is stopped on drop.
+pub struct Watch {
+    child: Child,
+    rx: mpsc::Receiver<Value>,
+}
+
+impl Watch {
+    /// The next event, waiting at most `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<Value> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// The next event that is not a BOOKMARK.
+    pub fn next_change(&self, timeout: Duration) -> Option<Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let event = self.next(left)?;
+            if event["type"] != "BOOKMARK" {
+                return Some(event);
+            }
+        }
+    }
+
+    /// Whether the server ended the stream (nothing more comes after the events already read).
+    pub fn ended(&self, timeout: Duration) -> bool {
+        matches!(
+            self.rx.recv_timeout(timeout),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        )
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

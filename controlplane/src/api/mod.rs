@@ -1,18 +1,22 @@
 //! The Kubernetes REST API over the storage layer: discovery, and get, list, create, update and
 //! delete for the served resources, with errors as `Status` objects.
 
+pub mod alloc;
 pub mod auth;
+pub mod handlers;
 pub mod metrics;
 pub mod patch;
+pub mod query;
 pub mod resources;
 pub mod status;
+pub mod strategy;
 pub mod table;
 pub mod tls;
+pub mod watch;
 
 use std::sync::Arc;
 
 use axum::{
-    body::Bytes,
     extract::{Request, State},
     http::{Method, StatusCode},
     middleware::{self, Next},
@@ -20,11 +24,14 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use rand::Rng as _;
 use serde_json::{json, Value};
 
-use crate::storage::{list_prefix, resource_version, ObjectKey, Storage, StorageError};
-use resources::Resource;
+use crate::{
+    storage::{resource_version, ObjectKey, Storage, StorageError},
+    watch_cache::WatchCaches,
+};
+use handlers::Target;
+use query::{parse_query, Selector};
 use status::ApiError;
 
 /// Kubernetes refuses request bodies larger than this.
@@ -34,6 +41,8 @@ pub struct ApiState {
     pub storage: Storage,
     pub tokens: auth::TokenAuthenticator,
     pub metrics: Arc<metrics::RequestMetrics>,
+    pub watches: WatchCaches,
+    pub ranges: alloc::ServiceRanges,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -54,18 +63,108 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// Namespaces every cluster has; created at start when missing.
-pub async fn bootstrap(storage: &Storage) -> Result<(), StorageError> {
+/// What every cluster has, created at start when missing: the system namespaces, and the
+/// `default/kubernetes` service on the first address of the service range, whose endpoints are
+/// the API servers (each adds its own advertised address).
+pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Result<(), ApiError> {
+    let storage = &state.storage;
     for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let object = json!({"apiVersion": "v1", "kind": "Namespace",
-                            "metadata": {"name": name, "uid": uid(), "creationTimestamp": now()},
+                            "metadata": {"name": name, "uid": handlers::uid(), "creationTimestamp": handlers::now(),
+                                         "labels": {"kubernetes.io/metadata.name": name}},
                             "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
         match storage
             .create(&ObjectKey::new("namespaces", None, name), object)
             .await
         {
             Ok(_) | Err(StorageError::AlreadyExists { .. }) => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let ip = state.ranges.kubernetes_ip().to_string();
+    let labels = json!({"component": "apiserver", "provider": "kubernetes"});
+    let service = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default", "uid": handlers::uid(),
+                     "creationTimestamp": handlers::now(), "labels": labels},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "sessionAffinity": "None",
+                 "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack", "internalTrafficPolicy": "Cluster",
+                 "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": advertise.port()}]},
+        "status": {"loadBalancer": {}}});
+    let key = ObjectKey::new("services", Some("default"), "kubernetes");
+    match alloc::write_service(&state.ranges, storage, &key, None, service, None).await {
+        Ok(_) => {}
+        Err(e) if e.reason == "AlreadyExists" => {}
+        Err(e) => return Err(e),
+    }
+    // This server among the endpoints (Endpoints and an EndpointSlice, as kube-apiserver keeps).
+    let address = advertise.ip().to_string();
+    let port = advertise.port();
+    for _ in 0..5 {
+        let key = ObjectKey::new("endpoints", Some("default"), "kubernetes");
+        let (current, mut endpoints) = match storage.get(&key).await {
+            Ok(e) => (Some(e.clone()), e),
+            Err(StorageError::NotFound { .. }) => (
+                None,
+                json!({"apiVersion": "v1", "kind": "Endpoints",
+                "metadata": {"name": "kubernetes", "namespace": "default", "uid": handlers::uid(),
+                             "creationTimestamp": handlers::now(), "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+                "subsets": []}),
+            ),
+            Err(e) => return Err(e.into()),
+        };
+        let subset = json!({"addresses": [{"ip": address}], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]});
+        let subsets = endpoints["subsets"].as_array().cloned().unwrap_or_default();
+        if subsets.contains(&subset) {
+            break;
+        }
+        let mut subsets = subsets;
+        subsets.push(subset);
+        endpoints["subsets"] = Value::Array(subsets);
+        let written = match &current {
+            None => storage.create(&key, endpoints).await,
+            Some(c) => {
+                storage
+                    .update(&key, endpoints, Some(resource_version(c)))
+                    .await
+            }
+        };
+        match written {
+            Ok(_) => break,
+            Err(StorageError::Conflict { .. } | StorageError::AlreadyExists { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for _ in 0..5 {
+        let key = ObjectKey::new("endpointslices", Some("default"), "kubernetes");
+        let (current, mut slice) = match storage.get(&key).await {
+            Ok(s) => (Some(s.clone()), s),
+            Err(StorageError::NotFound { .. }) => (
+                None,
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "kubernetes", "namespace": "default", "uid": handlers::uid(),
+                             "creationTimestamp": handlers::now(),
+                             "labels": {"kubernetes.io/service-name": "kubernetes",
+                                        "endpointslice.kubernetes.io/managed-by": "endpointslicemirroring-controller.k8s.io"}},
+                "addressType": "IPv4", "endpoints": [],
+                "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}),
+            ),
+            Err(e) => return Err(e.into()),
+        };
+        let endpoint = json!({"addresses": [address], "conditions": {"ready": true}});
+        let mut list = slice["endpoints"].as_array().cloned().unwrap_or_default();
+        if list.iter().any(|e| e["addresses"] == endpoint["addresses"]) {
+            break;
+        }
+        list.push(endpoint);
+        slice["endpoints"] = Value::Array(list);
+        let written = match &current {
+            None => storage.create(&key, slice).await,
+            Some(c) => storage.update(&key, slice, Some(resource_version(c))).await,
+        };
+        match written {
+            Ok(_) => break,
+            Err(StorageError::Conflict { .. } | StorageError::AlreadyExists { .. }) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -138,7 +237,7 @@ fn resource_list(group: &str, version: &str) -> Value {
     let list: Vec<Value> = resources::RESOURCES
         .iter()
         .filter(|r| r.group == group && r.version == version)
-        .map(Resource::discovery)
+        .flat_map(|r| std::iter::once(r.discovery()).chain(r.subresource_discovery()))
         .collect();
     let group_version = if group.is_empty() {
         version.to_string()
@@ -148,18 +247,20 @@ fn resource_list(group: &str, version: &str) -> Value {
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": list})
 }
 
-/// What a resource path names.
-struct Target {
-    resource: &'static Resource,
-    namespace: Option<String>,
-    name: Option<String>,
-}
-
 /// Everything under /api/v1 and /apis/GROUP/VERSION: discovery documents and resource requests.
 async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Response {
     let method = request.method().clone();
     let uri = request.uri().clone();
-    let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    let mut segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    // The deprecated /api/v1/watch/... paths: a watch of what follows.
+    let mut watch_path = false;
+    if segments.len() > 2 && segments[0] == "api" && segments[2] == "watch" {
+        segments.remove(2);
+        watch_path = true;
+    } else if segments.len() > 3 && segments[0] == "apis" && segments[3] == "watch" {
+        segments.remove(3);
+        watch_path = true;
+    }
     let (group, version, rest) = match segments.as_slice() {
         ["api", version, rest @ ..] => ("", *version, rest),
         ["apis", group] if method == Method::GET => {
@@ -189,11 +290,17 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
             ApiError::not_found("the server could not find the requested resource").into_response()
         };
     }
-    let (namespace, plural, name) = match rest {
-        ["namespaces", ns, plural] => (Some(*ns), *plural, None),
-        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
-        [plural] => (None, *plural, None),
-        [plural, name] => (None, *plural, Some(*name)),
+    let (namespace, plural, name, subresource) = match rest {
+        // namespaces/NAME/status and namespaces/NAME/finalize, not resources in a namespace.
+        ["namespaces", name, sub @ ("status" | "finalize")] if group.is_empty() => {
+            (None, "namespaces", Some(*name), Some(*sub))
+        }
+        ["namespaces", ns, plural] => (Some(*ns), *plural, None, None),
+        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name), None),
+        ["namespaces", ns, plural, name, sub] => (Some(*ns), *plural, Some(*name), Some(*sub)),
+        [plural] => (None, *plural, None, None),
+        [plural, name] => (None, *plural, Some(*name), None),
+        [plural, name, sub] => (None, *plural, Some(*name), Some(*sub)),
         _ => {
             return ApiError::not_found("the server could not find the requested resource")
                 .into_response()
@@ -205,6 +312,10 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         ))
         .into_response();
     };
+    if subresource.is_some_and(|s| !resource.subresources.contains(&s)) {
+        return ApiError::not_found("the server could not find the requested resource")
+            .into_response();
+    }
     // A namespaced resource named through its cluster-wide path can only be listed.
     if resource.namespaced && namespace.is_none() && (name.is_some() || method != Method::GET) {
         return ApiError::not_found("the server could not find the requested resource")
@@ -218,6 +329,7 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         resource,
         namespace: namespace.map(str::to_string),
         name: name.map(str::to_string),
+        subresource: subresource.map(str::to_string),
     };
     let query = uri.query().unwrap_or("").to_string();
     let as_table = request
@@ -261,18 +373,51 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
     if announced.is_some_and(|n| n > MAX_BODY_BYTES) {
         return too_large();
     }
+    let params = parse_query(&query);
+    let watching = watch_path
+        || params
+            .iter()
+            .any(|(k, v)| k == "watch" && (v == "true" || v == "1"));
+    if watching && method == Method::GET {
+        let selector = match Selector::from_params(&params, resource.kind) {
+            Ok(s) => s,
+            Err(e) => return e.into_response(),
+        };
+        let selector = match &target.name {
+            Some(name) => selector.with_name(name),
+            None => selector,
+        };
+        let request = watch::WatchRequest {
+            resource,
+            namespace: target.namespace.clone(),
+            selector,
+            params,
+            as_table,
+        };
+        return match watch::serve(state, request).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        };
+    }
     let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
         Ok(body) => body,
         Err(_) => return too_large(),
     };
-    let result = match (method.clone(), target.name.is_some()) {
-        (Method::GET, false) => list(&state, &target, &query).await,
-        (Method::GET, true) => get_one(&state, &target).await,
-        (Method::POST, false) => create(&state, &target, &body).await,
-        (Method::PUT, true) => update(&state, &target, &body).await,
-        (Method::PATCH, true) => patch_one(&state, &target, &media, &body).await,
-        (Method::DELETE, true) => delete(&state, &target).await,
-        (Method::DELETE, false) => delete_collection(&state, &target, &query).await,
+    let named = target.name.is_some();
+    let creates_subresource = named && target.subresource.is_some() && method == Method::POST;
+    let result = match method.clone() {
+        Method::GET if named => handlers::get_one(&state, &target).await,
+        Method::GET => handlers::list(&state, &target, &query).await,
+        Method::POST if !named || creates_subresource => {
+            handlers::create(&state, &target, &body).await
+        }
+        Method::PUT if named => handlers::update(&state, &target, &body).await,
+        Method::PATCH if named => handlers::patch_one(&state, &target, &media, &body).await,
+        Method::DELETE => match handlers::DeleteOptions::parse(&body, &query) {
+            Ok(options) if named => handlers::delete(&state, &target, &options).await,
+            Ok(options) => handlers::delete_collection(&state, &target, &query, &options).await,
+            Err(e) => Err(e),
+        },
         _ => Err(ApiError::method_not_allowed()),
     };
     match result {
@@ -298,519 +443,5 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         }
         Ok((code, value)) => (code, Json(value)).into_response(),
         Err(e) => e.into_response(),
-    }
-}
-
-type ApiResult = Result<(StatusCode, Value), ApiError>;
-
-fn object_key(target: &Target, name: &str) -> ObjectKey {
-    ObjectKey::new(
-        target.resource.storage_name(),
-        target.namespace.as_deref(),
-        name,
-    )
-}
-
-async fn get_one(state: &ApiState, target: &Target) -> ApiResult {
-    let name = target.name.as_deref().unwrap_or_default();
-    let object = state.storage.get(&object_key(target, name)).await?;
-    Ok((StatusCode::OK, object))
-}
-
-async fn list(state: &ApiState, target: &Target, query: &str) -> ApiResult {
-    let params = parse_query(query);
-    let limit: i64 = match params.iter().find(|(k, _)| k == "limit") {
-        Some((_, v)) => v
-            .parse()
-            .map_err(|_| ApiError::bad_request(format!("invalid limit {v:?}")))?,
-        None => 0,
-    };
-    if params
-        .iter()
-        .any(|(k, v)| k == "watch" && (v == "true" || v == "1"))
-    {
-        return Err(ApiError::method_not_allowed());
-    }
-    let after = match params.iter().find(|(k, _)| k == "continue") {
-        Some((_, token)) if !token.is_empty() => Some(decode_continue(token)?),
-        _ => None,
-    };
-    let selector = Selector::from_params(&params)?;
-    let prefix = list_prefix(target.resource.storage_name(), target.namespace.as_deref());
-    let page = state.storage.list(&prefix, limit, after.as_deref()).await?;
-    let items: Vec<Value> = page
-        .items
-        .into_iter()
-        .filter(|o| selector.matches(o))
-        .collect();
-    let mut metadata = json!({"resourceVersion": page.revision.to_string()});
-    if let Some(key) = page.continue_after {
-        metadata["continue"] = encode_continue(&key).into();
-    }
-    Ok((
-        StatusCode::OK,
-        json!({"kind": format!("{}List", target.resource.kind),
-               "apiVersion": target.resource.api_version(),
-               "metadata": metadata, "items": items}),
-    ))
-}
-
-async fn create(state: &ApiState, target: &Target, body: &Bytes) -> ApiResult {
-    let mut object = parse_object(body, target.resource)?;
-    let meta = object
-        .get_mut("metadata")
-        .and_then(Value::as_object_mut)
-        .ok_or_else(|| ApiError::bad_request("metadata is required"))?;
-    if let Some(ns) = &target.namespace {
-        match meta.get("namespace").and_then(Value::as_str) {
-            Some(given) if given != ns => {
-                return Err(ApiError::bad_request(format!(
-                    "the namespace of the provided object ({given}) does not match the namespace sent on the request ({ns})"
-                )))
-            }
-            _ => {
-                meta.insert("namespace".into(), ns.clone().into());
-            }
-        }
-    }
-    let name = match (
-        meta.get("name").and_then(Value::as_str),
-        meta.get("generateName").and_then(Value::as_str),
-    ) {
-        (Some(name), _) if !name.is_empty() => name.to_string(),
-        (_, Some(prefix)) => format!("{prefix}{}", random_suffix()),
-        _ => {
-            return Err(ApiError::invalid(
-                target.resource.kind,
-                "",
-                vec![(
-                    "metadata.name".into(),
-                    "Required value: name or generateName is required".into(),
-                )],
-            ))
-        }
-    };
-    if let Some(problem) = dns_subdomain_problem(&name) {
-        return Err(ApiError::invalid(
-            target.resource.kind,
-            &name,
-            vec![(
-                "metadata.name".into(),
-                format!("Invalid value: {name:?}: {problem}"),
-            )],
-        ));
-    }
-    meta.insert("name".into(), name.clone().into());
-    meta.insert("uid".into(), uid().into());
-    meta.insert("creationTimestamp".into(), now().into());
-    meta.remove("resourceVersion");
-    if target.resource.kind == "Namespace" {
-        object["status"] = json!({"phase": "Active"});
-    }
-    if let Some(ns) = &target.namespace {
-        // Objects live in namespaces that exist.
-        let ns_key = ObjectKey::new("namespaces", None, ns);
-        if let Err(StorageError::NotFound { .. }) = state.storage.get(&ns_key).await {
-            return Err(ApiError::not_found(format!("namespaces {ns:?} not found")));
-        }
-    }
-    let created = state
-        .storage
-        .create(&object_key(target, &name), object)
-        .await?;
-    Ok((StatusCode::CREATED, created))
-}
-
-async fn update(state: &ApiState, target: &Target, body: &Bytes) -> ApiResult {
-    let name = target.name.as_deref().unwrap_or_default();
-    let mut object = parse_object(body, target.resource)?;
-    let given = object["metadata"]["name"].as_str().unwrap_or_default();
-    if given != name {
-        return Err(ApiError::bad_request(format!(
-            "the name of the object ({given}) does not match the name on the URL ({name})"
-        )));
-    }
-    let key = object_key(target, name);
-    let current = state.storage.get(&key).await?;
-    let expected = object["metadata"]
-        .get("resourceVersion")
-        .and_then(Value::as_str)
-        .map(|v| {
-            v.parse::<i64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))
-        })
-        .transpose()?
-        .or(Some(resource_version(&current)));
-    // What the server owns stays as it was.
-    for field in ["uid", "creationTimestamp", "namespace"] {
-        if let Some(v) = current["metadata"].get(field) {
-            object["metadata"][field] = v.clone();
-        }
-    }
-    let updated = state.storage.update(&key, object, expected).await?;
-    Ok((StatusCode::OK, updated))
-}
-
-async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &Bytes) -> ApiResult {
-    let name = target.name.as_deref().unwrap_or_default();
-    let patch: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
-    let key = object_key(target, name);
-    // Without a resourceVersion in the patch, a concurrent write is retried on, as Kubernetes does.
-    let precondition = patch["metadata"]["resourceVersion"]
-        .as_str()
-        .map(|v| {
-            v.parse::<i64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))
-        })
-        .transpose()?;
-    for _ in 0..5 {
-        let current = state.storage.get(&key).await?;
-        let mut object = current.clone();
-        match media {
-            "application/merge-patch+json" => patch::merge_patch(&mut object, &patch),
-            "application/json-patch+json" => patch::json_patch(&mut object, &patch)
-                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e))?,
-            "application/strategic-merge-patch+json" => {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "UnsupportedMediaType",
-                    "strategic merge patch is not supported yet: use a merge patch \
-                     (kubectl patch --type=merge) or a JSON patch (--type=json)",
-                ))
-            }
-            other => {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "UnsupportedMediaType",
-                    format!("unsupported patch type {other:?}"),
-                ))
-            }
-        }
-        // What the server owns stays as it was.
-        for field in ["name", "namespace", "uid", "creationTimestamp"] {
-            match (
-                current["metadata"].get(field),
-                object["metadata"].as_object_mut(),
-            ) {
-                (Some(v), Some(meta)) => {
-                    meta.insert(field.into(), v.clone());
-                }
-                (None, Some(meta)) => {
-                    meta.remove(field);
-                }
-                (_, None) => object["metadata"] = current["metadata"].clone(),
-            }
-        }
-        object["kind"] = current["kind"].clone();
-        object["apiVersion"] = current["apiVersion"].clone();
-        let expected = precondition.unwrap_or_else(|| resource_version(&current));
-        match state.storage.update(&key, object, Some(expected)).await {
-            Ok(updated) => return Ok((StatusCode::OK, updated)),
-            Err(StorageError::Conflict { .. }) if precondition.is_none() => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(StorageError::Conflict {
-        resource: target.resource.plural.to_string(),
-        name: name.to_string(),
-    }
-    .into())
-}
-
-/// Deletes every object of the collection that the selectors match; returns them as a list.
-async fn delete_collection(state: &ApiState, target: &Target, query: &str) -> ApiResult {
-    let selector = Selector::from_params(&parse_query(query))?;
-    let prefix = list_prefix(target.resource.storage_name(), target.namespace.as_deref());
-    let page = state.storage.list(&prefix, 0, None).await?;
-    let mut deleted = Vec::new();
-    for object in page.items.into_iter().filter(|o| selector.matches(o)) {
-        let name = object["metadata"]["name"].as_str().unwrap_or_default();
-        let namespace = object["metadata"]["namespace"].as_str();
-        let key = ObjectKey::new(target.resource.storage_name(), namespace, name);
-        match state
-            .storage
-            .delete(&key, Some(resource_version(&object)))
-            .await
-        {
-            Ok(gone) => deleted.push(gone),
-            // Deleted or changed meanwhile: not this request's to delete.
-            Err(StorageError::NotFound { .. } | StorageError::Conflict { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok((
-        StatusCode::OK,
-        json!({"kind": format!("{}List", target.resource.kind),
-               "apiVersion": target.resource.api_version(),
-               "metadata": {}, "items": deleted}),
-    ))
-}
-
-async fn delete(state: &ApiState, target: &Target) -> ApiResult {
-    let name = target.name.as_deref().unwrap_or_default();
-    let deleted = state
-        .storage
-        .delete(&object_key(target, name), None)
-        .await?;
-    Ok((StatusCode::OK, deleted))
-}
-
-/// Parses a request body as an object of the resource's kind.
-fn parse_object(body: &Bytes, resource: &Resource) -> Result<Value, ApiError> {
-    let object: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
-    if !object.is_object() {
-        return Err(ApiError::bad_request(
-            "the request body must be a JSON object",
-        ));
-    }
-    let kind = object["kind"].as_str().unwrap_or(resource.kind);
-    let api_version = object["apiVersion"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| resource.api_version());
-    if kind != resource.kind || api_version != resource.api_version() {
-        return Err(ApiError::bad_request(format!(
-            "the API version in the data ({api_version}) and kind ({kind}) do not match the request ({}, {})",
-            resource.api_version(),
-            resource.kind
-        )));
-    }
-    let mut object = object;
-    object["kind"] = resource.kind.into();
-    object["apiVersion"] = resource.api_version().into();
-    if !object["metadata"].is_object() {
-        object["metadata"] = json!({});
-    }
-    Ok(object)
-}
-
-/// Why `name` is not a DNS-1123 subdomain, as Kubernetes explains it; `None` when it is one.
-fn dns_subdomain_problem(name: &str) -> Option<&'static str> {
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    (!valid).then_some(
-        "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', \
-         and must start and end with an alphanumeric character",
-    )
-}
-
-fn random_suffix() -> String {
-    const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let mut rng = rand::rng();
-    (0..5)
-        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
-        .collect()
-}
-
-fn uid() -> String {
-    let b: [u8; 16] = rand::rng().random();
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-        u16::from_be_bytes([b[4], b[5]]),
-        u16::from_be_bytes([b[6], b[7]]) & 0x0fff,
-        (u16::from_be_bytes([b[8], b[9]]) & 0x3fff) | 0x8000,
-        u64::from_be_bytes([0, 0, b[10], b[11], b[12], b[13], b[14], b[15]])
-    )
-}
-
-fn now() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
-
-fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                i += 2;
-                hi * 16 + lo
-            }
-            (b'+', _, _) => b' ',
-            (b, _, _) => b,
-        };
-        out.push(decoded);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn encode_continue(key: &str) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
-}
-
-fn decode_continue(token: &str) -> Result<String, ApiError> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .filter(|k| k.starts_with("/registry/"))
-        .ok_or_else(|| ApiError::bad_request("invalid continue token"))
-}
-
-/// The label and field selectors of a list or deletecollection request.
-#[derive(Default)]
-struct Selector {
-    labels: Vec<LabelRequirement>,
-    /// (field path, value, negated): only the fields every resource supports.
-    fields: Vec<(&'static str, String, bool)>,
-}
-
-impl Selector {
-    fn from_params(params: &[(String, String)]) -> Result<Self, ApiError> {
-        let mut selector = Selector::default();
-        for (key, value) in params {
-            match key.as_str() {
-                "labelSelector" => selector.labels.extend(parse_label_selector(value)?),
-                "fieldSelector" => {
-                    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                        let (field, wanted, negated) = if let Some((f, v)) = part.split_once("!=") {
-                            (f, v, true)
-                        } else if let Some((f, v)) =
-                            part.split_once("==").or_else(|| part.split_once('='))
-                        {
-                            (f, v, false)
-                        } else {
-                            return Err(ApiError::bad_request(format!(
-                                "invalid field selector {part:?}"
-                            )));
-                        };
-                        let field = match field.trim() {
-                            "metadata.name" => "name",
-                            "metadata.namespace" => "namespace",
-                            other => {
-                                return Err(ApiError::bad_request(format!(
-                                    "field label not supported: {other}"
-                                )))
-                            }
-                        };
-                        selector
-                            .fields
-                            .push((field, wanted.trim().to_string(), negated));
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(selector)
-    }
-
-    fn matches(&self, object: &Value) -> bool {
-        self.labels.iter().all(|r| r.matches(object))
-            && self.fields.iter().all(|(field, value, negated)| {
-                let actual = object["metadata"][*field].as_str().unwrap_or("");
-                (actual == value) != *negated
-            })
-    }
-}
-
-/// One requirement of an equality-based label selector.
-#[derive(Debug, PartialEq)]
-enum LabelRequirement {
-    Equals(String, String),
-    NotEquals(String, String),
-    Exists(String),
-    NotExists(String),
-}
-
-impl LabelRequirement {
-    fn matches(&self, object: &Value) -> bool {
-        let labels = &object["metadata"]["labels"];
-        let label = |k: &str| labels.get(k).and_then(Value::as_str);
-        match self {
-            LabelRequirement::Equals(k, v) => label(k) == Some(v.as_str()),
-            LabelRequirement::NotEquals(k, v) => label(k) != Some(v.as_str()),
-            LabelRequirement::Exists(k) => label(k).is_some(),
-            LabelRequirement::NotExists(k) => label(k).is_none(),
-        }
-    }
-}
-
-fn parse_label_selector(text: &str) -> Result<Vec<LabelRequirement>, ApiError> {
-    let mut out = Vec::new();
-    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let requirement = if let Some((k, v)) = part.split_once("!=") {
-            LabelRequirement::NotEquals(k.trim().into(), v.trim().into())
-        } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
-            LabelRequirement::Equals(k.trim().into(), v.trim().into())
-        } else if let Some(k) = part.strip_prefix('!') {
-            LabelRequirement::NotExists(k.trim().into())
-        } else if part
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-        {
-            LabelRequirement::Exists(part.into())
-        } else {
-            return Err(ApiError::bad_request(format!(
-                "unable to parse requirement: {part:?}"
-            )));
-        };
-        out.push(requirement);
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_must_be_dns_subdomains() {
-        assert!(dns_subdomain_problem("web-1.example").is_none());
-        for bad in ["", "Web", "-a", "a-", "a..b", "a_b"] {
-            assert!(dns_subdomain_problem(bad).is_some(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn label_selectors_parse_equality_and_existence() {
-        let sel = parse_label_selector("app=web,tier!=db,env,!legacy").unwrap();
-        assert_eq!(sel.len(), 4);
-        let obj = json!({"metadata": {"labels": {"app": "web", "env": "prod"}}});
-        assert!(sel.iter().all(|r| r.matches(&obj)));
-        assert!(parse_label_selector("a in (b)").is_err());
-    }
-
-    #[test]
-    fn continue_tokens_round_trip_and_reject_garbage() {
-        let token = encode_continue("/registry/pods/default/a");
-        assert_eq!(decode_continue(&token).unwrap(), "/registry/pods/default/a");
-        assert!(decode_continue("!!!").is_err());
-    }
-
-    #[test]
-    fn query_strings_are_percent_decoded() {
-        let q = parse_query("labelSelector=app%3Dweb&limit=5");
-        assert_eq!(q[0], ("labelSelector".into(), "app=web".into()));
     }
 }

@@ -11,6 +11,8 @@ pub struct Resource {
     pub singular: &'static str,
     pub namespaced: bool,
     pub short_names: &'static [&'static str],
+    /// Subresources: `status`, `binding`, `finalize`.
+    pub subresources: &'static [&'static str],
 }
 
 const VERBS: [&str; 8] = [
@@ -25,10 +27,19 @@ const VERBS: [&str; 8] = [
 ];
 
 pub const RESOURCES: &[Resource] = &[
-    core("Namespace", "namespaces", "namespace", false, &["ns"]),
-    core("Node", "nodes", "node", false, &["no"]),
-    core("Pod", "pods", "pod", true, &["po"]),
-    core("Service", "services", "service", true, &["svc"]),
+    with_subresources(
+        core("Namespace", "namespaces", "namespace", false, &["ns"]),
+        &["status", "finalize"],
+    ),
+    with_subresources(core("Node", "nodes", "node", false, &["no"]), &["status"]),
+    with_subresources(
+        core("Pod", "pods", "pod", true, &["po"]),
+        &["status", "binding"],
+    ),
+    with_subresources(
+        core("Service", "services", "service", true, &["svc"]),
+        &["status"],
+    ),
     core("Endpoints", "endpoints", "endpoints", true, &["ep"]),
     core("ConfigMap", "configmaps", "configmap", true, &["cm"]),
     core("Secret", "secrets", "secret", true, &[]),
@@ -48,6 +59,7 @@ pub const RESOURCES: &[Resource] = &[
         singular: "endpointslice",
         namespaced: true,
         short_names: &[],
+        subresources: &[],
     },
     Resource {
         group: "coordination.k8s.io",
@@ -57,6 +69,7 @@ pub const RESOURCES: &[Resource] = &[
         singular: "lease",
         namespaced: true,
         short_names: &[],
+        subresources: &[],
     },
     Resource {
         group: "batch",
@@ -66,6 +79,7 @@ pub const RESOURCES: &[Resource] = &[
         singular: "job",
         namespaced: true,
         short_names: &[],
+        subresources: &["status"],
     },
 ];
 
@@ -84,6 +98,14 @@ const fn core(
         singular,
         namespaced,
         short_names,
+        subresources: &[],
+    }
+}
+
+const fn with_subresources(resource: Resource, subresources: &'static [&'static str]) -> Resource {
+    Resource {
+        subresources,
+        ..resource
     }
 }
 
@@ -100,6 +122,27 @@ impl Resource {
     /// (`/registry/jobs/...`, `/registry/endpointslices/...`).
     pub fn storage_name(&self) -> &'static str {
         self.plural
+    }
+
+    /// The discovery entries of the subresources (`pods/status`, ...).
+    pub fn subresource_discovery(&self) -> Vec<serde_json::Value> {
+        self.subresources
+            .iter()
+            .map(|sub| {
+                let (kind, verbs): (&str, &[&str]) = match *sub {
+                    "binding" => ("Binding", &["create"]),
+                    "finalize" => (self.kind, &["update"]),
+                    _ => (self.kind, &["get", "patch", "update"]),
+                };
+                serde_json::json!({
+                    "name": format!("{}/{sub}", self.plural),
+                    "singularName": "",
+                    "namespaced": self.namespaced,
+                    "kind": kind,
+                    "verbs": verbs,
+                })
+            })
+            .collect()
     }
 
     pub fn discovery(&self) -> serde_json::Value {

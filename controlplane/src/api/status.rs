@@ -35,6 +35,22 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "NotFound", message)
     }
 
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "Forbidden", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "Conflict", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            format!("Internal error occurred: {}", message.into()),
+        )
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
     }
@@ -86,6 +102,7 @@ impl From<StorageError> for ApiError {
                 details: Some(json!({"name": name, "kind": resource})),
                 ..ApiError::new(StatusCode::CONFLICT, "Conflict", message)
             },
+            StorageError::Claimed(_) => ApiError::new(StatusCode::CONFLICT, "Conflict", message),
             StorageError::Unavailable(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",
@@ -98,8 +115,9 @@ impl From<StorageError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The error as a `Status` object.
+    pub fn status(&self) -> Value {
         let mut body = json!({
             "kind": "Status",
             "apiVersion": "v1",
@@ -109,10 +127,16 @@ impl IntoResponse for ApiError {
             "reason": self.reason,
             "code": self.code.as_u16(),
         });
-        if let Some(details) = self.details {
-            body["details"] = details;
+        if let Some(details) = &self.details {
+            body["details"] = details.clone();
         }
-        let mut response = (self.code, Json(body)).into_response();
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.code, Json(self.status())).into_response();
         if self.code == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

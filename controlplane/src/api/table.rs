@@ -9,6 +9,61 @@ type Columns = (
     fn(&Value) -> Vec<Value>,
 );
 
+/// Columns kubectl shows only with `-o wide` (priority 1), after Age.
+fn wide_columns(kind: &str) -> Columns {
+    match kind {
+        "Pod" => (
+            &[
+                ("IP", "string"),
+                ("Node", "string"),
+                ("Nominated Node", "string"),
+                ("Readiness Gates", "string"),
+            ],
+            |o| {
+                vec![
+                    text(&o["status"]["podIP"]),
+                    text(&o["spec"]["nodeName"]),
+                    text(&o["status"]["nominatedNodeName"]),
+                    json!("<none>"),
+                ]
+            },
+        ),
+        "Service" => (&[("Selector", "string")], |o| {
+            let selector: Vec<String> = o["spec"]["selector"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect();
+            vec![json!(if selector.is_empty() {
+                "<none>".to_string()
+            } else {
+                selector.join(",")
+            })]
+        }),
+        "Node" => (&[("Internal-IP", "string")], |o| {
+            let ip = o["status"]["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["type"] == "InternalIP")
+                .map(|a| a["address"].clone())
+                .unwrap_or(Value::Null);
+            vec![text(&ip)]
+        }),
+        _ => (&[], |_| Vec::new()),
+    }
+}
+
+/// Up to three items and "+ N more...", as kubectl abbreviates endpoint lists.
+fn abbreviate(items: Vec<String>) -> String {
+    match items.len() {
+        0 => "<none>".into(),
+        n if n <= 3 => items.join(","),
+        n => format!("{} + {} more...", items[..3].join(","), n - 3),
+    }
+}
+
 /// Whether the Accept header asks for a Table.
 pub fn wanted(accept: &str) -> bool {
     accept
@@ -40,7 +95,16 @@ pub fn render(kind: &str, items: &[Value], resource_version: &str, include_objec
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("TCP")))
+                    .map(|p| match p["nodePort"].as_i64() {
+                        Some(node_port) => format!(
+                            "{}:{node_port}/{}",
+                            p["port"],
+                            p["protocol"].as_str().unwrap_or("TCP")
+                        ),
+                        None => {
+                            format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("TCP"))
+                        }
+                    })
                     .collect();
                 vec![
                     json!(o["spec"]["type"].as_str().unwrap_or("ClusterIP")),
@@ -99,11 +163,115 @@ pub fn render(kind: &str, items: &[Value], resource_version: &str, include_objec
                 text(&o["status"]["nodeInfo"]["kubeletVersion"]),
             ]
         }),
+        "Endpoints" => (&[("Endpoints", "string")], |o| {
+            let mut out = Vec::new();
+            for subset in o["subsets"].as_array().into_iter().flatten() {
+                for a in subset["addresses"].as_array().into_iter().flatten() {
+                    for p in subset["ports"].as_array().into_iter().flatten() {
+                        out.push(format!(
+                            "{}:{}",
+                            a["ip"].as_str().unwrap_or_default(),
+                            p["port"]
+                        ));
+                    }
+                }
+            }
+            vec![json!(abbreviate(out))]
+        }),
+        "EndpointSlice" => (
+            &[
+                ("AddressType", "string"),
+                ("Ports", "string"),
+                ("Endpoints", "string"),
+            ],
+            |o| {
+                let ports: Vec<String> = o["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p["port"].to_string())
+                    .collect();
+                let addresses: Vec<String> = o["endpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+                    .filter_map(|a| a.as_str().map(str::to_string))
+                    .collect();
+                vec![
+                    text(&o["addressType"]),
+                    json!(abbreviate(ports)),
+                    json!(abbreviate(addresses)),
+                ]
+            },
+        ),
+        "Job" => (
+            &[
+                ("Status", "string"),
+                ("Completions", "string"),
+                ("Duration", "string"),
+            ],
+            |o| {
+                let conditions = o["status"]["conditions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let has = |t: &str| {
+                    conditions
+                        .iter()
+                        .any(|c| c["type"] == t && c["status"] == "True")
+                };
+                let status = if has("Complete") {
+                    "Complete"
+                } else if has("Failed") {
+                    "Failed"
+                } else if o["spec"]["suspend"] == true {
+                    "Suspended"
+                } else {
+                    "Running"
+                };
+                let duration = match (
+                    o["status"]["startTime"]
+                        .as_str()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+                    o["status"]["completionTime"]
+                        .as_str()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+                ) {
+                    (Some(start), Some(end)) => human_duration((end - start).num_seconds()),
+                    (Some(start), None) => human_duration(
+                        (chrono::Utc::now() - start.with_timezone(&chrono::Utc)).num_seconds(),
+                    ),
+                    _ => String::new(),
+                };
+                vec![
+                    json!(status),
+                    json!(format!(
+                        "{}/{}",
+                        o["status"]["succeeded"].as_i64().unwrap_or(0),
+                        o["spec"]["completions"].as_i64().unwrap_or(1)
+                    )),
+                    json!(duration),
+                ]
+            },
+        ),
+        "Lease" => (&[("Holder", "string")], |o| {
+            vec![text(&o["spec"]["holderIdentity"])]
+        }),
+        "ServiceAccount" => (&[("Secrets", "integer")], |o| {
+            vec![json!(o["secrets"].as_array().map_or(0, Vec::len))]
+        }),
         _ => (&[], |_| Vec::new()),
     };
+    let (wide, wide_cells) = wide_columns(kind);
     let mut definitions = vec![column("Name", "string", "name")];
     definitions.extend(columns.iter().map(|(name, ty)| column(name, ty, "")));
     definitions.push(column("Age", "string", ""));
+    definitions.extend(wide.iter().map(|(name, ty)| {
+        let mut c = column(name, ty, "");
+        c["priority"] = 1.into();
+        c
+    }));
     let now = chrono::Utc::now();
     let rows: Vec<Value> = items
         .iter()
@@ -116,6 +284,7 @@ pub fn render(kind: &str, items: &[Value], resource_version: &str, include_objec
                 .map(|t| human_duration((now - t.with_timezone(&chrono::Utc)).num_seconds()))
                 .unwrap_or_else(|| "<unknown>".into());
             row.push(json!(age));
+            row.extend(wide_cells(o));
             let object = match include_object {
                 "None" => Value::Null,
                 "Object" => o.clone(),

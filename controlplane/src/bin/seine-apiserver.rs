@@ -11,8 +11,9 @@ use hyper_util::{
 };
 use rand::Rng as _;
 use seine_controlplane::{
-    api::{self, auth::TokenAuthenticator, auth::User, tls, ApiState},
+    api::{self, alloc::ServiceRanges, auth::TokenAuthenticator, auth::User, tls, ApiState},
     storage::Storage,
+    watch_cache::WatchCaches,
 };
 use tracing::{error, info, warn};
 
@@ -44,6 +45,20 @@ struct Args {
     /// Write an admin kubeconfig for this server here.
     #[arg(long)]
     write_kubeconfig: Option<PathBuf>,
+    /// Recent changes kept per resource for watchers resuming from a resourceVersion; older
+    /// resourceVersions get 410 Gone.
+    #[arg(long, default_value_t = 10_000)]
+    watch_cache_size: usize,
+    /// Service ClusterIPs come from this range; its first address is the `kubernetes` service's.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cluster_ip_range: String,
+    /// NodePorts come from this range.
+    #[arg(long, default_value = "30000-32767")]
+    service_node_port_range: String,
+    /// The address the `kubernetes` service's endpoints point at (default: --bind-address, or
+    /// 127.0.0.1 when that is unspecified).
+    #[arg(long)]
+    advertise_address: Option<IpAddr>,
 }
 
 fn main() -> ExitCode {
@@ -108,25 +123,54 @@ async fn run(args: Args) -> Result<()> {
     };
     let tls_config = tls::server_config(&files.cert, &files.key)?;
 
+    let ranges = ServiceRanges::parse(
+        &args.service_cluster_ip_range,
+        &args.service_node_port_range,
+    )
+    .map_err(anyhow::Error::msg)
+    .context("--service-cluster-ip-range / --service-node-port-range")?;
     let storage = Storage::connect(&args.etcd_servers)
         .await
         .context("connecting to etcd")?;
-    // Retried until etcd answers: the server starts before etcd is reachable, as kube-apiserver does.
-    loop {
-        match api::bootstrap(&storage).await {
-            Ok(()) => break,
-            Err(e) => {
-                warn!("creating the system namespaces: {e}; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
 
     let listen = std::net::SocketAddr::new(args.bind_address, args.secure_port);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
     let local = listener.local_addr()?;
+    let watches = WatchCaches::start(
+        &storage,
+        api::resources::RESOURCES.iter().map(|r| r.storage_name()),
+        args.watch_cache_size,
+    );
+    let state = Arc::new(ApiState {
+        storage,
+        tokens,
+        metrics: Arc::default(),
+        watches,
+        ranges,
+    });
+    let advertise = args
+        .advertise_address
+        .unwrap_or(if args.bind_address.is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            args.bind_address
+        });
+    // Retried until etcd answers: the server starts before etcd is reachable, as kube-apiserver does.
+    loop {
+        match api::bootstrap(&state, std::net::SocketAddr::new(advertise, local.port())).await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(
+                    "creating the system namespaces and the kubernetes service: {}; retrying",
+                    e.message
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
     if let Some(path) = &args.write_kubeconfig {
         let host = if args.bind_address.is_unspecified() {
             IpAddr::from([127, 0, 0, 1])
@@ -140,11 +184,6 @@ async fn run(args: Args) -> Result<()> {
     }
     info!(address = %local, "serving the Kubernetes API over HTTPS");
 
-    let state = Arc::new(ApiState {
-        storage,
-        tokens,
-        metrics: Arc::default(),
-    });
     let app = api::router(state);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     let mut shutdown = std::pin::pin!(shutdown_signal());

@@ -1,0 +1,666 @@
+//! The verbs on one resource: get, list, create, update, patch, delete and deletecollection, and
+//! the subresources (status, pods/binding, namespaces/finalize), with Kubernetes' rules for
+//! graceful pod deletion, finalizers and terminating namespaces.
+
+use axum::{body::Bytes, http::StatusCode};
+use rand::Rng as _;
+use serde_json::{json, Value};
+
+use super::{
+    alloc, patch,
+    query::{decode_continue, encode_continue, parse_query, Selector},
+    resources::Resource,
+    status::ApiError,
+    strategy, ApiState,
+};
+use crate::storage::{list_prefix, resource_version, ObjectKey, StorageError};
+
+/// What a resource path names.
+pub struct Target {
+    pub resource: &'static Resource,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub subresource: Option<String>,
+}
+
+impl Target {
+    fn key(&self, name: &str) -> ObjectKey {
+        ObjectKey::new(
+            self.resource.storage_name(),
+            self.namespace.as_deref(),
+            name,
+        )
+    }
+
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_default()
+    }
+}
+
+pub type ApiResult = Result<(StatusCode, Value), ApiError>;
+
+/// Namespaces that may not be deleted.
+const PROTECTED_NAMESPACES: [&str; 3] = ["default", "kube-system", "kube-public"];
+
+pub async fn get_one(state: &ApiState, target: &Target) -> ApiResult {
+    let object = state.storage.get(&target.key(target.name())).await?;
+    Ok((StatusCode::OK, object))
+}
+
+pub async fn list(state: &ApiState, target: &Target, query: &str) -> ApiResult {
+    let params = parse_query(query);
+    let limit: i64 = match params.iter().find(|(k, _)| k == "limit") {
+        Some((_, v)) => v
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid limit {v:?}")))?,
+        None => 0,
+    };
+    let after = match params.iter().find(|(k, _)| k == "continue") {
+        Some((_, token)) if !token.is_empty() => Some(decode_continue(token)?),
+        _ => None,
+    };
+    let selector = Selector::from_params(&params, target.resource.kind)?;
+    let prefix = list_prefix(target.resource.storage_name(), target.namespace.as_deref());
+    let page = state.storage.list(&prefix, limit, after.as_deref()).await?;
+    let items: Vec<Value> = page
+        .items
+        .into_iter()
+        .filter(|o| selector.matches(o))
+        .collect();
+    let mut metadata = json!({"resourceVersion": page.revision.to_string()});
+    if let Some(key) = page.continue_after {
+        metadata["continue"] = encode_continue(&key).into();
+    }
+    Ok((
+        StatusCode::OK,
+        json!({"kind": format!("{}List", target.resource.kind),
+               "apiVersion": target.resource.api_version(),
+               "metadata": metadata, "items": items}),
+    ))
+}
+
+pub async fn create(state: &ApiState, target: &Target, body: &Bytes) -> ApiResult {
+    match target.subresource.as_deref() {
+        None => {}
+        Some("binding") if target.resource.kind == "Pod" => return bind(state, target, body).await,
+        Some(_) => return Err(ApiError::method_not_allowed()),
+    }
+    let mut object = parse_object(body, target.resource)?;
+    let meta = object
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| ApiError::bad_request("metadata is required"))?;
+    if let Some(ns) = &target.namespace {
+        match meta.get("namespace").and_then(Value::as_str) {
+            Some(given) if given != ns => {
+                return Err(ApiError::bad_request(format!(
+                    "the namespace of the provided object ({given}) does not match the namespace sent on the request ({ns})"
+                )))
+            }
+            _ => {
+                meta.insert("namespace".into(), ns.clone().into());
+            }
+        }
+    }
+    let name = match (
+        meta.get("name").and_then(Value::as_str),
+        meta.get("generateName").and_then(Value::as_str),
+    ) {
+        (Some(name), _) if !name.is_empty() => name.to_string(),
+        (_, Some(prefix)) => format!("{prefix}{}", random_suffix()),
+        _ => {
+            return Err(ApiError::invalid(
+                target.resource.kind,
+                "",
+                vec![(
+                    "metadata.name".into(),
+                    "Required value: name or generateName is required".into(),
+                )],
+            ))
+        }
+    };
+    if let Some(problem) = dns_subdomain_problem(&name) {
+        return Err(ApiError::invalid(
+            target.resource.kind,
+            &name,
+            vec![(
+                "metadata.name".into(),
+                format!("Invalid value: {name:?}: {problem}"),
+            )],
+        ));
+    }
+    meta.insert("name".into(), name.clone().into());
+    meta.insert("uid".into(), uid().into());
+    meta.insert("creationTimestamp".into(), now().into());
+    for field in [
+        "resourceVersion",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ] {
+        meta.remove(field);
+    }
+    strategy::prepare_create(target.resource, &mut object)?;
+    if let Some(ns) = &target.namespace {
+        // Objects live in namespaces that exist and are not being deleted.
+        let namespace = match state
+            .storage
+            .get(&ObjectKey::new("namespaces", None, ns))
+            .await
+        {
+            Ok(namespace) => namespace,
+            Err(StorageError::NotFound { .. }) => {
+                return Err(ApiError::not_found(format!("namespaces {ns:?} not found")))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if namespace["metadata"].get("deletionTimestamp").is_some() {
+            return Err(ApiError::forbidden(format!(
+                "{} {name:?} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                target.resource.plural
+            )));
+        }
+    }
+    let key = target.key(&name);
+    let created = if target.resource.kind == "Service" {
+        alloc::write_service(&state.ranges, &state.storage, &key, None, object, None).await?
+    } else {
+        state.storage.create(&key, object).await?
+    };
+    Ok((StatusCode::CREATED, created))
+}
+
+/// The resourceVersion a write names, if any.
+fn precondition(object: &Value) -> Result<Option<i64>, ApiError> {
+    object["metadata"]
+        .get("resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))
+        })
+        .transpose()
+}
+
+pub async fn update(state: &ApiState, target: &Target, body: &Bytes) -> ApiResult {
+    let name = target.name();
+    let sub = target.subresource.as_deref();
+    if !matches!(sub, None | Some("status") | Some("finalize")) {
+        return Err(ApiError::method_not_allowed());
+    }
+    let object = parse_object(body, target.resource)?;
+    let given = object["metadata"]["name"].as_str().unwrap_or_default();
+    if given != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({given}) does not match the name on the URL ({name})"
+        )));
+    }
+    let key = target.key(name);
+    let current = state.storage.get(&key).await?;
+    let expected = precondition(&object)?.unwrap_or_else(|| resource_version(&current));
+    let new = if sub == Some("finalize") {
+        // Only the namespace's spec.finalizers change.
+        let mut new = current.clone();
+        new["spec"]["finalizers"] = object["spec"]["finalizers"].clone();
+        new
+    } else {
+        strategy::prepare_update(target.resource, sub, &current, object)?
+    };
+    let updated = write_update(state, target.resource, &key, &current, new, expected).await?;
+    Ok((StatusCode::OK, updated))
+}
+
+/// Writes an updated object; when it is being deleted and nothing holds it any more (no
+/// finalizers, grace period over), it is deleted instead.
+async fn write_update(
+    state: &ApiState,
+    resource: &Resource,
+    key: &ObjectKey,
+    current: &Value,
+    new: Value,
+    expected: i64,
+) -> Result<Value, ApiError> {
+    if new["metadata"].get("deletionTimestamp").is_some() && !held(&new) {
+        let grace = new["metadata"]["deletionGracePeriodSeconds"]
+            .as_i64()
+            .unwrap_or(0);
+        if grace == 0 {
+            let claims = if resource.kind == "Service" {
+                alloc::release_all(current)
+            } else {
+                Default::default()
+            };
+            let gone = state
+                .storage
+                .delete_with(key, Some(expected), &claims)
+                .await?;
+            let mut gone_new = new;
+            gone_new["metadata"]["resourceVersion"] = gone["metadata"]["resourceVersion"].clone();
+            return Ok(gone_new);
+        }
+    }
+    if resource.kind == "Service" {
+        return alloc::write_service(
+            &state.ranges,
+            &state.storage,
+            key,
+            Some(current),
+            new,
+            Some(expected),
+        )
+        .await;
+    }
+    Ok(state.storage.update(key, new, Some(expected)).await?)
+}
+
+/// Whether finalizers still hold an object (a namespace's spec.finalizers count too).
+fn held(object: &Value) -> bool {
+    let non_empty = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty());
+    non_empty(&object["metadata"]["finalizers"])
+        || (object["kind"] == "Namespace" && non_empty(&object["spec"]["finalizers"]))
+}
+
+pub async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &Bytes) -> ApiResult {
+    let name = target.name();
+    let sub = target.subresource.as_deref();
+    if !matches!(sub, None | Some("status")) {
+        return Err(ApiError::method_not_allowed());
+    }
+    let patch: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+    let key = target.key(name);
+    // Without a resourceVersion in the patch, a concurrent write is retried on, as Kubernetes does.
+    let required = precondition(&patch)?;
+    for _ in 0..5 {
+        let current = state.storage.get(&key).await?;
+        let mut object = current.clone();
+        match media {
+            "application/merge-patch+json" => patch::merge_patch(&mut object, &patch),
+            "application/json-patch+json" => patch::json_patch(&mut object, &patch)
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e))?,
+            "application/strategic-merge-patch+json" => {
+                patch::strategic_merge_patch(&mut object, &patch, target.resource.kind)
+                    .map_err(ApiError::bad_request)?
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {other})"),
+                ))
+            }
+        }
+        if !object.is_object() {
+            return Err(ApiError::bad_request(
+                "the patched object is not a JSON object",
+            ));
+        }
+        let new = strategy::prepare_update(target.resource, sub, &current, object)?;
+        let expected = required.unwrap_or_else(|| resource_version(&current));
+        match write_update(state, target.resource, &key, &current, new, expected).await {
+            Ok(updated) => return Ok((StatusCode::OK, updated)),
+            Err(e) if e.reason == "Conflict" && required.is_none() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StorageError::Conflict {
+        resource: target.resource.plural.to_string(),
+        name: name.to_string(),
+    }
+    .into())
+}
+
+/// What a delete request asks for (DeleteOptions in the body, or query parameters).
+#[derive(Default)]
+pub struct DeleteOptions {
+    grace_period: Option<i64>,
+    uid: Option<String>,
+    resource_version: Option<i64>,
+}
+
+impl DeleteOptions {
+    pub fn parse(body: &Bytes, query: &str) -> Result<Self, ApiError> {
+        let mut options = DeleteOptions::default();
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            let value: Value = serde_json::from_slice(body).map_err(|e| {
+                ApiError::bad_request(format!("the DeleteOptions body is not valid JSON: {e}"))
+            })?;
+            options.grace_period = value["gracePeriodSeconds"].as_i64();
+            options.uid = value["preconditions"]["uid"].as_str().map(str::to_string);
+            options.resource_version = precondition(&json!({"metadata": {
+                "resourceVersion": value["preconditions"]["resourceVersion"]}}))?;
+        }
+        for (k, v) in parse_query(query) {
+            if k == "gracePeriodSeconds" {
+                options.grace_period = Some(v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("invalid gracePeriodSeconds {v:?}"))
+                })?);
+            }
+        }
+        if options.grace_period.is_some_and(|g| g < 0) {
+            return Err(ApiError::invalid(
+                "DeleteOptions",
+                "",
+                vec![(
+                    "gracePeriodSeconds".into(),
+                    "Invalid value: must be greater than or equal to 0".into(),
+                )],
+            ));
+        }
+        Ok(options)
+    }
+}
+
+pub async fn delete(state: &ApiState, target: &Target, options: &DeleteOptions) -> ApiResult {
+    if target.subresource.is_some() {
+        return Err(ApiError::method_not_allowed());
+    }
+    delete_object(state, target.resource, &target.key(target.name()), options).await
+}
+
+/// Deletes one object, or starts its deletion: a pod on a node gets its grace period, an object
+/// with finalizers waits for them, a namespace turns Terminating. Retries on concurrent writes.
+async fn delete_object(
+    state: &ApiState,
+    resource: &Resource,
+    key: &ObjectKey,
+    options: &DeleteOptions,
+) -> ApiResult {
+    for _ in 0..5 {
+        let current = state.storage.get(key).await?;
+        let meta = &current["metadata"];
+        if let Some(uid) = &options.uid {
+            if meta["uid"].as_str() != Some(uid) {
+                return Err(ApiError::conflict(format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta["uid"].as_str().unwrap_or_default()
+                )));
+            }
+        }
+        let revision = resource_version(&current);
+        if let Some(rv) = options.resource_version {
+            if rv != revision {
+                return Err(ApiError::conflict(format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {revision}"
+                )));
+            }
+        }
+        let mut pending = current.clone();
+        let terminating = meta.get("deletionTimestamp").is_some();
+        let result = match resource.kind {
+            "Namespace" => {
+                if PROTECTED_NAMESPACES.contains(&key.name.as_str()) {
+                    return Err(ApiError::forbidden(format!(
+                        "namespaces {:?} is forbidden: this namespace may not be deleted",
+                        key.name
+                    )));
+                }
+                if terminating {
+                    return Ok((StatusCode::OK, current));
+                }
+                pending["metadata"]["deletionTimestamp"] = now().into();
+                pending["metadata"]["deletionGracePeriodSeconds"] = 0.into();
+                pending["status"]["phase"] = "Terminating".into();
+                write_update(state, resource, key, &current, pending, revision).await
+            }
+            "Pod" => {
+                let on_node = current["spec"]["nodeName"]
+                    .as_str()
+                    .is_some_and(|n| !n.is_empty());
+                let finished = matches!(
+                    current["status"]["phase"].as_str(),
+                    Some("Succeeded" | "Failed")
+                );
+                let grace = if on_node && !finished {
+                    options
+                        .grace_period
+                        .or_else(|| current["spec"]["terminationGracePeriodSeconds"].as_i64())
+                        .unwrap_or(30)
+                } else {
+                    0
+                };
+                let previous = meta["deletionGracePeriodSeconds"].as_i64();
+                if terminating && previous.is_some_and(|p| p <= grace) {
+                    // Already going, at least as fast.
+                    return Ok((StatusCode::OK, current));
+                }
+                pending["metadata"]["deletionTimestamp"] =
+                    timestamp_in(grace.clamp(0, 365 * 86_400)).into();
+                pending["metadata"]["deletionGracePeriodSeconds"] = grace.into();
+                write_update(state, resource, key, &current, pending, revision).await
+            }
+            _ => {
+                if terminating {
+                    return Ok((StatusCode::OK, current));
+                }
+                pending["metadata"]["deletionTimestamp"] = now().into();
+                pending["metadata"]["deletionGracePeriodSeconds"] = 0.into();
+                write_update(state, resource, key, &current, pending, revision).await
+            }
+        };
+        match result {
+            Ok(object) => return Ok((StatusCode::OK, object)),
+            Err(e) if e.reason == "Conflict" && options.resource_version.is_none() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StorageError::Conflict {
+        resource: resource.plural.to_string(),
+        name: key.name.clone(),
+    }
+    .into())
+}
+
+/// Deletes (or starts deleting) every object the selectors match; returns them as a list.
+pub async fn delete_collection(
+    state: &ApiState,
+    target: &Target,
+    query: &str,
+    options: &DeleteOptions,
+) -> ApiResult {
+    let selector = Selector::from_params(&parse_query(query), target.resource.kind)?;
+    let prefix = list_prefix(target.resource.storage_name(), target.namespace.as_deref());
+    let page = state.storage.list(&prefix, 0, None).await?;
+    let mut deleted = Vec::new();
+    for object in page.items.into_iter().filter(|o| selector.matches(o)) {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let namespace = object["metadata"]["namespace"].as_str();
+        let key = ObjectKey::new(target.resource.storage_name(), namespace, name);
+        match delete_object(state, target.resource, &key, options).await {
+            Ok((_, gone)) => deleted.push(gone),
+            // Deleted meanwhile: not this request's to delete.
+            Err(e) if e.code == StatusCode::NOT_FOUND => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((
+        StatusCode::OK,
+        json!({"kind": format!("{}List", target.resource.kind),
+               "apiVersion": target.resource.api_version(),
+               "metadata": {}, "items": deleted}),
+    ))
+}
+
+/// pods/binding: assigns a pod to a node, once (the scheduler's write).
+async fn bind(state: &ApiState, target: &Target, body: &Bytes) -> ApiResult {
+    let name = target.name();
+    let binding: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    if binding["kind"].as_str().is_some_and(|k| k != "Binding") {
+        return Err(ApiError::bad_request(format!(
+            "expected a Binding, got {}",
+            binding["kind"]
+        )));
+    }
+    if binding["metadata"]["name"]
+        .as_str()
+        .is_some_and(|n| n != name)
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the binding ({}) does not match the pod ({name})",
+            binding["metadata"]["name"]
+        )));
+    }
+    let node = binding["target"]["name"].as_str().unwrap_or_default();
+    if node.is_empty() {
+        return Err(ApiError::invalid(
+            "Binding",
+            name,
+            vec![("target.name".into(), "Required value".into())],
+        ));
+    }
+    let key = target.key(name);
+    for _ in 0..5 {
+        let current = state.storage.get(&key).await?;
+        if current["metadata"].get("deletionTimestamp").is_some() {
+            return Err(ApiError::conflict(format!(
+                "Operation cannot be fulfilled on pods/binding {name:?}: pod {name} is being deleted, cannot be assigned to a host"
+            )));
+        }
+        if let Some(assigned) = current["spec"]["nodeName"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+        {
+            return Err(ApiError::conflict(format!(
+                "Operation cannot be fulfilled on pods/binding {name:?}: pod {name} is already assigned to node {assigned:?}"
+            )));
+        }
+        let mut pod = current.clone();
+        pod["spec"]["nodeName"] = node.into();
+        let condition = json!({"type": "PodScheduled", "status": "True",
+                               "lastProbeTime": null, "lastTransitionTime": now()});
+        let conditions = pod["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut conditions: Vec<Value> = conditions
+            .into_iter()
+            .filter(|c| c["type"] != "PodScheduled")
+            .collect();
+        conditions.push(condition);
+        pod["status"]["conditions"] = Value::Array(conditions);
+        match state
+            .storage
+            .update(&key, pod, Some(resource_version(&current)))
+            .await
+        {
+            Ok(_) => {
+                return Ok((
+                    StatusCode::CREATED,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                           "status": "Success", "code": 201}),
+                ))
+            }
+            Err(StorageError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::conflict(format!(
+        "Operation cannot be fulfilled on pods/binding {name:?}: too many concurrent writes"
+    )))
+}
+
+/// Parses a request body as an object of the resource's kind.
+fn parse_object(body: &Bytes, resource: &Resource) -> Result<Value, ApiError> {
+    let object: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    if !object.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    let kind = object["kind"].as_str().unwrap_or(resource.kind);
+    let api_version = object["apiVersion"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| resource.api_version());
+    if kind != resource.kind || api_version != resource.api_version() {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({api_version}) and kind ({kind}) do not match the request ({}, {})",
+            resource.api_version(),
+            resource.kind
+        )));
+    }
+    let mut object = object;
+    object["kind"] = resource.kind.into();
+    object["apiVersion"] = resource.api_version().into();
+    if !object["metadata"].is_object() {
+        object["metadata"] = json!({});
+    }
+    Ok(object)
+}
+
+/// Why `name` is not a DNS-1123 subdomain, as Kubernetes explains it; `None` when it is one.
+pub fn dns_subdomain_problem(name: &str) -> Option<&'static str> {
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    (!valid).then_some(
+        "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', \
+         and must start and end with an alphanumeric character",
+    )
+}
+
+fn random_suffix() -> String {
+    const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+pub fn uid() -> String {
+    let b: [u8; 16] = rand::rng().random();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        u16::from_be_bytes([b[4], b[5]]),
+        u16::from_be_bytes([b[6], b[7]]) & 0x0fff,
+        (u16::from_be_bytes([b[8], b[9]]) & 0x3fff) | 0x8000,
+        u64::from_be_bytes([0, 0, b[10], b[11], b[12], b[13], b[14], b[15]])
+    )
+}
+
+pub fn now() -> String {
+    timestamp_in(0)
+}
+
+fn timestamp_in(seconds: i64) -> String {
+    (chrono::Utc::now() + chrono::Duration::seconds(seconds))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_be_dns_subdomains() {
+        assert!(dns_subdomain_problem("web-1.example").is_none());
+        for bad in ["", "Web", "-a", "a-", "a..b", "a_b"] {
+            assert!(dns_subdomain_problem(bad).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn delete_options_come_from_the_body_or_the_query() {
+        let body = Bytes::from_static(
+            br#"{"kind":"DeleteOptions","gracePeriodSeconds":5,"preconditions":{"uid":"u"}}"#,
+        );
+        let o = DeleteOptions::parse(&body, "").unwrap();
+        assert_eq!(o.grace_period, Some(5));
+        assert_eq!(o.uid.as_deref(), Some("u"));
+        let o = DeleteOptions::parse(&Bytes::new(), "gracePeriodSeconds=0").unwrap();
+        assert_eq!(o.grace_period, Some(0));
+        assert!(DeleteOptions::parse(&Bytes::from_static(b"{"), "").is_err());
+        assert!(DeleteOptions::parse(&Bytes::new(), "gracePeriodSeconds=-1").is_err());
+    }
+}

@@ -1,0 +1,255 @@
+//! Query parameters of list, watch and deletecollection requests: label and field selectors,
+//! continue tokens, percent-decoding.
+
+use serde_json::Value;
+
+use super::status::ApiError;
+
+pub fn parse_query(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+pub fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                i += 2;
+                hi * 16 + lo
+            }
+            (b'+', _, _) => b' ',
+            (b, _, _) => b,
+        };
+        out.push(decoded);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn encode_continue(key: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
+}
+
+pub fn decode_continue(token: &str) -> Result<String, ApiError> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|k| k.starts_with("/registry/"))
+        .ok_or_else(|| ApiError::bad_request("invalid continue token"))
+}
+
+/// The label and field selectors of a list, watch or deletecollection request.
+#[derive(Default, Clone)]
+pub struct Selector {
+    labels: Vec<LabelRequirement>,
+    /// (field path, value, negated).
+    fields: Vec<(&'static str, String, bool)>,
+}
+
+/// The fields a kind can be selected by besides metadata.name and metadata.namespace, as
+/// Kubernetes allows them.
+fn selectable_fields(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "Pod" => &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        ],
+        "Node" => &["spec.unschedulable"],
+        "Namespace" => &["status.phase"],
+        "Secret" => &["type"],
+        "Job" => &["status.successful"],
+        "Event" => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        _ => &[],
+    }
+}
+
+impl Selector {
+    /// The selectors among a request's parameters, for objects of `kind`.
+    pub fn from_params(params: &[(String, String)], kind: &str) -> Result<Self, ApiError> {
+        let mut selector = Selector::default();
+        for (key, value) in params {
+            match key.as_str() {
+                "labelSelector" => selector.labels.extend(parse_label_selector(value)?),
+                "fieldSelector" => {
+                    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                        let (field, wanted, negated) = if let Some((f, v)) = part.split_once("!=") {
+                            (f, v, true)
+                        } else if let Some((f, v)) =
+                            part.split_once("==").or_else(|| part.split_once('='))
+                        {
+                            (f, v, false)
+                        } else {
+                            return Err(ApiError::bad_request(format!(
+                                "invalid field selector {part:?}"
+                            )));
+                        };
+                        let field = field.trim();
+                        let field = ["metadata.name", "metadata.namespace"]
+                            .iter()
+                            .chain(selectable_fields(kind))
+                            .find(|f| **f == field)
+                            .ok_or_else(|| {
+                                ApiError::bad_request(format!("field label not supported: {field}"))
+                            })?;
+                        selector
+                            .fields
+                            .push((field, wanted.trim().to_string(), negated));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(selector)
+    }
+
+    /// Also require metadata.name to be `name` (a watch on one object).
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.fields.push(("metadata.name", name.to_string(), false));
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+
+    pub fn matches(&self, object: &Value) -> bool {
+        self.labels.iter().all(|r| r.matches(object))
+            && self.fields.iter().all(|(field, value, negated)| {
+                let actual = field.split('.').fold(object, |v, part| &v[part]);
+                let actual = match actual {
+                    Value::String(s) => s.clone(),
+                    Value::Null => String::new(),
+                    // Booleans and numbers select by their text ("true", "1").
+                    other => other.to_string(),
+                };
+                (actual == *value) != *negated
+            })
+    }
+}
+
+/// One requirement of an equality-based label selector.
+#[derive(Debug, PartialEq, Clone)]
+enum LabelRequirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+impl LabelRequirement {
+    fn matches(&self, object: &Value) -> bool {
+        let labels = &object["metadata"]["labels"];
+        let label = |k: &str| labels.get(k).and_then(Value::as_str);
+        match self {
+            LabelRequirement::Equals(k, v) => label(k) == Some(v.as_str()),
+            LabelRequirement::NotEquals(k, v) => label(k) != Some(v.as_str()),
+            LabelRequirement::Exists(k) => label(k).is_some(),
+            LabelRequirement::NotExists(k) => label(k).is_none(),
+        }
+    }
+}
+
+fn parse_label_selector(text: &str) -> Result<Vec<LabelRequirement>, ApiError> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let requirement = if let Some((k, v)) = part.split_once("!=") {
+            LabelRequirement::NotEquals(k.trim().into(), v.trim().into())
+        } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+            LabelRequirement::Equals(k.trim().into(), v.trim().into())
+        } else if let Some(k) = part.strip_prefix('!') {
+            LabelRequirement::NotExists(k.trim().into())
+        } else if part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
+            LabelRequirement::Exists(part.into())
+        } else {
+            return Err(ApiError::bad_request(format!(
+                "unable to parse requirement: {part:?}"
+            )));
+        };
+        out.push(requirement);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn label_selectors_parse_equality_and_existence() {
+        let sel = parse_label_selector("app=web,tier!=db,env,!legacy").unwrap();
+        assert_eq!(sel.len(), 4);
+        let obj = json!({"metadata": {"labels": {"app": "web", "env": "prod"}}});
+        assert!(sel.iter().all(|r| r.matches(&obj)));
+        assert!(parse_label_selector("a in (b)").is_err());
+    }
+
+    #[test]
+    fn continue_tokens_round_trip_and_reject_garbage() {
+        let token = encode_continue("/registry/pods/default/a");
+        assert_eq!(decode_continue(&token).unwrap(), "/registry/pods/default/a");
+        assert!(decode_continue("!!!").is_err());
+    }
+
+    #[test]
+    fn query_strings_are_percent_decoded() {
+        let q = parse_query("labelSelector=app%3Dweb&limit=5");
+        assert_eq!(q[0], ("labelSelector".into(), "app=web".into()));
+    }
+
+    #[test]
+    fn field_selectors_follow_paths_and_refuse_unknown_fields() {
+        let params = vec![(
+            "fieldSelector".to_string(),
+            "spec.nodeName=n1,status.phase!=Failed".to_string(),
+        )];
+        let sel = Selector::from_params(&params, "Pod").unwrap();
+        assert!(sel.matches(&json!({"spec": {"nodeName": "n1"}, "status": {"phase": "Running"}})));
+        assert!(!sel.matches(&json!({"spec": {"nodeName": "n2"}})));
+        assert!(Selector::from_params(&params, "ConfigMap").is_err());
+        let unsched = vec![(
+            "fieldSelector".to_string(),
+            "spec.unschedulable=false".to_string(),
+        )];
+        let sel = Selector::from_params(&unsched, "Node").unwrap();
+        assert!(sel.matches(&json!({"spec": {"unschedulable": false}})));
+    }
+}

@@ -1,0 +1,570 @@
+//! What seine-apiserver does with objects, against a real etcd: ClusterIP and NodePort allocation
+//! (also by two API servers on one etcd), the default/kubernetes service, pods' defaults, binding,
+//! status subresource and graceful deletion, finalizers, terminating namespaces, strategic merge
+//! patches from `kubectl apply` and `kubectl patch`, and validation errors with field causes.
+
+use std::{collections::HashSet, net::Ipv4Addr, sync::Arc, thread};
+
+use seine_tests::{apiserver::ApiServer, etcd::Etcd};
+use serde_json::{json, Value};
+
+const SVCS: &str = "/api/v1/namespaces/default/services";
+const PODS: &str = "/api/v1/namespaces/default/pods";
+
+fn service(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec})
+}
+
+fn pod(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+           "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}})
+}
+
+fn write_manifest(server: &ApiServer, name: &str, text: &str) -> String {
+    let path = server.cert_dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn in_range(ip: &str, network: Ipv4Addr, prefix: u32) -> bool {
+    let ip: Ipv4Addr = ip.parse().unwrap();
+    let mask = u32::MAX << (32 - prefix);
+    u32::from(ip) & mask == u32::from(network)
+}
+
+#[test]
+fn services_get_cluster_ips_and_node_ports_from_their_ranges() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+
+    // The first address is the kubernetes service's, which points at this API server.
+    let (_, kubernetes) = server.get(&format!("{SVCS}/kubernetes")).unwrap();
+    assert_eq!(kubernetes["spec"]["clusterIP"], "10.96.0.1");
+    assert_eq!(kubernetes["spec"]["ports"][0]["port"], 443);
+    let (_, endpoints) = server
+        .get("/api/v1/namespaces/default/endpoints/kubernetes")
+        .unwrap();
+    assert_eq!(endpoints["subsets"][0]["addresses"][0]["ip"], "127.0.0.1");
+    assert_eq!(
+        endpoints["subsets"][0]["ports"][0]["port"],
+        server.addr.port()
+    );
+
+    let (code, web) = server
+        .post(
+            SVCS,
+            &service(
+                "web",
+                json!({"selector": {"app": "web"}, "ports": [{"port": 80}]}),
+            ),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{web}");
+    let ip = web["spec"]["clusterIP"].as_str().unwrap().to_string();
+    assert!(in_range(&ip, Ipv4Addr::new(10, 96, 0, 0), 12), "{ip}");
+    assert_ne!(ip, "10.96.0.1");
+    assert_eq!(web["spec"]["clusterIPs"], json!([ip]));
+    assert_eq!(web["spec"]["ports"][0]["targetPort"], 80);
+    assert_eq!(web["spec"]["ports"][0]["protocol"], "TCP");
+
+    // Asking for a taken address or port is the client's error, named by field.
+    let (code, status) = server
+        .post(
+            SVCS,
+            &service("copy", json!({"clusterIP": ip, "ports": [{"port": 80}]})),
+        )
+        .unwrap();
+    assert_eq!(code, 422, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("provided IP is already allocated"),
+        "{status}"
+    );
+    let (code, np) = server
+        .post(
+            SVCS,
+            &service(
+                "np",
+                json!({"type": "NodePort", "ports": [{"name": "a", "port": 80, "nodePort": 30080},
+                                                     {"name": "b", "port": 81}]}),
+            ),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{np}");
+    assert_eq!(np["spec"]["ports"][0]["nodePort"], 30080);
+    let auto = np["spec"]["ports"][1]["nodePort"].as_i64().unwrap();
+    assert!((30000..=32767).contains(&auto) && auto != 30080);
+    let (code, status) = server
+        .post(
+            SVCS,
+            &service(
+                "np2",
+                json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+            ),
+        )
+        .unwrap();
+    assert_eq!(code, 422, "{status}");
+    assert_eq!(
+        status["details"]["causes"][0]["field"],
+        "spec.ports[0].nodePort"
+    );
+    let (code, _) = server
+        .post(
+            SVCS,
+            &service(
+                "far",
+                json!({"clusterIP": "192.168.0.1", "ports": [{"port": 80}]}),
+            ),
+        )
+        .unwrap();
+    assert_eq!(code, 422);
+
+    // The address is fixed for the service's life.
+    let (code, status) = server
+        .merge_patch(
+            &format!("{SVCS}/web"),
+            &json!({"spec": {"clusterIP": "10.96.0.99"}}),
+        )
+        .unwrap();
+    assert_eq!(code, 422, "{status}");
+    // Turning NodePort into ClusterIP gives its ports back; deleting gives the address back.
+    let (code, changed) = server
+        .merge_patch(
+            &format!("{SVCS}/np"),
+            &json!({"spec": {"type": "ClusterIP", "ports": [{"name": "a", "port": 80}]}}),
+        )
+        .unwrap();
+    assert_eq!(code, 200, "{changed}");
+    assert!(changed["spec"]["ports"][0].get("nodePort").is_none());
+    let (code, reused) = server
+        .post(
+            SVCS,
+            &service(
+                "np3",
+                json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+            ),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{reused}");
+    server.delete(&format!("{SVCS}/web"), None).unwrap();
+    let (code, again) = server
+        .post(
+            SVCS,
+            &service("web2", json!({"clusterIP": ip, "ports": [{"port": 80}]})),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{again}");
+
+    let table = server
+        .kubectl_ok(&["get", "services", "np3", "--no-headers"])
+        .unwrap();
+    assert!(table.contains("80:30080/TCP"), "{table}");
+}
+
+/// Creates services concurrently on both servers; returns the created ones and the failures.
+fn create_concurrently(
+    servers: &[Arc<ApiServer>],
+    prefix: &str,
+    per_server: usize,
+    spec: Value,
+) -> (Vec<Value>, Vec<Value>) {
+    let handles: Vec<_> = servers
+        .iter()
+        .enumerate()
+        .flat_map(|(s, server)| {
+            (0..per_server).map({
+                let spec = spec.clone();
+                move |i| {
+                    let server = server.clone();
+                    let body = service(&format!("{prefix}-{s}-{i}"), spec.clone());
+                    thread::spawn(move || server.post(SVCS, &body).unwrap())
+                }
+            })
+        })
+        .collect();
+    let mut created = Vec::new();
+    let mut failed = Vec::new();
+    for h in handles {
+        match h.join().unwrap() {
+            (201, object) => created.push(object),
+            (_, status) => failed.push(status),
+        }
+    }
+    (created, failed)
+}
+
+#[test]
+fn two_api_servers_on_one_etcd_never_hand_out_the_same_address_or_port() {
+    let etcd = Etcd::start().unwrap();
+    // 10.200.0.0/26: .1 is the kubernetes service's, .2-.62 (61 addresses) are for services.
+    let flags = [
+        "--service-cluster-ip-range",
+        "10.200.0.0/26",
+        "--service-node-port-range",
+        "30000-30019",
+    ];
+    let servers = [
+        Arc::new(ApiServer::start_with(&etcd, &flags).unwrap()),
+        Arc::new(ApiServer::start_with(&etcd, &flags).unwrap()),
+    ];
+
+    // 30 NodePort services for 20 ports.
+    let (created, failed) = create_concurrently(
+        &servers,
+        "np",
+        15,
+        json!({"type": "NodePort", "ports": [{"port": 80}]}),
+    );
+    assert_eq!(created.len(), 20, "failures: {failed:?}");
+    let ports: HashSet<i64> = created
+        .iter()
+        .map(|s| s["spec"]["ports"][0]["nodePort"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ports.len(), 20);
+    assert!(failed.iter().all(|s| s["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("range is full")));
+
+    // 60 more services for the 41 addresses left.
+    let (more, failed) = create_concurrently(&servers, "ip", 30, json!({"ports": [{"port": 80}]}));
+    assert_eq!(more.len(), 41, "failures: {failed:?}");
+    let ips: HashSet<String> = created
+        .iter()
+        .chain(&more)
+        .map(|s| s["spec"]["clusterIP"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ips.len(), 61, "every address once");
+    assert!(ips
+        .iter()
+        .all(|ip| in_range(ip, Ipv4Addr::new(10, 200, 0, 0), 26) && ip != "10.200.0.1"));
+    // Both servers serve the same state.
+    for server in &servers {
+        let (_, list) = server.get(SVCS).unwrap();
+        assert_eq!(list["items"].as_array().unwrap().len(), 62);
+    }
+}
+
+#[test]
+fn pods_are_defaulted_bound_once_and_deleted_gracefully() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let (code, created) = server.post(PODS, &pod("web")).unwrap();
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(created["status"]["phase"], "Pending");
+    assert_eq!(created["status"]["qosClass"], "BestEffort");
+    assert_eq!(created["spec"]["restartPolicy"], "Always");
+    assert_eq!(created["spec"]["terminationGracePeriodSeconds"], 30);
+    assert_eq!(created["spec"]["serviceAccountName"], "default");
+
+    let binding = |node: &str| {
+        json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "web"},
+               "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
+    };
+    let (code, status) = server
+        .post(&format!("{PODS}/web/binding"), &binding("n1"))
+        .unwrap();
+    assert_eq!(code, 201, "{status}");
+    let (code, status) = server
+        .post(&format!("{PODS}/web/binding"), &binding("n2"))
+        .unwrap();
+    assert_eq!(code, 409, "{status}");
+    assert!(status["message"]
+        .as_str()
+        .unwrap()
+        .contains("already assigned to node \"n1\""));
+    let on_n1 = server
+        .kubectl_ok(&[
+            "get",
+            "pods",
+            "--field-selector",
+            "spec.nodeName=n1",
+            "-o",
+            "name",
+        ])
+        .unwrap();
+    assert_eq!(on_n1.trim(), "pod/web");
+
+    // Status goes through /status only; the main resource keeps it.
+    let (_, mut current) = server.get(&format!("{PODS}/web")).unwrap();
+    assert_eq!(current["status"]["conditions"][0]["type"], "PodScheduled");
+    current["status"]["phase"] = "Running".into();
+    current["status"]["podIP"] = "10.244.1.5".into();
+    let (code, updated) = server.put(&format!("{PODS}/web/status"), &current).unwrap();
+    assert_eq!(code, 200, "{updated}");
+    assert_eq!(updated["status"]["phase"], "Running");
+    let mut main = updated.clone();
+    main["status"]["phase"] = "Failed".into();
+    main["metadata"]["labels"]["tier"] = "front".into();
+    let (code, updated) = server.put(&format!("{PODS}/web"), &main).unwrap();
+    assert_eq!(code, 200, "{updated}");
+    assert_eq!(updated["status"]["phase"], "Running");
+    assert_eq!(updated["metadata"]["labels"]["tier"], "front");
+    // A pod's spec is fixed but for a few fields.
+    let (code, status) = server
+        .merge_patch(
+            &format!("{PODS}/web"),
+            &json!({"spec": {"restartPolicy": "Never"}}),
+        )
+        .unwrap();
+    assert_eq!(code, 422, "{status}");
+
+    // A pod on a node is deleted gracefully: marked, and gone when the kubelet (here: a
+    // delete with grace 0) confirms.
+    let (code, marked) = server.delete(&format!("{PODS}/web"), None).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(marked["metadata"]["deletionGracePeriodSeconds"], 30);
+    assert!(marked["metadata"]["deletionTimestamp"].is_string());
+    let (code, still) = server.get(&format!("{PODS}/web")).unwrap();
+    assert_eq!(code, 200);
+    assert!(still["metadata"]["deletionTimestamp"].is_string());
+    let (code, status) = server
+        .post(&format!("{PODS}/web/binding"), &binding("n3"))
+        .unwrap();
+    assert_eq!(code, 409, "{status}");
+    let (code, _) = server
+        .delete(
+            &format!("{PODS}/web"),
+            Some(&json!({"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})),
+        )
+        .unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(server.get(&format!("{PODS}/web")).unwrap().0, 404);
+
+    // A pod that never reached a node goes at once.
+    server.post(PODS, &pod("pending")).unwrap();
+    server.delete(&format!("{PODS}/pending"), None).unwrap();
+    assert_eq!(server.get(&format!("{PODS}/pending")).unwrap().0, 404);
+
+    // Preconditions.
+    server.post(PODS, &pod("pre")).unwrap();
+    let (code, _) = server
+        .delete(
+            &format!("{PODS}/pre"),
+            Some(&json!({"preconditions": {"uid": "not-the-uid"}})),
+        )
+        .unwrap();
+    assert_eq!(code, 409);
+    assert_eq!(server.get(&format!("{PODS}/pre")).unwrap().0, 200);
+}
+
+#[test]
+fn finalizers_hold_objects_and_namespaces_terminate() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let (code, _) = server
+        .post(
+            "/api/v1/namespaces",
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}}),
+        )
+        .unwrap();
+    assert_eq!(code, 201);
+    let cms = "/api/v1/namespaces/team/configmaps";
+    let (code, _) = server
+        .post(
+            cms,
+            &json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "held", "finalizers": ["example.com/cleanup"]}}),
+        )
+        .unwrap();
+    assert_eq!(code, 201);
+    let (code, marked) = server.delete(&format!("{cms}/held"), None).unwrap();
+    assert_eq!(code, 200);
+    assert!(marked["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(server.get(&format!("{cms}/held")).unwrap().0, 200);
+    // The finalizer's owner finishes: the object goes.
+    let out = server
+        .kubectl_ok(&[
+            "patch",
+            "configmap",
+            "held",
+            "-n",
+            "team",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        ])
+        .unwrap();
+    assert!(out.contains("patched"), "{out}");
+    assert_eq!(server.get(&format!("{cms}/held")).unwrap().0, 404);
+
+    // A namespace being deleted turns Terminating and takes no new objects until its
+    // finalizers are done (the namespace controller's job), then goes.
+    server
+        .post(
+            cms,
+            &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "left"}}),
+        )
+        .unwrap();
+    let out = server
+        .kubectl_ok(&["delete", "namespace", "team", "--wait=false"])
+        .unwrap();
+    assert!(out.contains("deleted"), "{out}");
+    let (_, ns) = server.get("/api/v1/namespaces/team").unwrap();
+    assert_eq!(ns["status"]["phase"], "Terminating");
+    let (code, status) = server
+        .post(
+            cms,
+            &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "late"}}),
+        )
+        .unwrap();
+    assert_eq!(code, 403, "{status}");
+    assert!(status["message"]
+        .as_str()
+        .unwrap()
+        .contains("because it is being terminated"));
+    let mut finalized = ns.clone();
+    finalized["spec"]["finalizers"] = json!([]);
+    let (code, _) = server
+        .put("/api/v1/namespaces/team/finalize", &finalized)
+        .unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(server.get("/api/v1/namespaces/team").unwrap().0, 404);
+
+    let denied = server.kubectl(&["delete", "namespace", "default"]).unwrap();
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("may not be deleted"));
+}
+
+#[test]
+fn kubectl_apply_and_patch_use_strategic_merge_patches() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let manifest = |image: &str, env: &str, tier: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: app
+  labels: {{app: app, tier: {tier}}}
+spec:
+  containers:
+  - name: web
+    image: {image}
+    env: [{{name: MODE, value: {env}}}]
+  - name: sidecar
+    image: busybox:1.36
+"#
+        )
+    };
+    let path = write_manifest(&server, "app.yaml", &manifest("nginx:1.27", "a", "one"));
+    let out = server
+        .kubectl_ok(&["apply", "--validate=false", "-f", &path])
+        .unwrap();
+    assert!(out.contains("pod/app created"), "{out}");
+    let path = write_manifest(&server, "app.yaml", &manifest("nginx:1.28", "a", "two"));
+    let out = server
+        .kubectl_ok(&["apply", "--validate=false", "-f", &path])
+        .unwrap();
+    assert!(out.contains("pod/app configured"), "{out}");
+    let (_, app) = server.get(&format!("{PODS}/app")).unwrap();
+    assert_eq!(app["spec"]["containers"][0]["image"], "nginx:1.28");
+    assert_eq!(
+        app["spec"]["containers"][0]["env"],
+        json!([{"name": "MODE", "value": "a"}])
+    );
+    assert_eq!(app["spec"]["containers"][1]["image"], "busybox:1.36");
+    assert_eq!(app["metadata"]["labels"]["tier"], "two");
+    // As in Kubernetes, a pod's environment cannot change in place.
+    let path = write_manifest(&server, "app.yaml", &manifest("nginx:1.28", "b", "two"));
+    let refused = server
+        .kubectl(&["apply", "--validate=false", "-f", &path])
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("pod updates may not change fields"));
+
+    // kubectl patch's default type is strategic: the list element is merged by name.
+    server
+        .kubectl_ok(&[
+            "patch",
+            "pod",
+            "app",
+            "-p",
+            r#"{"spec":{"containers":[{"name":"sidecar","image":"busybox:1.37"}]}}"#,
+        ])
+        .unwrap();
+    let (_, app) = server.get(&format!("{PODS}/app")).unwrap();
+    let containers = app["spec"]["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 2);
+    assert_eq!(containers[0]["image"], "nginx:1.28");
+    assert_eq!(containers[1]["image"], "busybox:1.37");
+}
+
+#[test]
+fn invalid_objects_are_refused_with_field_causes() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let cases = [
+        (
+            PODS,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                   "spec": {"containers": [{"name": "c"}]}}),
+            "spec.containers[0].image",
+        ),
+        (
+            PODS,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {}}),
+            "spec.containers",
+        ),
+        (
+            SVCS,
+            service("s", json!({"ports": [{"port": 70000}]})),
+            "spec.ports[0].port",
+        ),
+        (
+            SVCS,
+            service("s", json!({"ports": [{"port": 80}, {"port": 81}]})),
+            "spec.ports[0].name",
+        ),
+        (
+            "/apis/batch/v1/namespaces/default/jobs",
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
+                   "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "x"}]}}}}),
+            "spec.template.spec.restartPolicy",
+        ),
+        (
+            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": "e"}, "endpoints": []}),
+            "addressType",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let (code, status) = server.post(path, &body).unwrap();
+        assert_eq!(code, 422, "{status}");
+        assert_eq!(status["reason"], "Invalid");
+        let fields: Vec<&str> = status["details"]["causes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["field"].as_str().unwrap())
+            .collect();
+        assert!(fields.contains(&field), "{field} not in {fields:?}");
+    }
+    // Nothing was stored.
+    let (_, pods) = server.get(PODS).unwrap();
+    assert!(pods["items"].as_array().unwrap().is_empty());
+
+    // A Job gets its selector and pod labels from its uid.
+    let (code, job) = server
+        .post(
+            "/apis/batch/v1/namespaces/default/jobs",
+            &json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
+                    "spec": {"template": {"spec": {"restartPolicy": "Never",
+                             "containers": [{"name": "c", "image": "busybox"}]}}}}),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{job}");
+    let uid = job["metadata"]["uid"].as_str().unwrap();
+    assert_eq!(
+        job["spec"]["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"],
+        uid
+    );
+    assert_eq!(
+        job["spec"]["template"]["metadata"]["labels"]["job-name"],
+        "j"
+    );
+    assert_eq!(job["spec"]["backoffLimit"], 6);
+}
