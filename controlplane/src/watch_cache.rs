@@ -138,6 +138,11 @@ impl ResourceCache {
         })
     }
 
+    /// A receiver of what happens from now on (for followers that reload rather than replay).
+    pub fn receiver(&self) -> broadcast::Receiver<Signal> {
+        self.sender.subscribe()
+    }
+
     /// The newest revision the cache has seen.
     pub fn latest(&self) -> i64 {
         self.lock().latest

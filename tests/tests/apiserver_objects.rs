@@ -530,6 +530,13 @@ fn invalid_objects_are_refused_with_field_causes() {
                    "metadata": {"name": "e"}, "endpoints": []}),
             "addressType",
         ),
+        (
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/default/rolebindings",
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                   "metadata": {"name": "rb"}, "roleRef": {"kind": "Deployment", "name": "x"},
+                   "subjects": [{"kind": "User", "name": "alice"}]}),
+            "roleRef.kind",
+        ),
     ];
     for (path, body, field) in cases {
         let (code, status) = server.post(path, &body).unwrap();

@@ -1,9 +1,118 @@
-//! Bearer-token authentication: tokens from `--token-auth-file` (kube-apiserver's CSV format:
-//! `token,user,uid[,"group1,group2"]`) and the admin token the server keeps in its cert directory.
+//! Authentication, in kube-apiserver's order: client certificates signed by the client CA (user =
+//! CN, groups = O), bearer tokens from `--token-auth-file` (kube-apiserver's CSV format:
+//! `token,user,uid[,"group1,group2"]`) and the admin token kept in the cert directory, and service
+//! account tokens (JWTs this server signed, for service accounts that still exist). Every
+//! authenticated user is in `system:authenticated`.
 
 use std::{collections::HashMap, path::Path};
 
 use axum::http::HeaderMap;
+
+use super::sa_token::TokenSigner;
+use crate::storage::{ObjectKey, Storage, StorageError};
+
+/// The identity a verified client certificate carries (set on the request by the TLS acceptor).
+#[derive(Debug, Clone)]
+pub struct CertificateUser(pub User);
+
+/// Why a request could not be authenticated.
+#[derive(Debug)]
+pub enum AuthError {
+    /// No credentials, or credentials that are not valid.
+    Unauthorized,
+    /// The credentials could not be checked now (etcd is unavailable).
+    Unavailable(StorageError),
+}
+
+pub struct Authenticator {
+    pub tokens: TokenAuthenticator,
+    pub signer: TokenSigner,
+}
+
+impl Authenticator {
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        certificate: Option<&CertificateUser>,
+        storage: &Storage,
+    ) -> Result<User, AuthError> {
+        let mut user = match (bearer(headers), certificate) {
+            (Some(token), _) => match self.tokens.lookup(token) {
+                Some(user) => user.clone(),
+                None => self.service_account(token, storage).await?,
+            },
+            (None, Some(CertificateUser(user))) => user.clone(),
+            (None, None) => return Err(AuthError::Unauthorized),
+        };
+        if !user.groups.iter().any(|g| g == "system:authenticated") {
+            user.groups.push("system:authenticated".into());
+        }
+        Ok(user)
+    }
+
+    /// A service account token: signed by this server, for a service account (and pod, when
+    /// bound to one) that exists with the uid in the token.
+    async fn service_account(&self, token: &str, storage: &Storage) -> Result<User, AuthError> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = self
+            .signer
+            .verify(token, now)
+            .map_err(|_| AuthError::Unauthorized)?;
+        let exists = |resource: &'static str, name: String, uid: String| {
+            let key = ObjectKey::new(resource, Some(&claims.namespace), &name);
+            async move {
+                match storage.get(&key).await {
+                    Ok(object) => Ok(object["metadata"]["uid"].as_str() == Some(uid.as_str())),
+                    Err(StorageError::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(AuthError::Unavailable(e)),
+                }
+            }
+        };
+        if !exists("serviceaccounts", claims.name.clone(), claims.uid.clone()).await? {
+            return Err(AuthError::Unauthorized);
+        }
+        if let Some((pod, uid)) = &claims.pod {
+            if !exists("pods", pod.clone(), uid.clone()).await? {
+                return Err(AuthError::Unauthorized);
+            }
+        }
+        Ok(User {
+            name: format!("system:serviceaccount:{}:{}", claims.namespace, claims.name),
+            uid: claims.uid.clone(),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{}", claims.namespace),
+            ],
+        })
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ")?.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// The user a client certificate names: CN is the user, each O a group.
+pub fn certificate_user(der: &[u8]) -> Option<User> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())?
+        .to_string();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok())
+        .map(str::to_string)
+        .collect();
+    Some(User {
+        name,
+        uid: String::new(),
+        groups,
+    })
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -66,9 +175,7 @@ impl TokenAuthenticator {
         Ok(())
     }
 
-    pub fn authenticate(&self, headers: &HeaderMap) -> Option<&User> {
-        let value = headers.get("authorization")?.to_str().ok()?;
-        let token = value.strip_prefix("Bearer ")?.trim();
+    pub fn lookup(&self, token: &str) -> Option<&User> {
         self.tokens.get(token)
     }
 }
@@ -83,11 +190,8 @@ mod tests {
         std::fs::write(&dir, "# comment\nabc,alice,1,\"dev,ops\"\nxyz,bob,2\n").unwrap();
         let mut auth = TokenAuthenticator::default();
         auth.load(&dir).unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert("authorization", "Bearer abc".parse().unwrap());
-        assert_eq!(auth.authenticate(&headers).unwrap().groups, ["dev", "ops"]);
-        headers.insert("authorization", "Bearer nope".parse().unwrap());
-        assert!(auth.authenticate(&headers).is_none());
+        assert_eq!(auth.lookup("abc").unwrap().groups, ["dev", "ops"]);
+        assert!(auth.lookup("nope").is_none());
         std::fs::write(&dir, "onlytoken\n").unwrap();
         assert!(auth.load(&dir).unwrap_err().contains(":1:"));
         let _ = std::fs::remove_file(&dir);

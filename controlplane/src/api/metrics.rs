@@ -58,34 +58,18 @@ impl RequestMetrics {
     }
 }
 
-/// The Kubernetes verb and resource of a request, from its method and path.
+/// The verb and resource labels of a request, as kube-apiserver labels them.
 fn classify(method: &Method, path: &str, query: &str) -> (String, String) {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let rest: &[&str] = match segments.as_slice() {
-        ["api", _, rest @ ..] => rest,
-        ["apis", _, _, rest @ ..] => rest,
-        _ => return (method.as_str().to_ascii_uppercase(), String::new()),
+    let info = super::request_info::parse(method, path, query);
+    if !info.resource_request {
+        return (method.as_str().to_ascii_uppercase(), String::new());
+    }
+    let verb = match info.verb.as_str() {
+        "create" => "POST",
+        "update" => "PUT",
+        other => return (other.to_ascii_uppercase(), info.resource),
     };
-    let (resource, named) = match rest {
-        ["namespaces", _, resource, ..] => (*resource, rest.len() >= 4),
-        [resource, name @ ..] => (*resource, !name.is_empty()),
-        [] => ("", false),
-    };
-    let watch = query
-        .split('&')
-        .any(|p| p == "watch=true" || p == "watch=1");
-    let verb = match (method.as_str(), named) {
-        ("GET", true) => "GET",
-        ("GET", false) if watch => "WATCH",
-        ("GET", false) => "LIST",
-        ("POST", _) => "POST",
-        ("PUT", _) => "PUT",
-        ("PATCH", _) => "PATCH",
-        ("DELETE", true) => "DELETE",
-        ("DELETE", false) => "DELETECOLLECTION",
-        (other, _) => other,
-    };
-    (verb.to_string(), resource.to_string())
+    (verb.to_string(), info.resource)
 }
 
 pub async fn record(

@@ -6,8 +6,13 @@ pub mod auth;
 pub mod handlers;
 pub mod metrics;
 pub mod patch;
+pub mod protobuf;
 pub mod query;
+pub mod rbac;
+pub mod request_info;
 pub mod resources;
+pub mod reviews;
+pub mod sa_token;
 pub mod status;
 pub mod strategy;
 pub mod table;
@@ -34,14 +39,19 @@ use handlers::Target;
 use query::{parse_query, Selector};
 use status::ApiError;
 
+const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
+
 /// Kubernetes refuses request bodies larger than this.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 
 pub struct ApiState {
     pub storage: Storage,
-    pub tokens: auth::TokenAuthenticator,
+    pub auth: auth::Authenticator,
+    pub authorizer: Arc<rbac::Authorizer>,
+    /// False with `--authorization-mode=AlwaysAllow`.
+    pub authorize: bool,
     pub metrics: Arc<metrics::RequestMetrics>,
-    pub watches: WatchCaches,
+    pub watches: Arc<WatchCaches>,
     pub ranges: alloc::ServiceRanges,
 }
 
@@ -68,6 +78,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// the API servers (each adds its own advertised address).
 pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Result<(), ApiError> {
     let storage = &state.storage;
+    rbac::bootstrap(storage).await?;
     for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let object = json!({"apiVersion": "v1", "kind": "Namespace",
                             "metadata": {"name": name, "uid": handlers::uid(), "creationTimestamp": handlers::now(),
@@ -170,18 +181,115 @@ pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Res
     Ok(())
 }
 
+/// Authenticates (certificate, token), applies impersonation, authorizes (RBAC) and hands the
+/// user on to the handlers. Health paths and /version are open to everyone.
 async fn authenticate(
     State(state): State<Arc<ApiState>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let path = request.uri().path();
-    let public = matches!(path, "/healthz" | "/livez" | "/readyz" | "/version");
-    if public || state.tokens.authenticate(request.headers()).is_some() {
-        next.run(request).await
-    } else {
-        ApiError::unauthorized().into_response()
+    if matches!(path, "/healthz" | "/livez" | "/readyz" | "/version") {
+        return next.run(request).await;
     }
+    let certificate = request.extensions().get::<auth::CertificateUser>().cloned();
+    let user = match state
+        .auth
+        .authenticate(request.headers(), certificate.as_ref(), &state.storage)
+        .await
+    {
+        Ok(user) => user,
+        Err(auth::AuthError::Unauthorized) => return ApiError::unauthorized().into_response(),
+        Err(auth::AuthError::Unavailable(e)) => return ApiError::from(e).into_response(),
+    };
+    let user = match impersonate(&state, user, request.headers()).await {
+        Ok(user) => user,
+        Err(e) => return e.into_response(),
+    };
+    let info = request_info::parse(
+        request.method(),
+        request.uri().path(),
+        request.uri().query().unwrap_or(""),
+    );
+    if state.authorize {
+        let decision = state.authorizer.authorize(&user, &info).await;
+        if !decision.allowed {
+            let mut error = ApiError::forbidden(rbac::forbidden_message(&user, &info));
+            if info.resource_request {
+                error.details = Some(json!({"name": info.name, "group": info.api_group,
+                                            "kind": info.resource}));
+            }
+            return error.into_response();
+        }
+    }
+    request.extensions_mut().insert(user);
+    next.run(request).await
+}
+
+/// `Impersonate-User` / `Impersonate-Group` headers: act as another user, if allowed to
+/// impersonate them (kubectl --as, --as-group).
+async fn impersonate(
+    state: &ApiState,
+    user: auth::User,
+    headers: &axum::http::HeaderMap,
+) -> Result<auth::User, ApiError> {
+    let values = |name: &str| -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect()
+    };
+    let names = values("impersonate-user");
+    let groups = values("impersonate-group");
+    if names.is_empty() {
+        if groups.is_empty() {
+            return Ok(user);
+        }
+        return Err(ApiError::bad_request(
+            "requested impersonation of groups without impersonating a user",
+        ));
+    }
+    let name = names[0].clone();
+    let mut checks = Vec::new();
+    let mut new_groups = Vec::new();
+    match name
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+    {
+        Some((ns, sa)) => {
+            checks.push(("serviceaccounts", Some(ns.to_string()), sa.to_string()));
+            new_groups.push("system:serviceaccounts".to_string());
+            new_groups.push(format!("system:serviceaccounts:{ns}"));
+        }
+        None => checks.push(("users", None, name.clone())),
+    }
+    for group in &groups {
+        checks.push(("groups", None, group.clone()));
+        new_groups.push(group.clone());
+    }
+    for (resource, namespace, object) in checks {
+        let info = request_info::RequestInfo {
+            resource_request: true,
+            verb: "impersonate".into(),
+            resource: resource.into(),
+            namespace,
+            name: Some(object),
+            ..Default::default()
+        };
+        if state.authorize && !state.authorizer.authorize(&user, &info).await.allowed {
+            return Err(ApiError::forbidden(rbac::forbidden_message(&user, &info)));
+        }
+    }
+    if !new_groups.iter().any(|g| g == "system:authenticated") {
+        new_groups.push("system:authenticated".into());
+    }
+    Ok(auth::User {
+        name,
+        uid: String::new(),
+        groups: new_groups,
+    })
 }
 
 async fn render_metrics(State(state): State<Arc<ApiState>>) -> Response {
@@ -346,7 +454,11 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
     // JSON only: protobuf, CBOR and YAML (server-side apply) bodies are refused.
     {
         let media = media.as_str();
-        if !(media == "application/json" || media.ends_with("+json") || media.is_empty()) {
+        if !(media == "application/json"
+            || media.ends_with("+json")
+            || media.is_empty()
+            || media == PROTOBUF)
+        {
             return ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "UnsupportedMediaType",
@@ -378,7 +490,7 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         || params
             .iter()
             .any(|(k, v)| k == "watch" && (v == "true" || v == "1"));
-    if watching && method == Method::GET {
+    if watching && method == Method::GET && !resource.review {
         let selector = match Selector::from_params(&params, resource.kind) {
             Ok(s) => s,
             Err(e) => return e.into_response(),
@@ -399,10 +511,62 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
             Err(e) => e.into_response(),
         };
     }
-    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
+    let user = request
+        .extensions()
+        .get::<auth::User>()
+        .cloned()
+        .unwrap_or_else(|| auth::User {
+            name: "system:anonymous".into(),
+            uid: String::new(),
+            groups: vec!["system:unauthenticated".into()],
+        });
+    let mut body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
         Ok(body) => body,
         Err(_) => return too_large(),
     };
+    let mut media = media;
+    if media == PROTOBUF && !body.is_empty() {
+        match protobuf::decode(&body) {
+            Ok(object) => {
+                body = axum::body::Bytes::from(object.to_string());
+                media = "application/json".into();
+            }
+            Err(protobuf::DecodeError::Unsupported(what)) => return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!(
+                    "protobuf request bodies of {what} are not supported; send application/json"
+                ),
+            )
+            .into_response(),
+            Err(protobuf::DecodeError::Malformed(why)) => {
+                return ApiError::bad_request(format!(
+                    "the protobuf request body is malformed: {why}"
+                ))
+                .into_response()
+            }
+        }
+    }
+    if resource.review {
+        return match method {
+            Method::POST if target.name.is_none() => {
+                match reviews::answer(&state, &target, &user, &body).await {
+                    Ok((code, value)) => (code, Json(value)).into_response(),
+                    Err(e) => e.into_response(),
+                }
+            }
+            _ => ApiError::method_not_allowed().into_response(),
+        };
+    }
+    if target.subresource.as_deref() == Some("token") {
+        return match method {
+            Method::POST => match reviews::token_request(&state, &target, &body).await {
+                Ok((code, value)) => (code, Json(value)).into_response(),
+                Err(e) => e.into_response(),
+            },
+            _ => ApiError::method_not_allowed().into_response(),
+        };
+    }
     let named = target.name.is_some();
     let creates_subresource = named && target.subresource.is_some() && method == Method::POST;
     let result = match method.clone() {

@@ -11,8 +11,10 @@ pub struct Resource {
     pub singular: &'static str,
     pub namespaced: bool,
     pub short_names: &'static [&'static str],
-    /// Subresources: `status`, `binding`, `finalize`.
+    /// Subresources: `status`, `binding`, `finalize`, `token`.
     pub subresources: &'static [&'static str],
+    /// A review (SelfSubjectAccessReview, TokenReview, ...): created and answered, never stored.
+    pub review: bool,
 }
 
 const VERBS: [&str; 8] = [
@@ -43,12 +45,15 @@ pub const RESOURCES: &[Resource] = &[
     core("Endpoints", "endpoints", "endpoints", true, &["ep"]),
     core("ConfigMap", "configmaps", "configmap", true, &["cm"]),
     core("Secret", "secrets", "secret", true, &[]),
-    core(
-        "ServiceAccount",
-        "serviceaccounts",
-        "serviceaccount",
-        true,
-        &["sa"],
+    with_subresources(
+        core(
+            "ServiceAccount",
+            "serviceaccounts",
+            "serviceaccount",
+            true,
+            &["sa"],
+        ),
+        &["token"],
     ),
     core("Event", "events", "event", true, &["ev"]),
     Resource {
@@ -60,6 +65,7 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         short_names: &[],
         subresources: &[],
+        review: false,
     },
     Resource {
         group: "coordination.k8s.io",
@@ -70,6 +76,7 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         short_names: &[],
         subresources: &[],
+        review: false,
     },
     Resource {
         group: "batch",
@@ -80,8 +87,70 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         short_names: &[],
         subresources: &["status"],
+        review: false,
     },
+    grouped(
+        "rbac.authorization.k8s.io",
+        "ClusterRole",
+        "clusterroles",
+        false,
+    ),
+    grouped(
+        "rbac.authorization.k8s.io",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        false,
+    ),
+    grouped("rbac.authorization.k8s.io", "Role", "roles", true),
+    grouped(
+        "rbac.authorization.k8s.io",
+        "RoleBinding",
+        "rolebindings",
+        true,
+    ),
+    review(
+        "authorization.k8s.io",
+        "SelfSubjectAccessReview",
+        "selfsubjectaccessreviews",
+    ),
+    review(
+        "authorization.k8s.io",
+        "SubjectAccessReview",
+        "subjectaccessreviews",
+    ),
+    review(
+        "authentication.k8s.io",
+        "SelfSubjectReview",
+        "selfsubjectreviews",
+    ),
+    review("authentication.k8s.io", "TokenReview", "tokenreviews"),
 ];
+
+const fn grouped(
+    group: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    namespaced: bool,
+) -> Resource {
+    Resource {
+        group,
+        version: "v1",
+        kind,
+        plural,
+        singular: "",
+        namespaced,
+        short_names: &[],
+        subresources: &[],
+        review: false,
+    }
+}
+
+const fn review(group: &'static str, kind: &'static str, plural: &'static str) -> Resource {
+    Resource {
+        review: true,
+        ..grouped(group, kind, plural, false)
+    }
+}
 
 const fn core(
     kind: &'static str,
@@ -99,6 +168,7 @@ const fn core(
         namespaced,
         short_names,
         subresources: &[],
+        review: false,
     }
 }
 
@@ -131,27 +201,34 @@ impl Resource {
             .map(|sub| {
                 let (kind, verbs): (&str, &[&str]) = match *sub {
                     "binding" => ("Binding", &["create"]),
+                    "token" => ("TokenRequest", &["create"]),
                     "finalize" => (self.kind, &["update"]),
                     _ => (self.kind, &["get", "patch", "update"]),
                 };
-                serde_json::json!({
+                let mut entry = serde_json::json!({
                     "name": format!("{}/{sub}", self.plural),
                     "singularName": "",
                     "namespaced": self.namespaced,
                     "kind": kind,
                     "verbs": verbs,
-                })
+                });
+                if *sub == "token" {
+                    entry["group"] = "authentication.k8s.io".into();
+                    entry["version"] = "v1".into();
+                }
+                entry
             })
             .collect()
     }
 
     pub fn discovery(&self) -> serde_json::Value {
+        let verbs: &[&str] = if self.review { &["create"] } else { &VERBS };
         serde_json::json!({
             "name": self.plural,
             "singularName": self.singular,
             "namespaced": self.namespaced,
             "kind": self.kind,
-            "verbs": VERBS,
+            "verbs": verbs,
             "shortNames": self.short_names,
         })
     }

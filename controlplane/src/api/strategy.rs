@@ -71,6 +71,67 @@ pub fn prepare_create(resource: &Resource, object: &mut Value) -> Result<(), Api
             prepare_job(object)
         }
         "Secret" => prepare_secret(object),
+        "Role" | "ClusterRole" => {
+            let mut causes = Causes::new();
+            for (i, rule) in object["rules"].as_array().into_iter().flatten().enumerate() {
+                if rule["verbs"].as_array().is_none_or(Vec::is_empty) {
+                    required(&mut causes, &format!("rules[{i}].verbs"));
+                }
+                let resources = rule["resources"].as_array().is_some_and(|r| !r.is_empty());
+                let urls = rule["nonResourceURLs"]
+                    .as_array()
+                    .is_some_and(|r| !r.is_empty());
+                if !resources && !urls {
+                    causes.push((
+                        format!("rules[{i}].resources"),
+                        "Required value: resource rules must supply at least one resource".into(),
+                    ));
+                }
+            }
+            invalid(resource.kind, object, causes)
+        }
+        "RoleBinding" | "ClusterRoleBinding" => {
+            let mut causes = Causes::new();
+            let allowed: &[&str] = if resource.kind == "RoleBinding" {
+                &["Role", "ClusterRole"]
+            } else {
+                &["ClusterRole"]
+            };
+            match object["roleRef"]["kind"].as_str() {
+                Some(kind) if allowed.contains(&kind) => {}
+                Some(kind) => causes.push((
+                    "roleRef.kind".into(),
+                    format!("Unsupported value: {kind:?}: supported values: {allowed:?}"),
+                )),
+                None => required(&mut causes, "roleRef.kind"),
+            }
+            if object["roleRef"]["name"].as_str().is_none_or(str::is_empty) {
+                required(&mut causes, "roleRef.name");
+            }
+            for (i, subject) in object["subjects"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                if subject["name"].as_str().is_none_or(str::is_empty) {
+                    required(&mut causes, &format!("subjects[{i}].name"));
+                }
+                if !matches!(
+                    subject["kind"].as_str(),
+                    Some("User" | "Group" | "ServiceAccount")
+                ) {
+                    causes.push((
+                        format!("subjects[{i}].kind"),
+                        format!(
+                            "Unsupported value: {}: supported values: \"ServiceAccount\", \"User\", \"Group\"",
+                            subject["kind"]
+                        ),
+                    ));
+                }
+            }
+            invalid(resource.kind, object, causes)
+        }
         "EndpointSlice" => {
             let mut causes = Causes::new();
             match object["addressType"].as_str() {
@@ -500,6 +561,16 @@ pub fn prepare_update(
             }
         }
         "Secret" => prepare_secret(&mut new)?,
+        "RoleBinding" | "ClusterRoleBinding" if new["roleRef"] != current["roleRef"] => {
+            invalid(
+                resource.kind,
+                &new,
+                vec![(
+                    "roleRef".into(),
+                    format!("Invalid value: {}: cannot change roleRef", new["roleRef"]),
+                )],
+            )?;
+        }
         _ => {}
     }
     Ok(new)

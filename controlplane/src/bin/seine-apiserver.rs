@@ -11,10 +11,18 @@ use hyper_util::{
 };
 use rand::Rng as _;
 use seine_controlplane::{
-    api::{self, alloc::ServiceRanges, auth::TokenAuthenticator, auth::User, tls, ApiState},
+    api::{
+        self,
+        alloc::ServiceRanges,
+        auth::{certificate_user, Authenticator, CertificateUser, TokenAuthenticator, User},
+        rbac::Authorizer,
+        sa_token::TokenSigner,
+        tls, ApiState,
+    },
     storage::Storage,
     watch_cache::WatchCaches,
 };
+use tower::ServiceExt as _;
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
@@ -55,6 +63,22 @@ struct Args {
     /// NodePorts come from this range.
     #[arg(long, default_value = "30000-32767")]
     service_node_port_range: String,
+    /// Client certificates signed by this CA authenticate (CN = user, O = groups); default: the
+    /// generated CA.
+    #[arg(long)]
+    client_ca_file: Option<PathBuf>,
+    /// The key service account tokens are signed with (PKCS#8 P-256 PEM); created under
+    /// --cert-dir when not given.
+    #[arg(long)]
+    service_account_signing_key_file: Option<PathBuf>,
+    #[arg(long, default_value = "https://kubernetes.default.svc.cluster.local")]
+    service_account_issuer: String,
+    /// Audiences tokens must name (default: the issuer).
+    #[arg(long, value_delimiter = ',')]
+    api_audiences: Vec<String>,
+    /// RBAC, or AlwaysAllow (every authenticated request is allowed).
+    #[arg(long, default_value = "RBAC", value_parser = ["RBAC", "AlwaysAllow"])]
+    authorization_mode: String,
     /// The address the `kubernetes` service's endpoints point at (default: --bind-address, or
     /// 127.0.0.1 when that is unspecified).
     #[arg(long)]
@@ -121,7 +145,20 @@ async fn run(args: Args) -> Result<()> {
             tls::ensure_generated(&args.cert_dir, &addresses)?
         }
     };
-    let tls_config = tls::server_config(&files.cert, &files.key)?;
+    let client_ca = args.client_ca_file.clone().or_else(|| files.ca.clone());
+    let tls_config = tls::server_config(&files.cert, &files.key, client_ca.as_deref())?;
+    let signer = TokenSigner::load_or_generate(
+        &args
+            .service_account_signing_key_file
+            .clone()
+            .unwrap_or_else(|| args.cert_dir.join("sa.key")),
+        &args.service_account_issuer,
+        if args.api_audiences.is_empty() {
+            vec![args.service_account_issuer.clone()]
+        } else {
+            args.api_audiences.clone()
+        },
+    )?;
 
     let ranges = ServiceRanges::parse(
         &args.service_cluster_ip_range,
@@ -138,14 +175,21 @@ async fn run(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     let local = listener.local_addr()?;
-    let watches = WatchCaches::start(
+    let watches = Arc::new(WatchCaches::start(
         &storage,
-        api::resources::RESOURCES.iter().map(|r| r.storage_name()),
+        api::resources::RESOURCES
+            .iter()
+            .filter(|r| !r.review)
+            .map(|r| r.storage_name()),
         args.watch_cache_size,
-    );
+    ));
+    let authorizer = Authorizer::new();
+    tokio::spawn(authorizer.clone().follow(storage.clone(), watches.clone()));
     let state = Arc::new(ApiState {
         storage,
-        tokens,
+        auth: Authenticator { tokens, signer },
+        authorizer,
+        authorize: args.authorization_mode == "RBAC",
         metrics: Arc::default(),
         watches,
         ranges,
@@ -199,7 +243,7 @@ async fn run(args: Args) -> Result<()> {
             _ = &mut shutdown => break,
         };
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
+        let app = app.clone();
         tokio::spawn(async move {
             let stream = match acceptor.accept(stream).await {
                 Ok(s) => s,
@@ -208,6 +252,22 @@ async fn run(args: Args) -> Result<()> {
                     return;
                 }
             };
+            // A verified client certificate names the user of every request on the connection.
+            let certificate = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| certificate_user(cert.as_ref()))
+                .map(CertificateUser);
+            let service = TowerToHyperService::new(tower::service_fn(
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    if let Some(certificate) = &certificate {
+                        request.extensions_mut().insert(certificate.clone());
+                    }
+                    app.clone().oneshot(request)
+                },
+            ));
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await
