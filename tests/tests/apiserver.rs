@@ -37,11 +37,8 @@ fn kubectl_sees_the_system_namespaces_and_manages_objects() {
         .unwrap()
         .contains("endpointslices"));
 
-    // kubectl's client-side OpenAPI validation needs /openapi, which is not served yet.
     let manifest = write_manifest(&server, "cm.json", CONFIG_MAP);
-    let created = server
-        .kubectl_ok(&["create", "--validate=false", "-f", &manifest])
-        .unwrap();
+    let created = server.kubectl_ok(&["create", "-f", &manifest]).unwrap();
     assert!(created.contains("configmap/web created"), "{created}");
     let object = json_of(
         &server
@@ -299,9 +296,7 @@ fn an_etcd_outage_gives_503_and_the_server_recovers_without_a_restart() {
     let server = ApiServer::start(&etcd).unwrap();
     let token = server.admin_token().unwrap();
     let manifest = write_manifest(&server, "cm.json", CONFIG_MAP);
-    server
-        .kubectl_ok(&["create", "--validate=false", "-f", &manifest])
-        .unwrap();
+    server.kubectl_ok(&["create", "-f", &manifest]).unwrap();
 
     etcd.pause().unwrap();
     let (status, head, body) = server
@@ -346,9 +341,7 @@ fn kubectl_patch_applies_merge_and_json_patches() {
     let etcd = Etcd::start().unwrap();
     let server = ApiServer::start(&etcd).unwrap();
     let manifest = write_manifest(&server, "cm.json", CONFIG_MAP);
-    server
-        .kubectl_ok(&["create", "--validate=false", "-f", &manifest])
-        .unwrap();
+    server.kubectl_ok(&["create", "-f", &manifest]).unwrap();
 
     server
         .kubectl_ok(&[
@@ -475,9 +468,7 @@ fn kubectl_get_prints_the_server_side_columns() {
     );
 
     let manifest = write_manifest(&server, "cm.json", CONFIG_MAP);
-    server
-        .kubectl_ok(&["create", "--validate=false", "-f", &manifest])
-        .unwrap();
+    server.kubectl_ok(&["create", "-f", &manifest]).unwrap();
     let config_maps = server
         .kubectl_ok(&["get", "configmaps", "--show-labels"])
         .unwrap();

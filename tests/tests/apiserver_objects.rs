@@ -450,14 +450,10 @@ spec:
         )
     };
     let path = write_manifest(&server, "app.yaml", &manifest("nginx:1.27", "a", "one"));
-    let out = server
-        .kubectl_ok(&["apply", "--validate=false", "-f", &path])
-        .unwrap();
+    let out = server.kubectl_ok(&["apply", "-f", &path]).unwrap();
     assert!(out.contains("pod/app created"), "{out}");
     let path = write_manifest(&server, "app.yaml", &manifest("nginx:1.28", "a", "two"));
-    let out = server
-        .kubectl_ok(&["apply", "--validate=false", "-f", &path])
-        .unwrap();
+    let out = server.kubectl_ok(&["apply", "-f", &path]).unwrap();
     assert!(out.contains("pod/app configured"), "{out}");
     let (_, app) = server.get(&format!("{PODS}/app")).unwrap();
     assert_eq!(app["spec"]["containers"][0]["image"], "nginx:1.28");
@@ -469,9 +465,7 @@ spec:
     assert_eq!(app["metadata"]["labels"]["tier"], "two");
     // As in Kubernetes, a pod's environment cannot change in place.
     let path = write_manifest(&server, "app.yaml", &manifest("nginx:1.28", "b", "two"));
-    let refused = server
-        .kubectl(&["apply", "--validate=false", "-f", &path])
-        .unwrap();
+    let refused = server.kubectl(&["apply", "-f", &path]).unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("pod updates may not change fields"));
 
@@ -574,4 +568,72 @@ fn invalid_objects_are_refused_with_field_causes() {
         "j"
     );
     assert_eq!(job["spec"]["backoffLimit"], 6);
+}
+
+#[test]
+fn fields_are_validated_by_the_server_and_kubectl_explains_kinds() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    // kubectl sees fieldValidation in the OpenAPI document and lets the server check (Strict).
+    let typo = write_manifest(
+        &server,
+        "typo.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: typo}\nspec:\n  containers: [{name: c, image: busybox:1.36, imagee: x}]\n",
+    );
+    let refused = server.kubectl(&["create", "-f", &typo]).unwrap();
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("strict decoding error: unknown field \"spec.containers[0].imagee\""),
+        "{message}"
+    );
+    assert_eq!(server.get(&format!("{PODS}/typo")).unwrap().0, 404);
+    let fixed = write_manifest(
+        &server,
+        "fixed.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: typo}\nspec:\n  containers: [{name: c, image: busybox:1.36}]\n",
+    );
+    server.kubectl_ok(&["apply", "-f", &fixed]).unwrap();
+
+    // Without fieldValidation the server warns and stores; a wrong type is always refused.
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "warned"}, "data": {"a": "1"}, "extra": 1});
+    let token = server.admin_token().unwrap();
+    let (code, head, _) = server
+        .request(
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            Some(&token),
+            "application/json",
+            Some(body.to_string().as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(code, 201);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("warning: 299 - \"unknown field \\\"extra\\\"\""),
+        "{head}"
+    );
+    let (code, status) = server
+        .post(
+            PODS,
+            &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bad"},
+                    "spec": {"containers": [{"name": "c", "image": "x",
+                                             "ports": [{"containerPort": "80"}]}]}}),
+        )
+        .unwrap();
+    assert_eq!(code, 400, "{status}");
+    assert!(status["message"]
+        .as_str()
+        .unwrap()
+        .contains("Pod in version \"v1\" cannot be handled as a Pod"));
+
+    let explained = server
+        .kubectl_ok(&["explain", "pods.spec.containers.image"])
+        .unwrap();
+    assert!(explained.contains("Container image name"), "{explained}");
+    let job = server
+        .kubectl_ok(&["explain", "jobs.spec.backoffLimit"])
+        .unwrap();
+    assert!(job.contains("GROUP:      batch"), "{job}");
 }

@@ -11,7 +11,9 @@ use super::{
     query::{decode_continue, encode_continue, parse_query, Selector},
     resources::Resource,
     status::ApiError,
-    strategy, ApiState,
+    strategy,
+    typed::{self, FieldValidation},
+    ApiState,
 };
 use crate::storage::{list_prefix, resource_version, ObjectKey, StorageError};
 
@@ -21,6 +23,9 @@ pub struct Target {
     pub namespace: Option<String>,
     pub name: Option<String>,
     pub subresource: Option<String>,
+    pub field_validation: FieldValidation,
+    /// Warnings for the client (`Warning: 299` headers).
+    pub warnings: std::sync::Mutex<Vec<String>>,
 }
 
 impl Target {
@@ -34,6 +39,43 @@ impl Target {
 
     fn name(&self) -> &str {
         self.name.as_deref().unwrap_or_default()
+    }
+
+    /// Checks an object against its kind's type: decoding errors are 400s; unknown fields (not
+    /// already in `current`) are refused, warned about or ignored per `fieldValidation`.
+    fn check_fields(&self, object: &Value, current: Option<&Value>) -> Result<(), ApiError> {
+        let kind = self.resource.kind;
+        let cannot = |why: String| {
+            ApiError::bad_request(format!(
+                "{kind} in version {:?} cannot be handled as a {kind}: {why}",
+                self.resource.version
+            ))
+        };
+        let mut unknown = typed::unknown_fields(kind, object).map_err(cannot)?;
+        if let Some(current) = current {
+            let known_before = typed::unknown_fields(kind, current).unwrap_or_default();
+            unknown.retain(|f| !known_before.contains(f));
+        }
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let described: Vec<String> = unknown
+            .iter()
+            .map(|f| format!("unknown field {f:?}"))
+            .collect();
+        match self.field_validation {
+            FieldValidation::Ignore => Ok(()),
+            FieldValidation::Warn => {
+                if let Ok(mut warnings) = self.warnings.lock() {
+                    warnings.extend(described);
+                }
+                Ok(())
+            }
+            FieldValidation::Strict => Err(cannot(format!(
+                "strict decoding error: {}",
+                described.join(", ")
+            ))),
+        }
     }
 }
 
@@ -86,6 +128,7 @@ pub async fn create(state: &ApiState, target: &Target, body: &Bytes) -> ApiResul
         Some(_) => return Err(ApiError::method_not_allowed()),
     }
     let mut object = parse_object(body, target.resource)?;
+    target.check_fields(&object, None)?;
     let meta = object
         .get_mut("metadata")
         .and_then(Value::as_object_mut)
@@ -190,6 +233,7 @@ pub async fn update(state: &ApiState, target: &Target, body: &Bytes) -> ApiResul
     }
     let object = parse_object(body, target.resource)?;
     let given = object["metadata"]["name"].as_str().unwrap_or_default();
+    target.check_fields(&object, None)?;
     if given != name {
         return Err(ApiError::bad_request(format!(
             "the name of the object ({given}) does not match the name on the URL ({name})"

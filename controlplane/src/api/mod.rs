@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod auth;
 pub mod handlers;
 pub mod metrics;
+pub mod openapi;
 pub mod patch;
 pub mod protobuf;
 pub mod query;
@@ -17,6 +18,7 @@ pub mod status;
 pub mod strategy;
 pub mod table;
 pub mod tls;
+pub mod typed;
 pub mod watch;
 
 use std::sync::Arc;
@@ -53,6 +55,7 @@ pub struct ApiState {
     pub metrics: Arc<metrics::RequestMetrics>,
     pub watches: Arc<WatchCaches>,
     pub ranges: alloc::ServiceRanges,
+    pub openapi: openapi::OpenApi,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -64,6 +67,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api", get(api_versions))
         .route("/apis", get(api_groups))
         .route("/metrics", get(render_metrics))
+        .route("/openapi/v3", get(openapi_root))
+        .route("/openapi/v3/{*path}", get(openapi_document))
         .fallback(dispatch)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(
@@ -292,6 +297,20 @@ async fn impersonate(
     })
 }
 
+async fn openapi_root(State(state): State<Arc<ApiState>>) -> Response {
+    ([("content-type", "application/json")], state.openapi.root()).into_response()
+}
+
+async fn openapi_document(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+) -> Response {
+    match state.openapi.document(&path) {
+        Some(document) => ([("content-type", "application/json")], document).into_response(),
+        None => ApiError::not_found(format!("no OpenAPI document for {path}")).into_response(),
+    }
+}
+
 async fn render_metrics(State(state): State<Arc<ApiState>>) -> Response {
     (
         [(
@@ -433,13 +452,27 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         return ApiError::not_found("the server could not find the requested resource")
             .into_response();
     }
+    let query = uri.query().unwrap_or("").to_string();
+    let field_validation = match typed::FieldValidation::parse(
+        parse_query(&query)
+            .iter()
+            .find(|(k, _)| k == "fieldValidation")
+            .map(|(_, v)| v.as_str()),
+    ) {
+        Ok(v) => v,
+        Err(e) => return ApiError::bad_request(e).into_response(),
+    };
+    if parse_query(&query).iter().any(|(k, _)| k == "dryRun") {
+        return ApiError::bad_request("dryRun is not supported by this server").into_response();
+    }
     let target = Target {
         resource,
         namespace: namespace.map(str::to_string),
         name: name.map(str::to_string),
         subresource: subresource.map(str::to_string),
+        field_validation,
+        warnings: Default::default(),
     };
-    let query = uri.query().unwrap_or("").to_string();
     let as_table = request
         .headers()
         .get("accept")
@@ -531,14 +564,16 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
                 body = axum::body::Bytes::from(object.to_string());
                 media = "application/json".into();
             }
-            Err(protobuf::DecodeError::Unsupported(what)) => return ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "UnsupportedMediaType",
-                format!(
+            Err(protobuf::DecodeError::Unsupported(what)) => {
+                return ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    format!(
                     "protobuf request bodies of {what} are not supported; send application/json"
                 ),
-            )
-            .into_response(),
+                )
+                .into_response()
+            }
             Err(protobuf::DecodeError::Malformed(why)) => {
                 return ApiError::bad_request(format!(
                     "the protobuf request body is malformed: {why}"
@@ -584,7 +619,7 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         },
         _ => Err(ApiError::method_not_allowed()),
     };
-    match result {
+    let mut response = match result {
         Ok((code, value)) if as_table && method == Method::GET => {
             let include = parse_query(&query)
                 .into_iter()
@@ -607,5 +642,17 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         }
         Ok((code, value)) => (code, Json(value)).into_response(),
         Err(e) => e.into_response(),
+    };
+    let warnings = target
+        .warnings
+        .lock()
+        .map(|w| w.clone())
+        .unwrap_or_default();
+    for warning in warnings {
+        let text = format!("299 - {}", serde_json::Value::String(warning));
+        if let Ok(value) = axum::http::HeaderValue::from_str(&text) {
+            response.headers_mut().append("warning", value);
+        }
     }
+    response
 }

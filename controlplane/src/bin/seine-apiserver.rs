@@ -193,6 +193,7 @@ async fn run(args: Args) -> Result<()> {
         metrics: Arc::default(),
         watches,
         ranges,
+        openapi: api::openapi::OpenApi::build(),
     });
     let advertise = args
         .advertise_address
