@@ -25,6 +25,8 @@ pub enum StorageError {
     Conflict { resource: String, name: String },
     #[error("already allocated: {}", .0.join(", "))]
     Claimed(Vec<String>),
+    #[error("revision {0} has been compacted")]
+    Compacted(i64),
     #[error("etcd is unavailable: {0}")]
     Unavailable(String),
     #[error("stored object at {key} is not valid JSON: {message}")]
@@ -69,6 +71,8 @@ pub fn list_prefix(resource: &str, namespace: Option<&str>) -> String {
 #[derive(Debug)]
 pub struct ListPage {
     pub items: Vec<Value>,
+    /// The etcd key of each item.
+    pub keys: Vec<String>,
     pub revision: i64,
     /// The key to continue from (exclusive), when `limit` cut the list.
     pub continue_after: Option<String>,
@@ -156,41 +160,86 @@ impl Storage {
         decode(&etcd_key, kv.value(), kv.mod_revision())
     }
 
-    /// Objects under `prefix` in key order, at most `limit` (0: all), starting after `after`.
+    /// Objects under `prefix` in key order, at most `limit` (0: all), starting after `after`, at
+    /// `revision` (a consistent continuation of an earlier page) or the latest one. Read from etcd
+    /// in chunks, so that a large list never exceeds a gRPC message.
     pub async fn list(
         &self,
         prefix: &str,
         limit: i64,
         after: Option<&str>,
+        revision: Option<i64>,
     ) -> Result<ListPage, StorageError> {
-        let start = match after {
+        const CHUNK: i64 = 500;
+        let end = prefix_end(prefix);
+        let mut start = match after {
             // The smallest key greater than `after`.
             Some(after) => format!("{after}\0"),
             None => prefix.to_string(),
         };
-        let mut options = GetOptions::new().with_range(prefix_end(prefix));
-        if limit > 0 {
-            options = options.with_limit(limit);
-        }
-        let resp = self
-            .client
-            .clone()
-            .get(start.as_str(), Some(options))
-            .await
-            .map_err(unavailable)?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let mut items = Vec::with_capacity(resp.kvs().len());
+        let mut revision = revision.unwrap_or(0);
+        let mut items = Vec::new();
+        let mut keys = Vec::new();
         let mut last_key = None;
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            items.push(decode(&key, kv.value(), kv.mod_revision())?);
-            last_key = Some(key);
+        loop {
+            let want = if limit > 0 {
+                CHUNK.min(limit - items.len() as i64)
+            } else {
+                CHUNK
+            };
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(want);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let resp = self
+                .client
+                .clone()
+                .get(start.as_str(), Some(options))
+                .await
+                .map_err(|e| match e.to_string() {
+                    m if m.contains("required revision has been compacted") => {
+                        StorageError::Compacted(revision)
+                    }
+                    _ => unavailable(e),
+                })?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                items.push(decode(&key, kv.value(), kv.mod_revision())?);
+                keys.push(key.clone());
+                last_key = Some(key);
+            }
+            let more = resp.more();
+            if !more {
+                return Ok(ListPage {
+                    items,
+                    keys,
+                    revision,
+                    continue_after: None,
+                });
+            }
+            if limit > 0 && items.len() as i64 >= limit {
+                return Ok(ListPage {
+                    items,
+                    keys,
+                    revision,
+                    continue_after: last_key,
+                });
+            }
+            match &last_key {
+                Some(key) => start = format!("{key}\0"),
+                None => {
+                    return Ok(ListPage {
+                        items,
+                        keys,
+                        revision,
+                        continue_after: None,
+                    })
+                }
+            }
         }
-        Ok(ListPage {
-            items,
-            revision,
-            continue_after: if resp.more() { last_key } else { None },
-        })
     }
 
     /// Replaces an existing object. With `expected_revision`, only if the object is still at that
@@ -354,8 +403,8 @@ impl Storage {
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
-    /// An etcd watch on every key under `prefix` from `start_revision` (inclusive), with the
-    /// previous value of each changed key and progress notifications.
+    /// An etcd watch on every key under `prefix` from `start_revision` (inclusive), with progress
+    /// notifications.
     pub async fn watch_prefix(
         &self,
         prefix: &str,
@@ -364,7 +413,6 @@ impl Storage {
         let options = WatchOptions::new()
             .with_range(prefix_end(prefix))
             .with_start_revision(start_revision)
-            .with_prev_key()
             .with_progress_notify();
         self.client
             .clone()

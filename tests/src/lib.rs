@@ -6,6 +6,7 @@
 //! namespaces, bpffs pins), also when a test fails.
 
 pub mod apiserver;
+pub mod apiserver_bench;
 pub mod etcd;
 pub mod objects;
 pub mod stats;

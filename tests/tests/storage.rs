@@ -128,7 +128,10 @@ fn lists_page_with_limit_and_continue_in_one_namespace_or_all() {
         let mut names = Vec::new();
         let mut after = None;
         loop {
-            let page = storage.list(&prefix, 2, after.as_deref()).await.unwrap();
+            let page = storage
+                .list(&prefix, 2, after.as_deref(), None)
+                .await
+                .unwrap();
             assert!(page.items.len() <= 2);
             names.extend(
                 page.items
@@ -142,7 +145,7 @@ fn lists_page_with_limit_and_continue_in_one_namespace_or_all() {
         }
         assert_eq!(names, ["cm-0", "cm-1", "cm-2", "cm-3", "cm-4"]);
         let all = storage
-            .list(&list_prefix("configmaps", None), 0, None)
+            .list(&list_prefix("configmaps", None), 0, None, None)
             .await
             .unwrap();
         assert_eq!(all.items.len(), 6);
@@ -205,4 +208,48 @@ fn an_etcd_outage_is_unavailable_and_loses_nothing_acknowledged() {
         rt.block_on(storage.get(&key("lost"))),
         Err(StorageError::NotFound { .. })
     ));
+}
+
+#[test]
+fn lists_larger_than_a_grpc_message_come_back_whole_and_consistent() {
+    let etcd = Etcd::start().unwrap();
+    runtime().block_on(async {
+        let storage = Storage::connect(&etcd.endpoints()).await.unwrap();
+        // 1,100 objects of 5 KiB: 5.5 MiB, past etcd-client's 4 MiB message limit.
+        let big = "x".repeat(5 * 1024);
+        let writes = (0..1_100).map(|i| {
+            let storage = storage.clone();
+            let name = format!("big-{i:04}");
+            let object = config_map(&name, &big);
+            async move { storage.create(&key(&name), object).await }
+        });
+        for result in futures::future::join_all(writes).await {
+            result.unwrap();
+        }
+        let before = storage
+            .list(&list_prefix("configmaps", Some("default")), 0, None, None)
+            .await
+            .unwrap();
+        assert_eq!(before.items.len(), 1_100);
+        // Reading at the list's revision ignores what was written since.
+        storage
+            .create(&key("late"), config_map("late", "1"))
+            .await
+            .unwrap();
+        let again = storage
+            .list(
+                &list_prefix("configmaps", Some("default")),
+                0,
+                None,
+                Some(before.revision),
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.items.len(), 1_100);
+        let now = storage
+            .list(&list_prefix("configmaps", Some("default")), 0, None, None)
+            .await
+            .unwrap();
+        assert_eq!(now.items.len(), 1_101);
+    });
 }

@@ -69,6 +69,13 @@ enum Bench {
         #[arg(long, default_value = "auto")]
         iptables_backend: String,
     },
+    /// seine-apiserver on etcd: create/get/update/list rates and latency at 1, 16 and 64 clients,
+    /// watch latency to 100 watchers, against raw etcd puts.
+    Apiserver {
+        /// Where to write the results [default: target/bench/apiserver.json in the workspace].
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
 }
 
 /// The apt packages the build, the tests and the lab use.
@@ -123,6 +130,7 @@ fn run(cli: Cli) -> Result<()> {
                 json,
                 iptables_backend,
             } => bench_lb(&root, json, &iptables_backend),
+            Bench::Apiserver { json } => bench_apiserver(&root, json),
         },
     }
 }
@@ -453,6 +461,32 @@ fn bench_lb(root: &Path, json: Option<PathBuf>, iptables_backend: &str) -> Resul
             .arg("--json")
             .arg(&json)
             .args(["--iptables-backend", iptables_backend]),
+    )
+}
+
+fn bench_apiserver(root: &Path, json: Option<PathBuf>) -> Result<()> {
+    let json = match json {
+        Some(p) if p.is_relative() => env::current_dir()
+            .context("reading the current directory")?
+            .join(p),
+        Some(p) => p,
+        None => target_dir(root).join("bench/apiserver.json"),
+    };
+    setup()?;
+    check(cargo_in(root).args([
+        "build",
+        "--release",
+        "-p",
+        "seine-controlplane",
+        "-p",
+        "seine-tests",
+    ]))?;
+    exec(
+        root,
+        Command::new(target_dir(root).join("release/seine-bench"))
+            .arg("apiserver")
+            .arg("--json")
+            .arg(&json),
     )
 }
 

@@ -89,7 +89,22 @@ pub async fn get_one(state: &ApiState, target: &Target) -> ApiResult {
     Ok((StatusCode::OK, object))
 }
 
-pub async fn list(state: &ApiState, target: &Target, query: &str) -> ApiResult {
+/// A list answer: built as a value, or (from the watch cache, without selectors) assembled from
+/// the objects' cached JSON.
+pub enum Listed {
+    Value(Value),
+    Raw(Bytes),
+}
+
+/// How long a consistent list waits for the watch cache before reading etcd itself.
+const CACHE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+pub async fn list(
+    state: &ApiState,
+    target: &Target,
+    query: &str,
+    as_values: bool,
+) -> Result<Listed, ApiError> {
     let params = parse_query(query);
     let limit: i64 = match params.iter().find(|(k, _)| k == "limit") {
         Some((_, v)) => v
@@ -101,9 +116,70 @@ pub async fn list(state: &ApiState, target: &Target, query: &str) -> ApiResult {
         Some((_, token)) if !token.is_empty() => Some(decode_continue(token)?),
         _ => None,
     };
+    let (after, at) = match after {
+        Some((key, revision)) => (Some(key), Some(revision)),
+        None => (None, None),
+    };
     let selector = Selector::from_params(&params, target.resource.kind)?;
     let prefix = list_prefix(target.resource.storage_name(), target.namespace.as_deref());
-    let page = state.storage.list(&prefix, limit, after.as_deref()).await?;
+    let kind = format!("{}List", target.resource.kind);
+    let api_version = target.resource.api_version();
+
+    // Whole lists come from the watch cache, at a revision at least the requested one (by
+    // default etcd's current revision: a consistent read).
+    let requested = params
+        .iter()
+        .find(|(k, _)| k == "resourceVersion")
+        .map(|(_, v)| v.as_str());
+    if (limit == 0 || requested == Some("0")) && after.is_none() {
+        let minimum = match requested {
+            None | Some("") => Some(state.storage.current_revision().await?),
+            Some("0") => Some(0),
+            Some(v) => Some(
+                v.parse::<i64>()
+                    .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))?,
+            ),
+        };
+        let cache = state.watches.get(target.resource.storage_name());
+        if let (Some(cache), Some(minimum)) = (cache, minimum) {
+            if let Some(snapshot) = cache.list(&prefix, minimum, CACHE_WAIT).await {
+                let items = snapshot
+                    .items
+                    .into_iter()
+                    .filter(|c| selector.is_empty() || selector.matches(&c.object));
+                let metadata = json!({"resourceVersion": snapshot.revision.to_string()});
+                if as_values {
+                    let items: Vec<Value> = items.map(|c| (*c.object).clone()).collect();
+                    return Ok(Listed::Value(
+                        json!({"kind": kind, "apiVersion": api_version,
+                                                   "metadata": metadata, "items": items}),
+                    ));
+                }
+                let mut body = Vec::with_capacity(4096);
+                body.extend_from_slice(
+                    format!(
+                        r#"{{"kind":{},"apiVersion":{},"metadata":{metadata},"items":["#,
+                        Value::String(kind),
+                        Value::String(api_version)
+                    )
+                    .as_bytes(),
+                );
+                for (i, item) in items.enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(&item.json);
+                }
+                body.extend_from_slice(b"]}");
+                return Ok(Listed::Raw(Bytes::from(body)));
+            }
+        }
+    }
+
+    let page = state
+        .storage
+        .list(&prefix, limit, after.as_deref(), at)
+        .await?;
     let items: Vec<Value> = page
         .items
         .into_iter()
@@ -111,13 +187,10 @@ pub async fn list(state: &ApiState, target: &Target, query: &str) -> ApiResult {
         .collect();
     let mut metadata = json!({"resourceVersion": page.revision.to_string()});
     if let Some(key) = page.continue_after {
-        metadata["continue"] = encode_continue(&key).into();
+        metadata["continue"] = encode_continue(&key, page.revision).into();
     }
-    Ok((
-        StatusCode::OK,
-        json!({"kind": format!("{}List", target.resource.kind),
-               "apiVersion": target.resource.api_version(),
-               "metadata": metadata, "items": items}),
+    Ok(Listed::Value(
+        json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": items}),
     ))
 }
 
@@ -184,17 +257,23 @@ pub async fn create(state: &ApiState, target: &Target, body: &Bytes) -> ApiResul
     }
     strategy::prepare_create(target.resource, &mut object)?;
     if let Some(ns) = &target.namespace {
-        // Objects live in namespaces that exist and are not being deleted.
-        let namespace = match state
-            .storage
-            .get(&ObjectKey::new("namespaces", None, ns))
-            .await
-        {
-            Ok(namespace) => namespace,
-            Err(StorageError::NotFound { .. }) => {
-                return Err(ApiError::not_found(format!("namespaces {ns:?} not found")))
-            }
-            Err(e) => return Err(e.into()),
+        // Objects live in namespaces that exist and are not being deleted: an active namespace in
+        // the watch cache is taken as it is, anything else is read from etcd.
+        let ns_key = ObjectKey::new("namespaces", None, ns);
+        let cached = state
+            .watches
+            .get("namespaces")
+            .and_then(|c| c.get(&ns_key.etcd_key()))
+            .filter(|c| c.object["metadata"].get("deletionTimestamp").is_none());
+        let namespace = match cached {
+            Some(cached) => (*cached.object).clone(),
+            None => match state.storage.get(&ns_key).await {
+                Ok(namespace) => namespace,
+                Err(StorageError::NotFound { .. }) => {
+                    return Err(ApiError::not_found(format!("namespaces {ns:?} not found")))
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         if namespace["metadata"].get("deletionTimestamp").is_some() {
             return Err(ApiError::forbidden(format!(
@@ -504,7 +583,7 @@ pub async fn delete_collection(
 ) -> ApiResult {
     let selector = Selector::from_params(&parse_query(query), target.resource.kind)?;
     let prefix = list_prefix(target.resource.storage_name(), target.namespace.as_deref());
-    let page = state.storage.list(&prefix, 0, None).await?;
+    let page = state.storage.list(&prefix, 0, None, None).await?;
     let mut deleted = Vec::new();
     for object in page.items.into_iter().filter(|o| selector.matches(o)) {
         let name = object["metadata"]["name"].as_str().unwrap_or_default();

@@ -606,7 +606,18 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
     let creates_subresource = named && target.subresource.is_some() && method == Method::POST;
     let result = match method.clone() {
         Method::GET if named => handlers::get_one(&state, &target).await,
-        Method::GET => handlers::list(&state, &target, &query).await,
+        Method::GET => match handlers::list(&state, &target, &query, as_table).await {
+            Ok(handlers::Listed::Value(value)) => Ok((StatusCode::OK, value)),
+            Ok(handlers::Listed::Raw(bytes)) => {
+                return (
+                    StatusCode::OK,
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    bytes,
+                )
+                    .into_response()
+            }
+            Err(e) => Err(e),
+        },
         Method::POST if !named || creates_subresource => {
             handlers::create(&state, &target, &body).await
         }

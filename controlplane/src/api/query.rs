@@ -40,19 +40,29 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub fn encode_continue(key: &str) -> String {
+/// A continue token: where the next page starts and the revision the list is read at.
+pub fn encode_continue(key: &str, revision: i64) -> String {
     use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
+    let token = serde_json::json!({"start": key, "rv": revision});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
 }
 
-pub fn decode_continue(token: &str) -> Result<String, ApiError> {
+pub fn decode_continue(token: &str) -> Result<(String, i64), ApiError> {
     use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
+    let invalid = || ApiError::bad_request("invalid continue token");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
+        .map_err(|_| invalid())?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+    let key = value["start"]
+        .as_str()
         .filter(|k| k.starts_with("/registry/"))
-        .ok_or_else(|| ApiError::bad_request("invalid continue token"))
+        .ok_or_else(invalid)?;
+    let revision = value["rv"]
+        .as_i64()
+        .filter(|r| *r > 0)
+        .ok_or_else(invalid)?;
+    Ok((key.to_string(), revision))
 }
 
 /// The label and field selectors of a list, watch or deletecollection request.
@@ -224,8 +234,11 @@ mod tests {
 
     #[test]
     fn continue_tokens_round_trip_and_reject_garbage() {
-        let token = encode_continue("/registry/pods/default/a");
-        assert_eq!(decode_continue(&token).unwrap(), "/registry/pods/default/a");
+        let token = encode_continue("/registry/pods/default/a", 42);
+        assert_eq!(
+            decode_continue(&token).unwrap(),
+            ("/registry/pods/default/a".to_string(), 42)
+        );
         assert!(decode_continue("!!!").is_err());
     }
 

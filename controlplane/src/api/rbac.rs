@@ -220,7 +220,7 @@ impl Authorizer {
         let mut policy = Policy::default();
         let list = |resource: &'static str| async move {
             storage
-                .list(&list_prefix(resource, None), 0, None)
+                .list(&list_prefix(resource, None), 0, None, None)
                 .await
                 .map(|p| p.items)
         };

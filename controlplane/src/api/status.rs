@@ -102,6 +102,12 @@ impl From<StorageError> for ApiError {
                 details: Some(json!({"name": name, "kind": resource})),
                 ..ApiError::new(StatusCode::CONFLICT, "Conflict", message)
             },
+            StorageError::Compacted(_) => ApiError::new(
+                StatusCode::GONE,
+                "Expired",
+                "The provided continue parameter is too old to display a consistent list result. \
+                 You can start a new list without the continue parameter.",
+            ),
             StorageError::Claimed(_) => ApiError::new(StatusCode::CONFLICT, "Conflict", message),
             StorageError::Unavailable(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -96,14 +96,28 @@ pub async fn serve(state: Arc<ApiState>, request: WatchRequest) -> Result<Respon
             .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))?,
         _ if send_initial == Some("false") => state.storage.current_revision().await?,
         _ => {
-            let page = state.storage.list(&prefix, 0, None).await?;
-            for object in page.items {
-                if writer.selector.matches(&object) {
-                    initial.push(writer.frame("ADDED", &object, None));
+            // The current objects, from the cache at etcd's current revision.
+            let current = state.storage.current_revision().await?;
+            initial_end = send_initial == Some("true");
+            match cache.list(&prefix, current, Duration::from_secs(3)).await {
+                Some(snapshot) => {
+                    for item in snapshot.items {
+                        if writer.selector.matches(&item.object) {
+                            initial.push(writer.frame("ADDED", &item.object, Some(&item.json)));
+                        }
+                    }
+                    snapshot.revision
+                }
+                None => {
+                    let page = state.storage.list(&prefix, 0, None, None).await?;
+                    for object in page.items {
+                        if writer.selector.matches(&object) {
+                            initial.push(writer.frame("ADDED", &object, None));
+                        }
+                    }
+                    page.revision
                 }
             }
-            initial_end = send_initial == Some("true");
-            page.revision
         }
     };
 

@@ -1,6 +1,8 @@
 //! seine-bench: the benchmarks behind `cargo xtask bench`. Each compares against a baseline measured
 //! in the same run, prints a table and writes JSON.
 //!
+//! `apiserver`: see `seine_tests::apiserver_bench` (seine-apiserver against raw etcd).
+//!
 //! `lb`, for the eBPF and the iptables datapath in the same run: short TCP connections per second and
 //! kept-alive request latency through a service VIP versus directly to the backend pod, with 1, 1,000
 //! and 10,000 services installed (the probe uses the last service inserted); the time to program
@@ -65,8 +67,19 @@ fn main() -> ExitCode {
             };
             lb(&json, backend)
         }
+        Some("apiserver") => {
+            let json = args
+                .iter()
+                .position(|a| a == "--json")
+                .and_then(|i| args.get(i + 1))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("target/bench/apiserver.json"));
+            seine_tests::apiserver_bench::run(&json)
+        }
         _ => {
-            eprintln!("usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]");
+            eprintln!(
+                "usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]\n       seine-bench apiserver [--json PATH]"
+            );
             return ExitCode::from(2);
         }
     };
