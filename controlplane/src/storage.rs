@@ -81,6 +81,16 @@ pub struct ListPage {
 #[derive(Clone)]
 pub struct Storage {
     client: Client,
+    /// Tries per request: a request that could not reach one member (connection refused) is
+    /// sent again, and the client's balancer picks another member.
+    attempts: usize,
+}
+
+/// Whether an etcd error means the request never reached a member (so sending it again cannot
+/// apply it twice).
+fn not_sent(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    text.contains("tcp connect error") || text.contains("Connection refused")
 }
 
 impl Storage {
@@ -91,13 +101,45 @@ impl Storage {
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(unavailable)?;
-        Ok(Storage { client })
+        Ok(Storage {
+            client,
+            attempts: 2 * endpoints.len().max(1),
+        })
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        let mut result = self.client.clone().txn(txn.clone()).await;
+        for _ in 1..self.attempts {
+            match &result {
+                Err(e) if not_sent(e) => result = self.client.clone().txn(txn.clone()).await,
+                _ => break,
+            }
+        }
+        result
+    }
+
+    async fn range(
+        &self,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+        let mut result = self.client.clone().get(key, options.clone()).await;
+        for _ in 1..self.attempts {
+            match &result {
+                Err(e) if not_sent(e) => {
+                    result = self.client.clone().get(key, options.clone()).await
+                }
+                _ => break,
+            }
+        }
+        result
     }
 
     /// Whether etcd answers now (for /readyz).
     pub async fn healthy(&self) -> bool {
-        let mut client = self.client.clone();
-        tokio::time::timeout(Duration::from_secs(2), client.status())
+        // A quorum read: answered only when the cluster has a leader.
+        let read = self.range("/registry/", Some(GetOptions::new().with_count_only()));
+        tokio::time::timeout(Duration::from_secs(2), read)
             .await
             .is_ok_and(|r| r.is_ok())
     }
@@ -129,7 +171,7 @@ impl Storage {
         let mut checks = vec![TxnOp::get(etcd_key.as_str(), None)];
         checks.extend(claims.checks());
         let txn = Txn::new().when(guards).and_then(ops).or_else(checks);
-        let resp = self.client.clone().txn(txn).await.map_err(unavailable)?;
+        let resp = self.txn(txn).await.map_err(unavailable)?;
         if !resp.succeeded() {
             let found = found_keys(&resp.op_responses());
             if found.contains(&etcd_key) {
@@ -148,9 +190,7 @@ impl Storage {
     pub async fn get(&self, key: &ObjectKey) -> Result<Value, StorageError> {
         let etcd_key = key.etcd_key();
         let resp = self
-            .client
-            .clone()
-            .get(etcd_key.as_str(), None)
+            .range(etcd_key.as_str(), None)
             .await
             .map_err(unavailable)?;
         let kv = resp.kvs().first().ok_or_else(|| StorageError::NotFound {
@@ -192,9 +232,7 @@ impl Storage {
                 options = options.with_revision(revision);
             }
             let resp = self
-                .client
-                .clone()
-                .get(start.as_str(), Some(options))
+                .range(start.as_str(), Some(options))
                 .await
                 .map_err(|e| match e.to_string() {
                     m if m.contains("required revision has been compacted") => {
@@ -276,7 +314,7 @@ impl Storage {
             .when(guards)
             .and_then(ops)
             .or_else([TxnOp::get(etcd_key.as_str(), None)]);
-        let resp = self.client.clone().txn(txn).await.map_err(unavailable)?;
+        let resp = self.txn(txn).await.map_err(unavailable)?;
         if !resp.succeeded() {
             return Err(self
                 .explain_failure(key, expected_revision, &resp, claims)
@@ -319,7 +357,7 @@ impl Storage {
             .when(guards)
             .and_then(ops)
             .or_else([TxnOp::get(etcd_key.as_str(), None)]);
-        let resp = self.client.clone().txn(txn).await.map_err(unavailable)?;
+        let resp = self.txn(txn).await.map_err(unavailable)?;
         if !resp.succeeded() {
             return Err(self
                 .explain_failure(key, Some(revision), &resp, claims)
@@ -355,7 +393,7 @@ impl Storage {
             Some(_) => {
                 let mut taken = Vec::new();
                 for claim in &claims.claim {
-                    if let Ok(resp) = self.client.clone().get(claim.0.as_str(), None).await {
+                    if let Ok(resp) = self.range(claim.0.as_str(), None).await {
                         if !resp.kvs().is_empty() {
                             taken.push(claim.0.clone());
                         }
@@ -380,9 +418,7 @@ impl Storage {
             .with_range(prefix_end(prefix))
             .with_keys_only();
         let resp = self
-            .client
-            .clone()
-            .get(prefix, Some(options))
+            .range(prefix, Some(options))
             .await
             .map_err(unavailable)?;
         Ok(resp
@@ -395,9 +431,7 @@ impl Storage {
     /// The revision etcd is at now.
     pub async fn current_revision(&self) -> Result<i64, StorageError> {
         let resp = self
-            .client
-            .clone()
-            .get("/registry/", Some(GetOptions::new().with_count_only()))
+            .range("/registry/", Some(GetOptions::new().with_count_only()))
             .await
             .map_err(unavailable)?;
         Ok(resp.header().map_or(0, |h| h.revision()))

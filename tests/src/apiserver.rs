@@ -31,6 +31,11 @@ impl ApiServer {
 
     /// Starts with extra flags (`--service-cluster-ip-range ...`, `--watch-cache-size ...`).
     pub fn start_with(etcd: &Etcd, extra: &[&str]) -> Result<Self> {
+        Self::start_on(&etcd.endpoints(), extra)
+    }
+
+    /// Starts on the given etcd endpoints (several for a cluster).
+    pub fn start_on(endpoints: &[String], extra: &[&str]) -> Result<Self> {
         let name = unique_prefix("apiserver");
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -38,7 +43,7 @@ impl ApiServer {
         let kubeconfig = std::env::temp_dir().join(format!("{name}.kubeconfig"));
         let log = std::env::temp_dir().join(format!("{name}.log"));
         let child = Command::new(bin("seine-apiserver")?)
-            .args(["--etcd-servers", &etcd.endpoints().join(",")])
+            .args(["--etcd-servers", &endpoints.join(",")])
             .args([
                 "--bind-address",
                 "127.0.0.1",

@@ -19,6 +19,8 @@ pub struct Etcd {
     peer_url: String,
     data_dir: PathBuf,
     name: String,
+    /// `--initial-cluster`: this member alone, or every member of a cluster.
+    initial_cluster: String,
     process: Option<Process>,
 }
 
@@ -36,6 +38,7 @@ impl Etcd {
         let mut etcd = Etcd {
             client_url: format!("http://{client_addr}"),
             client_addr,
+            initial_cluster: format!("{name}={peer_url}"),
             peer_url,
             data_dir,
             name,
@@ -45,6 +48,40 @@ impl Etcd {
         Ok(etcd)
     }
 
+    /// A cluster of `size` members on loopback ports, all started.
+    pub fn cluster(size: usize) -> Result<Vec<Self>> {
+        let token = unique_prefix("etcdc");
+        let mut members = Vec::new();
+        for i in 0..size {
+            let name = format!("{token}-{i}");
+            let client_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+            members.push(Etcd {
+                client_url: format!("http://{client_addr}"),
+                client_addr,
+                peer_url: format!("http://127.0.0.1:{}", free_port()?),
+                data_dir: std::env::temp_dir().join(format!("{name}.data")),
+                name,
+                initial_cluster: String::new(),
+                process: None,
+            });
+        }
+        let initial: Vec<String> = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect();
+        for member in &mut members {
+            member.initial_cluster = initial.join(",");
+        }
+        // Members wait for each other to elect a leader; start them all before waiting on any.
+        for member in &mut members {
+            member.spawn()?;
+        }
+        for member in &mut members {
+            member.wait_serving()?;
+        }
+        Ok(members)
+    }
+
     /// The client endpoints, as the API server's `--etcd-servers` takes them.
     pub fn endpoints(&self) -> Vec<String> {
         vec![self.client_url.clone()]
@@ -52,6 +89,11 @@ impl Etcd {
 
     /// Starts (again) on the same data directory and waits until it serves clients.
     pub fn resume(&mut self) -> Result<()> {
+        self.spawn()?;
+        self.wait_serving()
+    }
+
+    fn spawn(&mut self) -> Result<()> {
         let log = std::env::temp_dir().join(format!("{}.log", self.name));
         let child = Command::new("etcd")
             .args(["--name", &self.name])
@@ -61,26 +103,45 @@ impl Etcd {
             .args(["--advertise-client-urls", &self.client_url])
             .args(["--listen-peer-urls", &self.peer_url])
             .args(["--initial-advertise-peer-urls", &self.peer_url])
+            .args(["--initial-cluster", &self.initial_cluster])
             .args([
-                "--initial-cluster",
-                &format!("{}={}", self.name, self.peer_url),
+                "--initial-cluster-token",
+                self.initial_cluster.split('=').next().unwrap_or("seine"),
             ])
             .stdout(Stdio::null())
             .stderr(File::create(&log)?)
             .spawn()
             .context("starting etcd (Debian package etcd-server)")?;
-        let process = Process {
+        self.process = Some(Process {
             child,
             name: "etcd".into(),
             log,
-        };
-        let addr = self.client_addr;
-        wait_until(Duration::from_secs(20), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        })
-        .with_context(|| format!("etcd did not start:\n{}", process.log_text()))?;
-        self.process = Some(process);
+        });
         Ok(())
+    }
+
+    /// Waits until the member answers on its client URL.
+    fn wait_serving(&self) -> Result<()> {
+        let addr = self.client_addr;
+        let health = format!("{}/health", self.client_url);
+        wait_until(Duration::from_secs(30), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                && std::process::Command::new("curl")
+                    .args(["-sf", "--max-time", "1", &health])
+                    .output()
+                    .is_ok_and(|o| {
+                        String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\"")
+                    })
+        })
+        .with_context(|| {
+            format!(
+                "etcd did not start:\n{}",
+                self.process
+                    .as_ref()
+                    .map(Process::log_text)
+                    .unwrap_or_default()
+            )
+        })
     }
 
     /// Stops the member (SIGTERM); its data stays for `resume`.
