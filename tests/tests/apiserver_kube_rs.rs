@@ -81,6 +81,20 @@ async fn a_typed_client_creates_reads_updates_and_deletes() {
         .unwrap();
     assert_eq!(strategic.metadata.labels.unwrap()["tier"], "a");
 
+    // Server-side apply, as controllers written with kube-rs use it.
+    let applied = cms
+        .patch(
+            "applied",
+            &PatchParams::apply("seine-test").force(),
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                                 "metadata": {"name": "applied"}, "data": {"k": "v"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.data.unwrap()["k"], "v");
+    let managed = applied.metadata.managed_fields.unwrap();
+    assert_eq!(managed[0].manager.as_deref(), Some("seine-test"));
+
     cms.delete("typed", &DeleteParams::default()).await.unwrap();
     match cms.get("typed").await {
         Err(kube::Error::Api(status)) => assert_eq!(status.code, 404),

@@ -637,3 +637,146 @@ fn fields_are_validated_by_the_server_and_kubectl_explains_kinds() {
         .unwrap();
     assert!(job.contains("GROUP:      batch"), "{job}");
 }
+
+#[test]
+fn server_side_apply_tracks_field_managers_and_their_conflicts() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    let config = |labels: &str, data: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shared\n  labels: {{{labels}}}\ndata: {{{data}}}\n"
+        )
+    };
+    let path = write_manifest(
+        &server,
+        "ssa.yaml",
+        &config("app: web, tier: front", "mode: fast, size: large"),
+    );
+    let out = server
+        .kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--field-manager=team-a",
+            "-f",
+            &path,
+        ])
+        .unwrap();
+    assert!(out.contains("serverside-applied"), "{out}");
+    let (_, cm) = server
+        .get("/api/v1/namespaces/default/configmaps/shared")
+        .unwrap();
+    let managers = &cm["metadata"]["managedFields"];
+    assert_eq!(managers[0]["manager"], "team-a");
+    assert_eq!(managers[0]["operation"], "Apply");
+    assert!(managers[0]["fieldsV1"]["f:data"]["f:mode"].is_object());
+
+    // Another manager changing team-a's field is a conflict, named by field and manager.
+    let other = write_manifest(&server, "other.yaml", &config("app: web", "mode: slow"));
+    let refused = server
+        .kubectl(&[
+            "apply",
+            "--server-side",
+            "--field-manager=team-b",
+            "-f",
+            &other,
+        ])
+        .unwrap();
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("conflict with \"team-a\": .data.mode"),
+        "{message}"
+    );
+    // Forced, team-b takes the field; the label both set to the same value is shared.
+    server
+        .kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--field-manager=team-b",
+            "--force-conflicts",
+            "-f",
+            &other,
+        ])
+        .unwrap();
+    let (_, cm) = server
+        .get("/api/v1/namespaces/default/configmaps/shared")
+        .unwrap();
+    assert_eq!(cm["data"]["mode"], "slow");
+    assert_eq!(cm["data"]["size"], "large");
+
+    // team-a stops applying `size` and the `tier` label: they go (nobody else has them).
+    let trimmed = write_manifest(&server, "trimmed.yaml", &config("app: web", "mode: slow"));
+    server
+        .kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--field-manager=team-a",
+            "-f",
+            &trimmed,
+        ])
+        .unwrap();
+    let (_, cm) = server
+        .get("/api/v1/namespaces/default/configmaps/shared")
+        .unwrap();
+    assert!(cm["data"].get("size").is_none(), "{cm}");
+    assert!(cm["metadata"]["labels"].get("tier").is_none(), "{cm}");
+    assert_eq!(cm["metadata"]["labels"]["app"], "web");
+
+    // An ordinary patch takes the field it changes (operation Update).
+    server
+        .kubectl_ok(&[
+            "patch",
+            "configmap",
+            "shared",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"mode":"edited"}}"#,
+        ])
+        .unwrap();
+    let (_, cm) = server
+        .get("/api/v1/namespaces/default/configmaps/shared")
+        .unwrap();
+    let updaters: Vec<&Value> = cm["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["operation"] == "Update")
+        .collect();
+    assert_eq!(updaters.len(), 1, "{cm}");
+    assert!(updaters[0]["fieldsV1"]["f:data"]["f:mode"].is_object());
+    // Apply without a field manager is refused.
+    let token = server.admin_token().unwrap();
+    let (code, _, _) = server
+        .request(
+            "PATCH",
+            "/api/v1/namespaces/default/configmaps/shared",
+            Some(&token),
+            "application/apply-patch+yaml",
+            Some(config("app: web", "mode: x").as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(code, 400);
+}
+
+#[test]
+fn patches_are_field_validated_too() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    server.post(PODS, &pod("p")).unwrap();
+    let refused = server
+        .kubectl(&[
+            "patch",
+            "pod",
+            "p",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"nodeSelectr":{"a":"b"}}}"#,
+        ])
+        .unwrap();
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("unknown field \"spec.nodeSelectr\""),
+        "{message}"
+    );
+}

@@ -7,7 +7,7 @@ use rand::Rng as _;
 use serde_json::{json, Value};
 
 use super::{
-    alloc, patch,
+    alloc, apply, patch,
     query::{decode_continue, encode_continue, parse_query, Selector},
     resources::Resource,
     status::ApiError,
@@ -24,6 +24,10 @@ pub struct Target {
     pub name: Option<String>,
     pub subresource: Option<String>,
     pub field_validation: FieldValidation,
+    /// Who is writing (`fieldManager`, or from the User-Agent), for managed fields.
+    pub field_manager: String,
+    /// `force=true` on an apply.
+    pub force: bool,
     /// Warnings for the client (`Warning: 299` headers).
     pub warnings: std::sync::Mutex<Vec<String>>,
 }
@@ -200,8 +204,13 @@ pub async fn create(state: &ApiState, target: &Target, body: &Bytes) -> ApiResul
         Some("binding") if target.resource.kind == "Pod" => return bind(state, target, body).await,
         Some(_) => return Err(ApiError::method_not_allowed()),
     }
-    let mut object = parse_object(body, target.resource)?;
+    let object = parse_object(body, target.resource)?;
     target.check_fields(&object, None)?;
+    create_object(state, target, object).await
+}
+
+/// Creates a parsed object: metadata, defaults and validation, the namespace check, storage.
+async fn create_object(state: &ApiState, target: &Target, mut object: Value) -> ApiResult {
     let meta = object
         .get_mut("metadata")
         .and_then(Value::as_object_mut)
@@ -327,7 +336,17 @@ pub async fn update(state: &ApiState, target: &Target, body: &Bytes) -> ApiResul
         new["spec"]["finalizers"] = object["spec"]["finalizers"].clone();
         new
     } else {
-        strategy::prepare_update(target.resource, sub, &current, object)?
+        let mut new = strategy::prepare_update(target.resource, sub, &current, object)?;
+        if sub.is_none() {
+            apply::record_update(
+                target.resource.kind,
+                &current,
+                &mut new,
+                &target.field_manager,
+                &now(),
+            );
+        }
+        new
     };
     let updated = write_update(state, target.resource, &key, &current, new, expected).await?;
     Ok((StatusCode::OK, updated))
@@ -389,6 +408,9 @@ pub async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &By
     if !matches!(sub, None | Some("status")) {
         return Err(ApiError::method_not_allowed());
     }
+    if media == APPLY {
+        return server_side_apply(state, target, body).await;
+    }
     let patch: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
     let key = target.key(name);
@@ -418,7 +440,17 @@ pub async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &By
                 "the patched object is not a JSON object",
             ));
         }
-        let new = strategy::prepare_update(target.resource, sub, &current, object)?;
+        target.check_fields(&object, Some(&current))?;
+        let mut new = strategy::prepare_update(target.resource, sub, &current, object)?;
+        if sub.is_none() {
+            apply::record_update(
+                target.resource.kind,
+                &current,
+                &mut new,
+                &target.field_manager,
+                &now(),
+            );
+        }
         let expected = required.unwrap_or_else(|| resource_version(&current));
         match write_update(state, target.resource, &key, &current, new, expected).await {
             Ok(updated) => return Ok((StatusCode::OK, updated)),
@@ -431,6 +463,131 @@ pub async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &By
         name: name.to_string(),
     }
     .into())
+}
+
+/// The media type of server-side apply.
+pub const APPLY: &str = "application/apply-patch+yaml";
+
+/// Server-side apply: creates the object from the configuration, or merges it into the live one
+/// for the field manager (409 on fields another manager owns, unless forced).
+async fn server_side_apply(state: &ApiState, target: &Target, body: &Bytes) -> ApiResult {
+    let name = target.name();
+    if target.subresource.is_some() {
+        return Err(ApiError::method_not_allowed());
+    }
+    if target.field_manager.is_empty() {
+        return Err(ApiError::bad_request(
+            "PATCH requests with the apply content type must have a fieldManager",
+        ));
+    }
+    let config: Value = serde_yaml::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!("the applied configuration is not valid YAML: {e}"))
+    })?;
+    let mut config = if config.is_object() {
+        config
+    } else {
+        return Err(ApiError::bad_request(
+            "the applied configuration must be an object",
+        ));
+    };
+    let kind = target.resource.kind;
+    if config["kind"].as_str() != Some(kind)
+        || config["apiVersion"].as_str() != Some(target.resource.api_version().as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "the applied configuration must be a {kind} of {} (got {} {})",
+            target.resource.api_version(),
+            config["apiVersion"],
+            config["kind"]
+        )));
+    }
+    match config["metadata"]["name"].as_str() {
+        Some(n) if n == name => {}
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "the name in the applied configuration must be {name:?}"
+            )))
+        }
+    }
+    if let (Some(ns), Some(meta)) = (&target.namespace, config["metadata"].as_object_mut()) {
+        meta.insert("namespace".into(), ns.clone().into());
+    }
+    target.check_fields(&config, None)?;
+    let key = target.key(name);
+    for _ in 0..5 {
+        let live = match state.storage.get(&key).await {
+            Ok(live) => Some(live),
+            Err(StorageError::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let merged = apply::apply(
+            kind,
+            live.as_ref(),
+            &config,
+            &target.field_manager,
+            target.force,
+            &now(),
+        )
+        .map_err(|conflicts| conflict_error(kind, name, &conflicts))?;
+        let result = match &live {
+            None => create_object(state, target, merged).await,
+            Some(current) => {
+                // prepare_update keeps the stored managed fields; the apply computed new ones.
+                let fields = merged["metadata"]["managedFields"].clone();
+                let mut new = strategy::prepare_update(target.resource, None, current, merged)?;
+                match (fields, new["metadata"].as_object_mut()) {
+                    (Value::Null, Some(meta)) => {
+                        meta.remove("managedFields");
+                    }
+                    (fields, Some(meta)) => {
+                        meta.insert("managedFields".into(), fields);
+                    }
+                    (_, None) => {}
+                }
+                write_update(
+                    state,
+                    target.resource,
+                    &key,
+                    current,
+                    new,
+                    resource_version(current),
+                )
+                .await
+                .map(|v| (StatusCode::OK, v))
+            }
+        };
+        match result {
+            Err(e) if e.reason == "Conflict" || e.reason == "AlreadyExists" => continue,
+            other => return other,
+        }
+    }
+    Err(ApiError::conflict(format!(
+        "Operation cannot be fulfilled on {} {name:?}: too many concurrent writes",
+        target.resource.plural
+    )))
+}
+
+fn conflict_error(kind: &str, name: &str, conflicts: &[apply::Conflict]) -> ApiError {
+    let lines: Vec<String> = conflicts
+        .iter()
+        .map(|c| format!("conflict with {:?}: {}", c.managers.join("\", \""), c.field))
+        .collect();
+    let causes: Vec<Value> = conflicts
+        .iter()
+        .map(|c| {
+            json!({"reason": "FieldManagerConflict",
+                        "message": format!("conflict with {:?}", c.managers.join("\", \"")),
+                        "field": c.field})
+        })
+        .collect();
+    let mut error = ApiError::conflict(format!(
+        "Apply failed with {} conflict{}: {}",
+        conflicts.len(),
+        if conflicts.len() == 1 { "" } else { "s" },
+        lines.join("; ")
+    ));
+    error.details = Some(json!({"name": name, "kind": kind, "causes": causes}));
+    error
 }
 
 /// What a delete request asks for (DeleteOptions in the body, or query parameters).

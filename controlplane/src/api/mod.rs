@@ -2,6 +2,7 @@
 //! delete for the served resources, with errors as `Status` objects.
 
 pub mod alloc;
+pub mod apply;
 pub mod auth;
 pub mod handlers;
 pub mod metrics;
@@ -465,12 +466,31 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
     if parse_query(&query).iter().any(|(k, _)| k == "dryRun") {
         return ApiError::bad_request("dryRun is not supported by this server").into_response();
     }
+    // The writer's name for managed fields: fieldManager, else the client's name, as
+    // kube-apiserver derives it from the User-Agent ("kubectl/v1.32 ..." is "kubectl").
+    let field_manager = parse_query(&query)
+        .into_iter()
+        .find(|(k, _)| k == "fieldManager")
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| {
+            request
+                .headers()
+                .get("user-agent")
+                .and_then(|v| v.to_str().ok())
+                .map(|ua| ua.split('/').next().unwrap_or("").trim().to_string())
+                .unwrap_or_default()
+        });
+    let force = parse_query(&query)
+        .iter()
+        .any(|(k, v)| k == "force" && v == "true");
     let target = Target {
         resource,
         namespace: namespace.map(str::to_string),
         name: name.map(str::to_string),
         subresource: subresource.map(str::to_string),
         field_validation,
+        field_manager,
+        force,
         warnings: Default::default(),
     };
     let as_table = request
@@ -484,13 +504,20 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
         .unwrap_or_default();
-    // JSON only: protobuf, CBOR and YAML (server-side apply) bodies are refused.
+    if media == handlers::APPLY && !parse_query(&query).iter().any(|(k, _)| k == "fieldManager") {
+        return ApiError::bad_request(
+            "PATCH requests with the apply content type must have a fieldManager",
+        )
+        .into_response();
+    }
+    // JSON bodies, protobuf ones for the kinds kubectl sends so, and YAML for server-side apply.
     {
         let media = media.as_str();
         if !(media == "application/json"
             || media.ends_with("+json")
             || media.is_empty()
-            || media == PROTOBUF)
+            || media == PROTOBUF
+            || media == handlers::APPLY)
         {
             return ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -130,7 +130,7 @@ fn remove(doc: &mut Value, path: &str) -> Result<Value, String> {
 
 /// How a list field merges in a strategic merge patch.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum ListMerge {
+pub(super) enum ListMerge {
     /// Elements are objects matched by this key.
     Key(&'static str),
     /// A list of scalars, merged as a set.
@@ -141,7 +141,7 @@ enum ListMerge {
 
 /// The merge strategy of the list at `path` (field names from the root) in an object of `kind`,
 /// from the Kubernetes types' `patchStrategy` and `patchMergeKey` tags.
-fn list_merge(kind: &str, path: &[String]) -> ListMerge {
+pub(super) fn list_merge(kind: &str, path: &[String]) -> ListMerge {
     let field = path.last().map(String::as_str).unwrap_or_default();
     let parent = path.len().checked_sub(2).map(|i| path[i].as_str());
     match field {

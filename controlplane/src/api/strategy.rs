@@ -477,6 +477,7 @@ pub fn prepare_update(
         "deletionTimestamp",
         "deletionGracePeriodSeconds",
         "generateName",
+        "managedFields",
     ] {
         match current["metadata"].get(field) {
             Some(v) => new["metadata"][field] = v.clone(),
