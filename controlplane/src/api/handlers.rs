@@ -45,6 +45,17 @@ impl Target {
         self.name.as_deref().unwrap_or_default()
     }
 
+    /// Gives the fields a write changes to the writer (managed fields, operation Update).
+    fn record_update(&self, current: &Value, new: &mut Value) {
+        apply::record_update(
+            self.resource.kind,
+            current,
+            new,
+            &self.field_manager,
+            &now(),
+        );
+    }
+
     /// Checks an object against its kind's type: decoding errors are 400s; unknown fields (not
     /// already in `current`) are refused, warned about or ignored per `fieldValidation`.
     fn check_fields(&self, object: &Value, current: Option<&Value>) -> Result<(), ApiError> {
@@ -338,13 +349,7 @@ pub async fn update(state: &ApiState, target: &Target, body: &Bytes) -> ApiResul
     } else {
         let mut new = strategy::prepare_update(target.resource, sub, &current, object)?;
         if sub.is_none() {
-            apply::record_update(
-                target.resource.kind,
-                &current,
-                &mut new,
-                &target.field_manager,
-                &now(),
-            );
+            target.record_update(&current, &mut new);
         }
         new
     };
@@ -443,13 +448,7 @@ pub async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &By
         target.check_fields(&object, Some(&current))?;
         let mut new = strategy::prepare_update(target.resource, sub, &current, object)?;
         if sub.is_none() {
-            apply::record_update(
-                target.resource.kind,
-                &current,
-                &mut new,
-                &target.field_manager,
-                &now(),
-            );
+            target.record_update(&current, &mut new);
         }
         let expected = required.unwrap_or_else(|| resource_version(&current));
         match write_update(state, target.resource, &key, &current, new, expected).await {

@@ -88,6 +88,15 @@ impl Rule {
     }
 }
 
+fn rules_of(role: &Value) -> Vec<Rule> {
+    role["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(Rule::parse)
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 struct Subject {
     kind: String,
@@ -226,26 +235,16 @@ impl Authorizer {
         };
         for role in list("clusterroles").await? {
             let name = role["metadata"]["name"].as_str().unwrap_or_default();
-            let rules = role["rules"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(Rule::parse)
-                .collect();
-            policy.cluster_roles.insert(name.to_string(), rules);
+            policy
+                .cluster_roles
+                .insert(name.to_string(), rules_of(&role));
         }
         for role in list("roles").await? {
             let ns = role["metadata"]["namespace"].as_str().unwrap_or_default();
             let name = role["metadata"]["name"].as_str().unwrap_or_default();
-            let rules = role["rules"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(Rule::parse)
-                .collect();
             policy
                 .roles
-                .insert((ns.to_string(), name.to_string()), rules);
+                .insert((ns.to_string(), name.to_string()), rules_of(&role));
         }
         for resource in ["clusterrolebindings", "rolebindings"] {
             policy
