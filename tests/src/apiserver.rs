@@ -80,6 +80,18 @@ impl ApiServer {
         })
     }
 
+    /// The server's process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::pid)
+    }
+
+    /// What the server keeps on disk: its cert directory, kubeconfig and log.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.cert_dir.clone(), self.kubeconfig.clone()];
+        files.extend(self.process.as_ref().map(|p| p.log.clone()));
+        files
+    }
+
     pub fn log_text(&self) -> String {
         self.process
             .as_ref()

@@ -82,6 +82,19 @@ impl Etcd {
         Ok(members)
     }
 
+    /// The member's process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::pid)
+    }
+
+    /// What the member keeps on disk: its data directory and log.
+    pub fn files(&self) -> Vec<PathBuf> {
+        vec![
+            self.data_dir.clone(),
+            std::env::temp_dir().join(format!("{}.log", self.name)),
+        ]
+    }
+
     /// The client endpoints, as the API server's `--etcd-servers` takes them.
     pub fn endpoints(&self) -> Vec<String> {
         vec![self.client_url.clone()]

@@ -1,6 +1,7 @@
 //! seine-lab: the demo topology of `cargo xtask lab up|down|status`. One node namespace running
 //! seine-agent, a client pod and three backend pods serving HTTP, and one ClusterIP service
-//! programmed from Kubernetes Service and EndpointSlice objects in a file the agent watches.
+//! programmed from Kubernetes Service and EndpointSlice objects in a file the agent watches; and
+//! the control plane so far: etcd and seine-apiserver on 127.0.0.1 with an admin kubeconfig.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -10,7 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use seine_tests::{sh, Node};
+use seine_tests::{apiserver::ApiServer, etcd::Etcd, sh, Node};
 use serde_json::json;
 
 const PREFIX: &str = "seinelab";
@@ -84,10 +85,21 @@ fn up() -> Result<()> {
     let file_arg = services.display().to_string();
     node.start_agent(&["--services-file", &file_arg])?;
 
-    let (pids, namespaces) = node.inventory();
+    println!("lab: starting etcd and seine-apiserver on 127.0.0.1");
+    let etcd = Etcd::start()?;
+    let apiserver = ApiServer::start(&etcd)?;
+    let kubeconfig = Path::new(STATE_DIR).join("admin.kubeconfig");
+    std::fs::copy(&apiserver.kubeconfig, &kubeconfig)?;
+
+    let (mut pids, namespaces) = node.inventory();
+    pids.extend(etcd.pid());
+    pids.extend(apiserver.pid());
+    let mut files = etcd.files();
+    files.extend(apiserver.files());
     let state = json!({
         "pids": pids,
         "namespaces": namespaces,
+        "files": files,
         "bpffs_dir": node.bpffs_dir,
         "agent_log": node.agent.as_ref().map(|a| a.log.clone()),
     });
@@ -105,8 +117,12 @@ fn up() -> Result<()> {
         .as_ref()
         .map(|a| a.log.display().to_string())
         .unwrap_or_default();
+    let apiserver_addr = apiserver.addr;
     // The lab outlives this process: hand the namespaces and processes over to `lab down`.
     std::mem::forget(node);
+    std::mem::forget(apiserver);
+    std::mem::forget(etcd);
+    let kubeconfig = kubeconfig.display();
 
     let seinectl = seine_tests::bin("seinectl")?.display().to_string();
     println!(
@@ -120,6 +136,11 @@ fn up() -> Result<()> {
          \x20 $EDITOR {STATE_DIR}/services.yaml                  # drop an endpoint; the agent applies it\n\
          \x20 ip netns exec {PREFIX}-node curl -s 127.0.0.1:9962/metrics | grep ^seine_\n\
          \x20 tail -f {agent_log}                                # the agent's log\n\
+         \nThe API server listens on https://{apiserver_addr}, with etcd behind it:\n\
+         \x20 export KUBECONFIG={kubeconfig}\n\
+         \x20 kubectl get namespaces; kubectl get service kubernetes -o wide\n\
+         \x20 kubectl create configmap demo --from-literal=color=blue; kubectl get configmaps -w\n\
+         \x20 kubectl auth can-i list pods --as=system:kube-scheduler\n\
          \nRemove it all with: cargo xtask lab down"
     );
     Ok(())
@@ -154,7 +175,8 @@ fn down(verbose: bool) -> Result<()> {
         // Only our own programs: a PID may have been reused since `lab up`.
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
-        if !(cmdline.contains("seine-agent") || cmdline.contains("seine-echo")) {
+        let ours = ["seine-agent", "seine-echo", "seine-apiserver", "etcd"];
+        if !ours.iter().any(|p| cmdline.contains(p)) {
             continue;
         }
         println!("lab: stopping process {pid}");
@@ -178,6 +200,19 @@ fn down(verbose: bool) -> Result<()> {
     {
         println!("lab: deleting namespace {ns}");
         let _ = sh("ip", &["netns", "del", ns]);
+    }
+    for file in state["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.as_str())
+    {
+        let path = Path::new(file);
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(path)
+        } else {
+            std::fs::remove_file(path)
+        };
     }
     if let Some(dir) = state["bpffs_dir"].as_str() {
         let _ = std::fs::remove_dir_all(dir);
