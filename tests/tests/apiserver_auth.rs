@@ -446,3 +446,109 @@ fn client_certificates_from_the_cluster_ca_name_the_user() {
     let rogue = as_cert("mallory", &["get", "pods"]);
     assert!(!rogue.status.success());
 }
+
+#[test]
+fn rbac_refuses_to_grant_what_the_author_does_not_hold() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start(&etcd).unwrap();
+    server
+        .kubectl_ok(&["create", "serviceaccount", "lead"])
+        .unwrap();
+    server
+        .kubectl_ok(&[
+            "create",
+            "rolebinding",
+            "lead-admin",
+            "--clusterrole=admin",
+            "--serviceaccount=default:lead",
+        ])
+        .unwrap();
+    let token = server.kubectl_ok(&["create", "token", "lead"]).unwrap();
+    let token = token.trim();
+    wait_until(Duration::from_secs(5), || {
+        kubectl_as_token(&server, token, &["get", "roles"])
+            .status
+            .success()
+    })
+    .expect("the admin binding takes effect");
+
+    // Within what admin holds: allowed.
+    let ok = kubectl_as_token(
+        &server,
+        token,
+        &[
+            "create",
+            "role",
+            "pod-reader",
+            "--verb=get",
+            "--resource=pods",
+        ],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let ok = kubectl_as_token(
+        &server,
+        token,
+        &[
+            "create",
+            "rolebinding",
+            "viewers",
+            "--clusterrole=view",
+            "--group=dev",
+        ],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // Beyond it: refused, naming the rule.
+    let nodes = kubectl_as_token(
+        &server,
+        token,
+        &[
+            "create",
+            "role",
+            "node-lister",
+            "--verb=list",
+            "--resource=nodes",
+        ],
+    );
+    assert!(!nodes.status.success());
+    assert!(
+        stderr(&nodes).contains("is attempting to grant RBAC permissions not currently held"),
+        "{}",
+        stderr(&nodes)
+    );
+    let root = kubectl_as_token(
+        &server,
+        token,
+        &[
+            "create",
+            "rolebinding",
+            "root",
+            "--clusterrole=cluster-admin",
+            "--group=dev",
+        ],
+    );
+    assert!(!root.status.success());
+    assert!(
+        stderr(&root).contains("not currently held"),
+        "{}",
+        stderr(&root)
+    );
+    // Widening an existing role is checked too.
+    let widen = kubectl_as_token(
+        &server,
+        token,
+        &[
+            "patch",
+            "role",
+            "pod-reader",
+            "--type=json",
+            "-p",
+            r#"[{"op":"add","path":"/rules/-","value":{"apiGroups":[""],"resources":["nodes"],"verbs":["get"]}}]"#,
+        ],
+    );
+    assert!(!widen.status.success());
+    assert!(
+        stderr(&widen).contains("not currently held"),
+        "{}",
+        stderr(&widen)
+    );
+}

@@ -121,6 +121,17 @@ pub struct User {
     pub groups: Vec<String>,
 }
 
+impl User {
+    /// Who a request is when nothing authenticated it.
+    pub fn anonymous() -> Self {
+        User {
+            name: "system:anonymous".into(),
+            uid: String::new(),
+            groups: vec!["system:unauthenticated".into()],
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct TokenAuthenticator {
     tokens: HashMap<String, User>,

@@ -30,6 +30,8 @@ pub struct Target {
     pub force: bool,
     /// Warnings for the client (`Warning: 299` headers).
     pub warnings: std::sync::Mutex<Vec<String>>,
+    /// Who asks.
+    pub user: super::auth::User,
 }
 
 impl Target {
@@ -43,6 +45,76 @@ impl Target {
 
     fn name(&self) -> &str {
         self.name.as_deref().unwrap_or_default()
+    }
+
+    /// RBAC's escalation check for a Role, ClusterRole or binding being written: its author must
+    /// hold what it grants (or may `escalate` / `bind`).
+    async fn confirm_rbac(&self, state: &ApiState, object: &Value) -> Result<(), ApiError> {
+        if !state.authorize {
+            return Ok(());
+        }
+        let kind = self.resource.kind;
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let namespace = self.namespace.as_deref();
+        let result = match kind {
+            "Role" | "ClusterRole" => {
+                let escalate = super::request_info::RequestInfo {
+                    resource_request: true,
+                    verb: "escalate".into(),
+                    api_group: "rbac.authorization.k8s.io".into(),
+                    namespace: namespace.map(str::to_string),
+                    resource: self.resource.plural.into(),
+                    name: Some(name.to_string()),
+                    ..Default::default()
+                };
+                if state
+                    .authorizer
+                    .authorize(&self.user, &escalate)
+                    .await
+                    .allowed
+                {
+                    return Ok(());
+                }
+                let rules = object["rules"].as_array().cloned().unwrap_or_default();
+                state
+                    .authorizer
+                    .confirm_no_escalation(&self.user, namespace, &rules)
+                    .await
+            }
+            "RoleBinding" | "ClusterRoleBinding" => {
+                state
+                    .authorizer
+                    .confirm_may_bind(
+                        &self.user,
+                        namespace,
+                        object["roleRef"]["kind"].as_str().unwrap_or_default(),
+                        object["roleRef"]["name"].as_str().unwrap_or_default(),
+                    )
+                    .await
+            }
+            _ => Ok(()),
+        };
+        result.map_err(|rule| {
+            ApiError::forbidden(format!(
+                "{} {name:?} is forbidden: user {:?} (groups={:?}) is attempting to grant RBAC permissions not currently held:\n{rule}",
+                self.resource.plural, self.user.name, self.user.groups
+            ))
+        })
+    }
+
+    /// The escalation check for an update that changes what a role grants or whom a binding
+    /// grants it to.
+    async fn confirm_rbac_change(
+        &self,
+        state: &ApiState,
+        current: &Value,
+        new: &Value,
+    ) -> Result<(), ApiError> {
+        let changed = new["rules"] != current["rules"] || new["subjects"] != current["subjects"];
+        if changed {
+            self.confirm_rbac(state, new).await?;
+        }
+        Ok(())
     }
 
     /// Gives the fields a write changes to the writer (managed fields, operation Update).
@@ -276,6 +348,7 @@ async fn create_object(state: &ApiState, target: &Target, mut object: Value) -> 
         meta.remove(field);
     }
     strategy::prepare_create(target.resource, &mut object)?;
+    target.confirm_rbac(state, &object).await?;
     if let Some(ns) = &target.namespace {
         // Objects live in namespaces that exist and are not being deleted: an active namespace in
         // the watch cache is taken as it is, anything else is read from etcd.
@@ -351,6 +424,7 @@ pub async fn update(state: &ApiState, target: &Target, body: &Bytes) -> ApiResul
         if sub.is_none() {
             target.record_update(&current, &mut new);
         }
+        target.confirm_rbac_change(state, &current, &new).await?;
         new
     };
     let updated = write_update(state, target.resource, &key, &current, new, expected).await?;
@@ -450,6 +524,7 @@ pub async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &By
         if sub.is_none() {
             target.record_update(&current, &mut new);
         }
+        target.confirm_rbac_change(state, &current, &new).await?;
         let expected = required.unwrap_or_else(|| resource_version(&current));
         match write_update(state, target.resource, &key, &current, new, expected).await {
             Ok(updated) => return Ok((StatusCode::OK, updated)),
@@ -534,6 +609,7 @@ async fn server_side_apply(state: &ApiState, target: &Target, body: &Bytes) -> A
                 // prepare_update keeps the stored managed fields; the apply computed new ones.
                 let fields = merged["metadata"]["managedFields"].clone();
                 let mut new = strategy::prepare_update(target.resource, None, current, merged)?;
+                target.confirm_rbac_change(state, current, &new).await?;
                 match (fields, new["metadata"].as_object_mut()) {
                     (Value::Null, Some(meta)) => {
                         meta.remove("managedFields");

@@ -492,6 +492,11 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         field_manager,
         force,
         warnings: Default::default(),
+        user: request
+            .extensions()
+            .get::<auth::User>()
+            .cloned()
+            .unwrap_or_else(auth::User::anonymous),
     };
     let as_table = request
         .headers()
@@ -571,15 +576,7 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
             Err(e) => e.into_response(),
         };
     }
-    let user = request
-        .extensions()
-        .get::<auth::User>()
-        .cloned()
-        .unwrap_or_else(|| auth::User {
-            name: "system:anonymous".into(),
-            uid: String::new(),
-            groups: vec!["system:unauthenticated".into()],
-        });
+    let user = target.user.clone();
     let mut body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
         Ok(body) => body,
         Err(_) => return too_large(),

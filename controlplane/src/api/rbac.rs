@@ -224,6 +224,75 @@ impl Authorizer {
         }
     }
 
+    /// Refuses (with the first rule not covered) to let `user` grant, in a Role or ClusterRole
+    /// (`namespace`: where it applies), what the user may not do: RBAC's escalation check.
+    pub async fn confirm_no_escalation(
+        &self,
+        user: &User,
+        namespace: Option<&str>,
+        rules: &[Value],
+    ) -> Result<(), String> {
+        let rules: Vec<Rule> = rules.iter().map(Rule::parse).collect();
+        self.confirm_covered(user, namespace, &rules).await
+    }
+
+    /// Refuses to let `user` bind a role it does not hold every rule of, unless it may `bind` it.
+    pub async fn confirm_may_bind(
+        &self,
+        user: &User,
+        namespace: Option<&str>,
+        role_kind: &str,
+        role_name: &str,
+    ) -> Result<(), String> {
+        let (resource, role_ns) = match role_kind {
+            "ClusterRole" => ("clusterroles", None),
+            _ => ("roles", namespace.map(str::to_string)),
+        };
+        let bind = RequestInfo {
+            resource_request: true,
+            verb: "bind".into(),
+            api_group: "rbac.authorization.k8s.io".into(),
+            namespace: namespace.map(str::to_string),
+            resource: resource.into(),
+            name: Some(role_name.to_string()),
+            ..Default::default()
+        };
+        if self.authorize(user, &bind).await.allowed {
+            return Ok(());
+        }
+        let rules = {
+            let policy = self.policy.read().await;
+            match role_ns {
+                None => policy.cluster_roles.get(role_name).cloned(),
+                Some(ns) => policy.roles.get(&(ns, role_name.to_string())).cloned(),
+            }
+        };
+        // A role that does not exist (yet) grants nothing: binding it escalates nothing.
+        match rules {
+            Some(rules) => self.confirm_covered(user, namespace, &rules).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn confirm_covered(
+        &self,
+        user: &User,
+        namespace: Option<&str>,
+        rules: &[Rule],
+    ) -> Result<(), String> {
+        if user.groups.iter().any(|g| g == SUPERUSER_GROUP) {
+            return Ok(());
+        }
+        for rule in rules {
+            for info in atomic_requests(rule, namespace) {
+                if !self.authorize(user, &info).await.allowed {
+                    return Err(describe_atomic(&info));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads every role and binding from etcd and replaces the policy.
     pub async fn reload(&self, storage: &Storage) -> Result<(), StorageError> {
         let mut policy = Policy::default();
@@ -300,6 +369,63 @@ impl Authorizer {
             }
         }
     }
+}
+
+/// A rule broken into single requests (one verb, group, resource and name each), to check that
+/// someone holds all of it. A "*" stays "*": only a "*" of the holder covers it.
+fn atomic_requests(rule: &Rule, namespace: Option<&str>) -> Vec<RequestInfo> {
+    let mut out = Vec::new();
+    for verb in &rule.verbs {
+        for url in &rule.non_resource_urls {
+            out.push(RequestInfo {
+                resource_request: false,
+                verb: verb.clone(),
+                path: url.clone(),
+                ..Default::default()
+            });
+        }
+        for group in &rule.api_groups {
+            for resource in &rule.resources {
+                let (resource, subresource) = match resource.split_once('/') {
+                    Some((r, s)) => (r.to_string(), s.to_string()),
+                    None => (resource.clone(), String::new()),
+                };
+                let names: Vec<Option<String>> = if rule.resource_names.is_empty() {
+                    vec![None]
+                } else {
+                    rule.resource_names.iter().cloned().map(Some).collect()
+                };
+                for name in names {
+                    out.push(RequestInfo {
+                        resource_request: true,
+                        verb: verb.clone(),
+                        api_group: group.clone(),
+                        namespace: namespace.map(str::to_string),
+                        resource: resource.clone(),
+                        subresource: subresource.clone(),
+                        name,
+                        path: String::new(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+fn describe_atomic(info: &RequestInfo) -> String {
+    if !info.resource_request {
+        return format!("{{NonResourceURLs:[{}], Verbs:[{}]}}", info.path, info.verb);
+    }
+    let resource = if info.subresource.is_empty() {
+        info.resource.clone()
+    } else {
+        format!("{}/{}", info.resource, info.subresource)
+    };
+    format!(
+        "{{APIGroups:[\"{}\"], Resources:[\"{resource}\"], Verbs:[\"{}\"]}}",
+        info.api_group, info.verb
+    )
 }
 
 /// The message of a 403, as kube-apiserver words it.
