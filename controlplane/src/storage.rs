@@ -412,6 +412,48 @@ impl Storage {
         }
     }
 
+    /// Puts `value` at `key` under a new etcd lease of `ttl` seconds: the key goes when nobody
+    /// renews it (renewing is putting it again).
+    pub async fn put_with_ttl(&self, key: &str, value: &str, ttl: i64) -> Result<(), StorageError> {
+        let mut client = self.client.clone();
+        let lease = client.lease_grant(ttl, None).await.map_err(unavailable)?;
+        let options = etcd_client::PutOptions::new().with_lease(lease.id());
+        client
+            .put(key, value, Some(options))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Deletes `key` (whatever its revision).
+    pub async fn delete_key(&self, key: &str) -> Result<(), StorageError> {
+        self.client
+            .clone()
+            .delete(key, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The values under `prefix`, by key.
+    pub async fn values(&self, prefix: &str) -> Result<Vec<(String, String)>, StorageError> {
+        let options = GetOptions::new().with_range(prefix_end(prefix));
+        let resp = self
+            .range(prefix, Some(options))
+            .await
+            .map_err(unavailable)?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect())
+    }
+
     /// Which keys under `prefix` exist (keys only).
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let options = GetOptions::new()

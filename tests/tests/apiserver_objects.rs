@@ -780,3 +780,40 @@ fn patches_are_field_validated_too() {
         "{message}"
     );
 }
+
+#[test]
+fn the_kubernetes_service_lists_the_api_servers_that_are_up() {
+    let etcd = Etcd::start().unwrap();
+    let first = ApiServer::start(&etcd).unwrap();
+    let second = ApiServer::start(&etcd).unwrap();
+    let ports = |server: &ApiServer| -> Vec<u64> {
+        let (_, endpoints) = server
+            .get("/api/v1/namespaces/default/endpoints/kubernetes")
+            .unwrap();
+        let mut ports: Vec<u64> = endpoints["subsets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["ports"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["port"].as_u64())
+            .collect();
+        ports.sort();
+        ports
+    };
+    let mut both = vec![u64::from(first.addr.port()), u64::from(second.addr.port())];
+    both.sort();
+    assert_eq!(ports(&first), both);
+    // A server that shuts down leaves the endpoints.
+    let gone = u64::from(second.addr.port());
+    drop(second);
+    seine_tests::wait_until(std::time::Duration::from_secs(5), || {
+        !ports(&first).contains(&gone)
+    })
+    .expect("the stopped server left the endpoints");
+    assert_eq!(ports(&first), [u64::from(first.addr.port())]);
+    let (_, slice) = first
+        .get("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/kubernetes")
+        .unwrap();
+    assert_eq!(slice["endpoints"][0]["addresses"][0], "127.0.0.1");
+    assert_eq!(slice["ports"][0]["port"], u64::from(first.addr.port()));
+}

@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod apply;
 pub mod auth;
+pub mod endpoints;
 pub mod handlers;
 pub mod metrics;
 pub mod openapi;
@@ -35,7 +36,7 @@ use axum::{
 use serde_json::{json, Value};
 
 use crate::{
-    storage::{resource_version, ObjectKey, Storage, StorageError},
+    storage::{ObjectKey, Storage, StorageError},
     watch_cache::WatchCaches,
 };
 use handlers::Target;
@@ -79,9 +80,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// What every cluster has, created at start when missing: the system namespaces, and the
-/// `default/kubernetes` service on the first address of the service range, whose endpoints are
-/// the API servers (each adds its own advertised address).
+/// What every cluster has, created at start when missing: the built-in RBAC policy, the system
+/// namespaces, and the `default/kubernetes` service on the first address of the service range,
+/// whose endpoints are the API servers that are up (see `endpoints`).
 pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Result<(), ApiError> {
     let storage = &state.storage;
     rbac::bootstrap(storage).await?;
@@ -113,77 +114,7 @@ pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Res
         Err(e) if e.reason == "AlreadyExists" => {}
         Err(e) => return Err(e),
     }
-    // This server among the endpoints (Endpoints and an EndpointSlice, as kube-apiserver keeps).
-    let address = advertise.ip().to_string();
-    let port = advertise.port();
-    for _ in 0..5 {
-        let key = ObjectKey::new("endpoints", Some("default"), "kubernetes");
-        let (current, mut endpoints) = match storage.get(&key).await {
-            Ok(e) => (Some(e.clone()), e),
-            Err(StorageError::NotFound { .. }) => (
-                None,
-                json!({"apiVersion": "v1", "kind": "Endpoints",
-                "metadata": {"name": "kubernetes", "namespace": "default", "uid": handlers::uid(),
-                             "creationTimestamp": handlers::now(), "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
-                "subsets": []}),
-            ),
-            Err(e) => return Err(e.into()),
-        };
-        let subset = json!({"addresses": [{"ip": address}], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]});
-        let subsets = endpoints["subsets"].as_array().cloned().unwrap_or_default();
-        if subsets.contains(&subset) {
-            break;
-        }
-        let mut subsets = subsets;
-        subsets.push(subset);
-        endpoints["subsets"] = Value::Array(subsets);
-        let written = match &current {
-            None => storage.create(&key, endpoints).await,
-            Some(c) => {
-                storage
-                    .update(&key, endpoints, Some(resource_version(c)))
-                    .await
-            }
-        };
-        match written {
-            Ok(_) => break,
-            Err(StorageError::Conflict { .. } | StorageError::AlreadyExists { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    for _ in 0..5 {
-        let key = ObjectKey::new("endpointslices", Some("default"), "kubernetes");
-        let (current, mut slice) = match storage.get(&key).await {
-            Ok(s) => (Some(s.clone()), s),
-            Err(StorageError::NotFound { .. }) => (
-                None,
-                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"name": "kubernetes", "namespace": "default", "uid": handlers::uid(),
-                             "creationTimestamp": handlers::now(),
-                             "labels": {"kubernetes.io/service-name": "kubernetes",
-                                        "endpointslice.kubernetes.io/managed-by": "endpointslicemirroring-controller.k8s.io"}},
-                "addressType": "IPv4", "endpoints": [],
-                "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}),
-            ),
-            Err(e) => return Err(e.into()),
-        };
-        let endpoint = json!({"addresses": [address], "conditions": {"ready": true}});
-        let mut list = slice["endpoints"].as_array().cloned().unwrap_or_default();
-        if list.iter().any(|e| e["addresses"] == endpoint["addresses"]) {
-            break;
-        }
-        list.push(endpoint);
-        slice["endpoints"] = Value::Array(list);
-        let written = match &current {
-            None => storage.create(&key, slice).await,
-            Some(c) => storage.update(&key, slice, Some(resource_version(c))).await,
-        };
-        match written {
-            Ok(_) => break,
-            Err(StorageError::Conflict { .. } | StorageError::AlreadyExists { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    endpoints::reconcile(storage, advertise).await?;
     Ok(())
 }
 

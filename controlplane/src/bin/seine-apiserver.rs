@@ -229,6 +229,9 @@ async fn run(args: Args) -> Result<()> {
     }
     info!(address = %local, "serving the Kubernetes API over HTTPS");
 
+    let advertised = std::net::SocketAddr::new(advertise, local.port());
+    tokio::spawn(api::endpoints::run(state.storage.clone(), advertised));
+    let storage = state.storage.clone();
     let app = api::router(state);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     let mut shutdown = std::pin::pin!(shutdown_signal());
@@ -278,6 +281,17 @@ async fn run(args: Args) -> Result<()> {
         });
     }
     info!("stopping");
+    // Out of the kubernetes service's endpoints before going.
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        api::endpoints::withdraw(&storage, advertised),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("leaving the kubernetes endpoints: {}", e.message),
+        Err(_) => warn!("leaving the kubernetes endpoints: etcd did not answer in time"),
+    }
     Ok(())
 }
 
