@@ -488,6 +488,16 @@ impl Node {
         (pids, namespaces)
     }
 
+    /// The files this node's processes write: their logs and the node's services file.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.agent.iter().map(|a| a.log.clone()).collect();
+        for pod in &self.pods {
+            files.extend(pod.workloads.iter().map(|w| w.log.clone()));
+        }
+        files.push(self.services_file.clone());
+        files
+    }
+
     /// `seine-agent --cleanup` for this node, run in its namespace.
     pub fn cleanup_agent(&self) -> Result<String> {
         let agent = bin("seine-agent")?;

@@ -94,7 +94,8 @@ fn up() -> Result<()> {
     let (mut pids, namespaces) = node.inventory();
     pids.extend(etcd.pid());
     pids.extend(apiserver.pid());
-    let mut files = etcd.files();
+    let mut files = node.files();
+    files.extend(etcd.files());
     files.extend(apiserver.files());
     let state = json!({
         "pids": pids,
