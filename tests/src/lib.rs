@@ -78,11 +78,15 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Makes sure bpffs is mounted (the setup step does it; a test run may start without it).
+/// Makes sure bpffs is mounted (the setup step does it; a test run may start without it). A mount
+/// made here is marked as Seine's, like setup's, so that `cargo xtask test` and `lab down`
+/// unmount it again once nothing is pinned in it.
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts")?;
     if !mounts.lines().any(|l| l.contains(" /sys/fs/bpf bpf ")) {
         sh("mount", &["-t", "bpf", "bpf", BPFFS_ROOT])?;
+        std::fs::create_dir_all("/run/seine")?;
+        std::fs::write("/run/seine/bpffs-mounted-by-seine", "")?;
     }
     Ok(())
 }
@@ -720,7 +724,7 @@ impl Drop for Node {
         }
         let _ = std::fs::remove_dir_all(&self.bpffs_dir);
         let _ = std::fs::remove_file(&self.services_file);
-        let _ = std::fs::remove_file(seine::bpf::status_path(&self.bpffs_dir));
+        seine::bpf::remove_node_files(&self.bpffs_dir);
     }
 }
 

@@ -373,11 +373,23 @@ fn flat_name(dir: &Path) -> String {
         .collect()
 }
 
+const LOCKS: &str = "/run/seine/locks";
+
+fn lock_path(dir: &Path) -> std::path::PathBuf {
+    Path::new(LOCKS).join(format!("{}.lock", flat_name(dir)))
+}
+
+/// Removes what Seine keeps outside bpffs for the node whose maps lived in `dir` (its agent's
+/// status and its writers' lock), once its pins are gone.
+pub fn remove_node_files(dir: &Path) {
+    let _ = std::fs::remove_file(status_path(dir));
+    let _ = std::fs::remove_file(lock_path(dir));
+}
+
 pub fn lock(dir: &Path) -> Result<DirLock, BpfError> {
     let io_err = |context: String| move |source| BpfError::Io { context, source };
-    let locks = Path::new("/run/seine/locks");
-    std::fs::create_dir_all(locks).map_err(io_err(format!("creating {}", locks.display())))?;
-    let path = locks.join(format!("{}.lock", flat_name(dir)));
+    std::fs::create_dir_all(LOCKS).map_err(io_err(format!("creating {LOCKS}")))?;
+    let path = lock_path(dir);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -96,6 +96,8 @@ const APT_PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "etcd-server",
     "etcd-client",
+    // The API server tests make client certificates with it.
+    "openssl",
     "python3",
     "procps",
     "util-linux",
@@ -108,6 +110,12 @@ const APT_PACKAGES: &[&str] = &[
 const BPF_LINKER: &str = "bpf-linker@0.10.4";
 
 const BPFFS: &str = "/sys/fs/bpf";
+/// Written when Seine mounted bpffs, so that it unmounts what it mounted once nothing of its own is
+/// pinned there (the test harness writes it too when it mounts).
+const BPFFS_MARKER: &str = "/run/seine/bpffs-mounted-by-seine";
+/// What the kernel's bpf_preload pins in every new bpffs mount: not ours to remove one by one,
+/// gone with the mount.
+const BPFFS_KERNEL_ENTRIES: [&str; 2] = ["maps.debug", "progs.debug"];
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -332,7 +340,36 @@ fn setup_bpffs() -> Result<()> {
     println!("setup: bpffs at {BPFFS} ... mounting");
     fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
     check(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
-    println!("setup: bpffs at {BPFFS} ... ok (mounted)");
+    if let Some(dir) = Path::new(BPFFS_MARKER).parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fs::write(BPFFS_MARKER, "").with_context(|| format!("writing {BPFFS_MARKER}"))?;
+    println!("setup: bpffs at {BPFFS} ... ok (mounted; unmounted again when nothing of Seine's is pinned)");
+    Ok(())
+}
+
+/// Unmounts bpffs if Seine mounted it and nothing but the kernel's own entries is left in it (a
+/// running lab keeps it). The mount takes the kernel's preload entries with it.
+fn release_bpffs() -> Result<()> {
+    if !Path::new(BPFFS_MARKER).exists() {
+        return Ok(());
+    }
+    let entries: Vec<String> = fs::read_dir(BPFFS)
+        .with_context(|| format!("reading {BPFFS}"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let ours: Vec<&String> = entries
+        .iter()
+        .filter(|e| !BPFFS_KERNEL_ENTRIES.contains(&e.as_str()))
+        .collect();
+    if !ours.is_empty() {
+        println!("xtask: keeping bpffs at {BPFFS} mounted: it holds {ours:?}");
+        return Ok(());
+    }
+    check(Command::new("umount").arg(BPFFS))?;
+    fs::remove_file(BPFFS_MARKER).with_context(|| format!("removing {BPFFS_MARKER}"))?;
+    println!("xtask: unmounted bpffs at {BPFFS}, which setup had mounted");
     Ok(())
 }
 
@@ -382,7 +419,10 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             "--test-threads=1",
         ])
         .args(extra);
-    let (passed, failed, ok) = run_counting_tests(&mut cmd)?;
+    let counted = run_counting_tests(&mut cmd);
+    // Whatever the tests did, leave bpffs as it was before setup (when they left nothing pinned).
+    release_bpffs()?;
+    let (passed, failed, ok) = counted?;
     // One closing line for the whole run: cargo prints one result line per test binary.
     println!("xtask: {passed} passed, {failed} failed");
     if !ok || failed > 0 {
@@ -434,60 +474,70 @@ fn lab(root: &Path, action: LabAction) -> Result<()> {
         LabAction::Status => "status",
     };
     check(cargo_in(root).args(["build", "-p", "seine", "-p", "seine-tests"]))?;
-    exec(
-        root,
-        Command::new(target_dir(root).join("debug/seine-lab")).arg(verb),
-    )
+    let lab = target_dir(root).join("debug/seine-lab");
+    if verb == "down" {
+        check(Command::new(lab).current_dir(root).arg(verb))?;
+        return release_bpffs();
+    }
+    exec(root, Command::new(lab).arg(verb))
 }
 
 fn bench_lb(root: &Path, json: Option<PathBuf>, iptables_backend: &str) -> Result<()> {
+    run_bench(
+        root,
+        "lb",
+        json,
+        &["seine", "seine-tests"],
+        &["--iptables-backend", iptables_backend],
+    )
+}
+
+fn bench_apiserver(root: &Path, json: Option<PathBuf>) -> Result<()> {
+    run_bench(
+        root,
+        "apiserver",
+        json,
+        &["seine-controlplane", "seine-tests"],
+        &[],
+    )
+}
+
+/// Builds `packages` for release and runs `seine-bench <name> --json <json> <extra>`.
+fn run_bench(
+    root: &Path,
+    name: &str,
+    json: Option<PathBuf>,
+    packages: &[&str],
+    extra: &[&str],
+) -> Result<()> {
     // A path given on the command line is relative to where the user is, the default to the workspace.
     let json = match json {
         Some(p) if p.is_relative() => env::current_dir()
             .context("reading the current directory")?
             .join(p),
         Some(p) => p,
-        None => target_dir(root).join("bench/lb.json"),
+        None => target_dir(root).join(format!("bench/{name}.json")),
     };
     setup()?;
-    check(cargo_in(root).args(["build", "--release", "-p", "seine", "-p", "seine-tests"]))?;
+    let mut build = cargo_in(root);
+    build.args(["build", "--release"]);
+    for package in packages {
+        build.args(["-p", package]);
+    }
+    check(&mut build)?;
     if let Some(dir) = json.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    exec(
-        root,
+    let ran = check(
         Command::new(target_dir(root).join("release/seine-bench"))
-            .arg("lb")
+            .current_dir(root)
+            .arg(name)
             .arg("--json")
             .arg(&json)
-            .args(["--iptables-backend", iptables_backend]),
-    )
-}
-
-fn bench_apiserver(root: &Path, json: Option<PathBuf>) -> Result<()> {
-    let json = match json {
-        Some(p) if p.is_relative() => env::current_dir()
-            .context("reading the current directory")?
-            .join(p),
-        Some(p) => p,
-        None => target_dir(root).join("bench/apiserver.json"),
-    };
-    setup()?;
-    check(cargo_in(root).args([
-        "build",
-        "--release",
-        "-p",
-        "seine-controlplane",
-        "-p",
-        "seine-tests",
-    ]))?;
-    exec(
-        root,
-        Command::new(target_dir(root).join("release/seine-bench"))
-            .arg("apiserver")
-            .arg("--json")
-            .arg(&json),
-    )
+            .args(extra),
+    );
+    release_bpffs()?;
+    ran
 }
 
 /// The cargo that runs xtask, so nested builds use the same toolchain.

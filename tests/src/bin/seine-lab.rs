@@ -217,7 +217,7 @@ fn down(verbose: bool) -> Result<()> {
     }
     if let Some(dir) = state["bpffs_dir"].as_str() {
         let _ = std::fs::remove_dir_all(dir);
-        let _ = std::fs::remove_file(seine::bpf::status_path(Path::new(dir)));
+        seine::bpf::remove_node_files(Path::new(dir));
     }
     std::fs::remove_dir_all(STATE_DIR).with_context(|| format!("removing {STATE_DIR}"))?;
     if verbose {

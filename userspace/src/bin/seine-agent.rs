@@ -389,7 +389,7 @@ fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
     for backend in iptables_backends(args) {
         IptablesDatapath::cleanup(backend)?;
     }
-    let _ = std::fs::remove_file(bpf::status_path(&args.bpffs_dir));
+    bpf::remove_node_files(&args.bpffs_dir);
     info!(dir = %args.bpffs_dir.display(), "filters detached, pins and iptables chains removed");
     Ok(ExitCode::SUCCESS)
 }

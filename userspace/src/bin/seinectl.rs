@@ -253,7 +253,12 @@ fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {
         }
         ServiceCommand::Delete { .. } => None,
     };
-    let _lock = seine::bpf::lock(dir).map_err(system)?;
+    // Read back and written under the node's lock; a node that is not there gets "not pinned"
+    // from open, and no lock file is made for it.
+    let _lock = match dir.exists() {
+        true => Some(seine::bpf::lock(dir).map_err(system)?),
+        false => None,
+    };
     let mut dp = EbpfDatapath::open(dir, Owner::Cli).map_err(system)?;
     match (what, request) {
         (_, Some(spec)) => {
