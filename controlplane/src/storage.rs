@@ -302,26 +302,11 @@ impl Storage {
     ) -> Result<Value, StorageError> {
         let etcd_key = key.etcd_key();
         strip_resource_version(&mut object);
-        let body = object.to_string();
-        let mut guards = vec![match expected_revision {
-            Some(rev) => Compare::mod_revision(etcd_key.as_str(), CompareOp::Equal, rev),
-            None => Compare::create_revision(etcd_key.as_str(), CompareOp::Greater, 0),
-        }];
-        guards.extend(claims.guards());
-        let mut ops = vec![TxnOp::put(etcd_key.as_str(), body, None)];
-        ops.extend(claims.ops());
-        let txn = Txn::new()
-            .when(guards)
-            .and_then(ops)
-            .or_else([TxnOp::get(etcd_key.as_str(), None)]);
-        let resp = self.txn(txn).await.map_err(unavailable)?;
-        if !resp.succeeded() {
-            return Err(self
-                .explain_failure(key, expected_revision, &resp, claims)
-                .await);
-        }
-        let revision = resp.header().map_or(0, |h| h.revision());
-        set_resource_version(&mut object, revision);
+        let put = TxnOp::put(etcd_key.as_str(), object.to_string(), None);
+        let resp = self
+            .guarded_write(key, expected_revision, put, claims)
+            .await?;
+        set_resource_version(&mut object, resp.header().map_or(0, |h| h.revision()));
         Ok(object)
     }
 
@@ -335,7 +320,8 @@ impl Storage {
             .await
     }
 
-    /// `delete`, releasing (and claiming) keys in the same transaction.
+    /// `delete`, releasing (and claiming) keys in the same transaction. The object as it was
+    /// comes back from the same transaction, at the revision that deleted it.
     pub async fn delete_with(
         &self,
         key: &ObjectKey,
@@ -343,15 +329,43 @@ impl Storage {
         claims: &Claims,
     ) -> Result<Value, StorageError> {
         let etcd_key = key.etcd_key();
-        let current = self.get(key).await?;
-        let revision = expected_revision.unwrap_or_else(|| resource_version(&current));
-        let mut guards = vec![Compare::mod_revision(
+        let delete = TxnOp::delete(
             etcd_key.as_str(),
-            CompareOp::Equal,
-            revision,
-        )];
+            Some(etcd_client::DeleteOptions::new().with_prev_key()),
+        );
+        let resp = self
+            .guarded_write(key, expected_revision, delete, claims)
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let previous = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Delete(d) => d.prev_kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        match previous {
+            Some(bytes) => decode(&etcd_key, &bytes, revision),
+            None => Err(StorageError::NotFound {
+                resource: key.resource.clone(),
+                name: key.name.clone(),
+            }),
+        }
+    }
+
+    /// One write to an existing object (`op`), with the claims, in a transaction that holds only
+    /// while the object is at `expected_revision` (or, without one, exists).
+    async fn guarded_write(
+        &self,
+        key: &ObjectKey,
+        expected_revision: Option<i64>,
+        op: TxnOp,
+        claims: &Claims,
+    ) -> Result<etcd_client::TxnResponse, StorageError> {
+        let etcd_key = key.etcd_key();
+        let mut guards = vec![match expected_revision {
+            Some(rev) => Compare::mod_revision(etcd_key.as_str(), CompareOp::Equal, rev),
+            None => Compare::create_revision(etcd_key.as_str(), CompareOp::Greater, 0),
+        }];
         guards.extend(claims.guards());
-        let mut ops = vec![TxnOp::delete(etcd_key.as_str(), None)];
+        let mut ops = vec![op];
         ops.extend(claims.ops());
         let txn = Txn::new()
             .when(guards)
@@ -360,12 +374,10 @@ impl Storage {
         let resp = self.txn(txn).await.map_err(unavailable)?;
         if !resp.succeeded() {
             return Err(self
-                .explain_failure(key, Some(revision), &resp, claims)
+                .explain_failure(key, expected_revision, &resp, claims)
                 .await);
         }
-        let mut gone = current;
-        set_resource_version(&mut gone, resp.header().map_or(0, |h| h.revision()));
-        Ok(gone)
+        Ok(resp)
     }
 
     /// Which guard of a failed write did not hold: the object is gone, it changed, or a claimed

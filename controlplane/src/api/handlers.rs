@@ -139,12 +139,15 @@ impl Target {
             ))
         };
         let mut unknown = typed::unknown_fields(kind, object).map_err(cannot)?;
+        if unknown.is_empty() || self.field_validation == FieldValidation::Ignore {
+            return Ok(());
+        }
         if let Some(current) = current {
             let known_before = typed::unknown_fields(kind, current).unwrap_or_default();
             unknown.retain(|f| !known_before.contains(f));
-        }
-        if unknown.is_empty() {
-            return Ok(());
+            if unknown.is_empty() {
+                return Ok(());
+            }
         }
         let described: Vec<String> = unknown
             .iter()
@@ -916,7 +919,7 @@ async fn bind(state: &ApiState, target: &Target, body: &Bytes) -> ApiResult {
 }
 
 /// Parses a request body as an object of the resource's kind.
-fn parse_object(body: &Bytes, resource: &Resource) -> Result<Value, ApiError> {
+pub fn parse_object(body: &Bytes, resource: &Resource) -> Result<Value, ApiError> {
     let object: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
     if !object.is_object() {

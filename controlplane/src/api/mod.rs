@@ -385,24 +385,24 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
             .into_response();
     }
     let query = uri.query().unwrap_or("").to_string();
-    let field_validation = match typed::FieldValidation::parse(
-        parse_query(&query)
+    let params = parse_query(&query);
+    let param = |key: &str| {
+        params
             .iter()
-            .find(|(k, _)| k == "fieldValidation")
-            .map(|(_, v)| v.as_str()),
-    ) {
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    let field_validation = match typed::FieldValidation::parse(param("fieldValidation")) {
         Ok(v) => v,
         Err(e) => return ApiError::bad_request(e).into_response(),
     };
-    if parse_query(&query).iter().any(|(k, _)| k == "dryRun") {
+    if param("dryRun").is_some() {
         return ApiError::bad_request("dryRun is not supported by this server").into_response();
     }
     // The writer's name for managed fields: fieldManager, else the client's name, as
     // kube-apiserver derives it from the User-Agent ("kubectl/v1.32 ..." is "kubectl").
-    let field_manager = parse_query(&query)
-        .into_iter()
-        .find(|(k, _)| k == "fieldManager")
-        .map(|(_, v)| v)
+    let field_manager = param("fieldManager")
+        .map(str::to_string)
         .unwrap_or_else(|| {
             request
                 .headers()
@@ -411,9 +411,7 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
                 .map(|ua| ua.split('/').next().unwrap_or("").trim().to_string())
                 .unwrap_or_default()
         });
-    let force = parse_query(&query)
-        .iter()
-        .any(|(k, v)| k == "force" && v == "true");
+    let force = param("force") == Some("true");
     let target = Target {
         resource,
         namespace: namespace.map(str::to_string),
@@ -440,7 +438,7 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
         .unwrap_or_default();
-    if media == handlers::APPLY && !parse_query(&query).iter().any(|(k, _)| k == "fieldManager") {
+    if media == handlers::APPLY && param("fieldManager").is_none() {
         return ApiError::bad_request(
             "PATCH requests with the apply content type must have a fieldManager",
         )
@@ -481,7 +479,6 @@ async fn dispatch(State(state): State<Arc<ApiState>>, request: Request) -> Respo
     if announced.is_some_and(|n| n > MAX_BODY_BYTES) {
         return too_large();
     }
-    let params = parse_query(&query);
     let watching = watch_path
         || params
             .iter()

@@ -6,38 +6,9 @@ use serde_json::Value;
 use super::status::ApiError;
 
 pub fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
-}
-
-pub fn percent_decode(s: &str) -> String {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                i += 2;
-                hi * 16 + lo
-            }
-            (b'+', _, _) => b' ',
-            (b, _, _) => b,
-        };
-        out.push(decoded);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A continue token: where the next page starts and the revision the list is read at.
@@ -244,8 +215,9 @@ mod tests {
 
     #[test]
     fn query_strings_are_percent_decoded() {
-        let q = parse_query("labelSelector=app%3Dweb&limit=5");
+        let q = parse_query("labelSelector=app%3Dweb&limit=5&fieldSelector=a+b");
         assert_eq!(q[0], ("labelSelector".into(), "app=web".into()));
+        assert_eq!(q[2], ("fieldSelector".into(), "a b".into()));
     }
 
     #[test]

@@ -7,32 +7,14 @@ use serde_json::{json, Value};
 
 use super::{
     auth::{AuthError, User},
-    handlers::{now, ApiResult, Target},
+    handlers::{now, parse_object, ApiResult, Target},
     rbac::Decision,
     request_info::RequestInfo,
-    resources::Resource,
     sa_token::TokenClaims,
     status::ApiError,
     ApiState,
 };
 use crate::storage::{ObjectKey, StorageError};
-
-fn parse_body(body: &Bytes, resource: &Resource) -> Result<Value, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(ApiError::bad_request(
-            "the request body must be a JSON object",
-        ));
-    }
-    if value["kind"].as_str().is_some_and(|k| k != resource.kind) {
-        return Err(ApiError::bad_request(format!(
-            "expected a {}, got {}",
-            resource.kind, value["kind"]
-        )));
-    }
-    Ok(value)
-}
 
 /// The RequestInfo an access review asks about.
 fn review_attributes(spec: &Value, kind: &str) -> Result<RequestInfo, ApiError> {
@@ -80,12 +62,7 @@ fn review_status(decision: &Decision) -> Value {
 /// POST of a review: the answer, with the request's spec echoed as Kubernetes does.
 pub async fn answer(state: &ApiState, target: &Target, user: &User, body: &Bytes) -> ApiResult {
     let resource = target.resource;
-    let mut review = parse_body(body, resource)?;
-    review["kind"] = resource.kind.into();
-    review["apiVersion"] = resource.api_version().into();
-    if !review["metadata"].is_object() {
-        review["metadata"] = json!({});
-    }
+    let mut review = parse_object(body, resource)?;
     review["metadata"]["creationTimestamp"] = Value::Null;
     match resource.kind {
         "SelfSubjectAccessReview" => {
