@@ -369,6 +369,10 @@ fn release_bpffs() -> Result<()> {
     }
     check(Command::new("umount").arg(BPFFS))?;
     fs::remove_file(BPFFS_MARKER).with_context(|| format!("removing {BPFFS_MARKER}"))?;
+    // The agents' status and lock directories, when the tests and the lab left them empty.
+    for dir in ["/run/seine/agents", "/run/seine/locks", "/run/seine"] {
+        let _ = fs::remove_dir(dir);
+    }
     println!("xtask: unmounted bpffs at {BPFFS}, which setup had mounted");
     Ok(())
 }
