@@ -75,15 +75,18 @@ struct Lock {
 
 impl Store {
     /// The store for `cidr` in `dir` (created, mode 0700, when missing).
+    /// The network address and prefix length of an IPv4 CIDR the store can serve.
+    pub fn parse_cidr(cidr: &str) -> Option<(u32, u8)> {
+        let (addr, len) = cidr.split_once('/')?;
+        let addr: Ipv4Addr = addr.parse().ok()?;
+        let prefix_len: u8 = len.parse().ok().filter(|l| (8..=30).contains(l))?;
+        Some((u32::from(addr) & (u32::MAX << (32 - prefix_len)), prefix_len))
+    }
+
+    /// The store for `cidr` in `dir` (created, mode 0700, when missing).
     pub fn open(dir: &Path, cidr: &str) -> Result<Self, IpamError> {
-        let bad = || IpamError::BadCidr(cidr.to_string());
-        let (addr, len) = cidr.split_once('/').ok_or_else(bad)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-        let prefix_len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| (8..=30).contains(l))
-            .ok_or_else(bad)?;
+        let (network, prefix_len) =
+            Self::parse_cidr(cidr).ok_or_else(|| IpamError::BadCidr(cidr.to_string()))?;
         use std::os::unix::fs::DirBuilderExt as _;
         fs::DirBuilder::new()
             .recursive(true)
@@ -92,7 +95,7 @@ impl Store {
             .map_err(io(dir))?;
         Ok(Store {
             dir: dir.to_path_buf(),
-            network: u32::from(addr) & (u32::MAX << (32 - prefix_len)),
+            network,
             prefix_len,
         })
     }
@@ -145,6 +148,13 @@ impl Store {
     pub fn allocations(&self) -> Result<Vec<Owned>, IpamError> {
         let _lock = self.lock()?;
         self.read_all()
+    }
+
+    /// How many addresses are still free.
+    pub fn free(&self) -> Result<u32, IpamError> {
+        let _lock = self.lock()?;
+        let size = 1u32 << (32 - self.prefix_len);
+        Ok((size - 3).saturating_sub(self.read_all()?.len() as u32))
     }
 
     /// An address for (container, interface): the one it already has, or the next free one after

@@ -23,6 +23,9 @@ pub enum Code {
     PluginNotAvailable = 50,
     /// STATUS: the plugin is limited (e.g. no addresses left).
     PluginLimited = 51,
+    /// Seine's own (100 and up are the plugin's): CHECK found the container's network differs
+    /// from what ADD set up.
+    CheckFailed = 100,
 }
 
 /// A CNI error: printed to stdout as the spec's error JSON, with a non-zero exit status.
@@ -66,39 +69,42 @@ pub fn supports(version: &str) -> bool {
     SUPPORTED_VERSIONS.contains(&version)
 }
 
-/// The version a configuration asks for: with `cniVersions` (a conflist of spec 1.1), the highest
-/// one this plugin also speaks; otherwise `cniVersion`, which it must speak.
+/// The version to answer in: the configuration's `cniVersion` (a runtime writes the version it
+/// negotiated there for each plugin), which this plugin must speak; a configuration that has only
+/// `cniVersions` (a conflist read as it is) gets the highest one both sides speak.
 pub fn negotiate(config: &Value) -> Result<String, CniError> {
-    if let Some(list) = config.get("cniVersions").and_then(Value::as_array) {
-        let best = list
-            .iter()
-            .filter_map(Value::as_str)
-            .filter(|v| supports(v))
-            .max_by_key(|v| parse_version(v));
-        return match best {
-            Some(v) => Ok(v.to_string()),
-            None => Err(CniError::new(
+    match config.get("cniVersion").and_then(Value::as_str) {
+        Some(v) if supports(v) => return Ok(v.to_string()),
+        Some(v) => {
+            return Err(CniError::new(
+                Code::IncompatibleVersion,
+                "incompatible CNI versions",
+                format!("config is {v:?}, plugin supports {SUPPORTED_VERSIONS:?}"),
+            ))
+        }
+        None => {}
+    }
+    let Some(list) = config.get("cniVersions").and_then(Value::as_array) else {
+        return Err(CniError::new(
+            Code::InvalidNetworkConfig,
+            "invalid network configuration",
+            "cniVersion is required",
+        ));
+    };
+    list.iter()
+        .filter_map(Value::as_str)
+        .filter(|v| supports(v))
+        .max_by_key(|v| parse_version(v))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            CniError::new(
                 Code::IncompatibleVersion,
                 "incompatible CNI versions",
                 format!(
                     "the configuration asks for {list:?}; this plugin supports {SUPPORTED_VERSIONS:?}"
                 ),
-            )),
-        };
-    }
-    match config.get("cniVersion").and_then(Value::as_str) {
-        Some(v) if supports(v) => Ok(v.to_string()),
-        Some(v) => Err(CniError::new(
-            Code::IncompatibleVersion,
-            "incompatible CNI versions",
-            format!("config is {v:?}, plugin supports {SUPPORTED_VERSIONS:?}"),
-        )),
-        None => Err(CniError::new(
-            Code::InvalidNetworkConfig,
-            "invalid network configuration",
-            "cniVersion is required",
-        )),
-    }
+            )
+        })
 }
 
 /// The answer to `VERSION`: the versions this plugin speaks.
@@ -160,11 +166,19 @@ mod tests {
     fn versions_negotiate_to_the_best_common_one() {
         assert_eq!(negotiate(&json!({"cniVersion": "1.0.0"})).unwrap(), "1.0.0");
         assert_eq!(
-            negotiate(
-                &json!({"cniVersion": "1.0.0", "cniVersions": ["0.3.1", "1.0.0", "1.1.0", "2.0.0"]})
-            )
-            .unwrap(),
+            negotiate(&json!({"cniVersions": ["0.3.1", "1.0.0", "1.1.0", "2.0.0"]})).unwrap(),
             "1.1.0"
+        );
+        assert_eq!(
+            negotiate(&json!({"cniVersion": "1.0.0", "cniVersions": ["1.0.0", "1.1.0"]})).unwrap(),
+            "1.0.0",
+            "the runtime's choice for this plugin"
+        );
+        assert_eq!(
+            negotiate(&json!({"cniVersions": ["0.3.1", "2.0.0"]}))
+                .unwrap_err()
+                .code,
+            Code::IncompatibleVersion
         );
         let old = negotiate(&json!({"cniVersion": "0.3.1"})).unwrap_err();
         assert_eq!(old.code, Code::IncompatibleVersion);

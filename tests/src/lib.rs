@@ -7,6 +7,7 @@
 
 pub mod apiserver;
 pub mod apiserver_bench;
+pub mod cni;
 pub mod etcd;
 pub mod objects;
 pub mod stats;

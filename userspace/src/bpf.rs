@@ -293,53 +293,82 @@ fn classifier<'a>(
 /// translates what the pod sends, egress restores replies. An existing Seine filter is replaced in
 /// place, so packets never pass untranslated. The filters stay after this process exits.
 pub fn attach(ebpf: &mut Ebpf, interface: &str) -> Result<(), BpfError> {
-    let attach_err = |message: String| BpfError::Attach {
-        interface: interface.to_string(),
-        message,
-    };
-    if let Err(e) = tc::qdisc_add_clsact(interface) {
-        // EEXIST: the clsact qdisc is there already.
-        let exists =
-            matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
-        if !exists {
-            return Err(attach_err(format!("adding clsact qdisc: {e}")));
-        }
-    }
+    add_clsact(interface)?;
     for (name, attach_type) in [
         (PROG_FROM_POD, TcAttachType::Ingress),
         (PROG_TO_POD, TcAttachType::Egress),
     ] {
-        let prog = classifier(ebpf, name)?;
-        let options = TcAttachOptions::Netlink(NlOptions {
-            priority: TC_PRIORITY,
-            handle: TC_HANDLE,
-            classid: None,
-        });
-        let link_id = match prog.attach_with_options(interface, attach_type, options) {
-            Ok(id) => id,
-            // Our filter is there already (an earlier agent): swap the program in place.
-            Err(create_err) => {
-                let existing = SchedClassifierLink::attached(
-                    interface,
-                    attach_type,
-                    TC_PRIORITY,
-                    TC_HANDLE,
-                    None,
-                )
-                .map_err(|e| attach_err(format!("{name}: {e}")))?;
-                prog.attach_to_link(existing).map_err(|e| {
-                    attach_err(format!(
-                        "{name}: creating the filter: {create_err}; replacing it: {e}"
-                    ))
-                })?
-            }
-        };
-        // Keep the filter when this process exits: dropping the link would detach it.
-        let link = prog
-            .take_link(link_id)
-            .map_err(|e| attach_err(format!("{name}: {e}")))?;
-        std::mem::forget(link);
+        attach_one(classifier(ebpf, name)?, name, interface, attach_type)?;
     }
+    Ok(())
+}
+
+/// Attaches the programs an agent pinned in `dir` to `interface` (current network namespace), as
+/// the CNI plugin does for a new pod. Returns false, attaching nothing, when no agent pinned them
+/// there (the iptables datapath, or no agent).
+pub fn attach_pinned(dir: &Path, interface: &str) -> Result<bool, BpfError> {
+    let pins = [
+        (PROG_FROM_POD, TcAttachType::Ingress),
+        (PROG_TO_POD, TcAttachType::Egress),
+    ];
+    if !pins.iter().all(|(name, _)| dir.join(name).exists()) {
+        return Ok(false);
+    }
+    add_clsact(interface)?;
+    for (name, attach_type) in pins {
+        let mut prog = SchedClassifier::from_pin(dir.join(name))
+            .map_err(|source| BpfError::Program { name, source })?;
+        attach_one(&mut prog, name, interface, attach_type)?;
+    }
+    Ok(true)
+}
+
+fn add_clsact(interface: &str) -> Result<(), BpfError> {
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) => Ok(()),
+        // EEXIST: the clsact qdisc is there already.
+        Err(tc::TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(BpfError::Attach {
+            interface: interface.to_string(),
+            message: format!("adding clsact qdisc: {e}"),
+        }),
+    }
+}
+
+fn attach_one(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    interface: &str,
+    attach_type: TcAttachType,
+) -> Result<(), BpfError> {
+    let attach_err = |message: String| BpfError::Attach {
+        interface: interface.to_string(),
+        message,
+    };
+    let options = TcAttachOptions::Netlink(NlOptions {
+        priority: TC_PRIORITY,
+        handle: TC_HANDLE,
+        classid: None,
+    });
+    let link_id = match prog.attach_with_options(interface, attach_type, options) {
+        Ok(id) => id,
+        // Our filter is there already (an earlier agent): swap the program in place.
+        Err(create_err) => {
+            let existing =
+                SchedClassifierLink::attached(interface, attach_type, TC_PRIORITY, TC_HANDLE, None)
+                    .map_err(|e| attach_err(format!("{name}: {e}")))?;
+            prog.attach_to_link(existing).map_err(|e| {
+                attach_err(format!(
+                    "{name}: creating the filter: {create_err}; replacing it: {e}"
+                ))
+            })?
+        }
+    };
+    // Keep the filter when this process exits: dropping the link would detach it.
+    let link = prog
+        .take_link(link_id)
+        .map_err(|e| attach_err(format!("{name}: {e}")))?;
+    std::mem::forget(link);
     Ok(())
 }
 

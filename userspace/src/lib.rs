@@ -7,3 +7,6 @@ pub mod echo;
 pub mod inspect;
 pub mod k8s;
 pub mod model;
+pub mod net;
+pub mod nodenet;
+pub mod overlay;

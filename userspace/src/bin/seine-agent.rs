@@ -23,6 +23,7 @@ use prometheus_client::{
 };
 use seine::{
     bpf::{self, MapSizes, PinnedMaps, DEFAULT_BPFFS_DIR},
+    nodenet,
     datapath::{
         ebpf::{EbpfDatapath, Owner},
         iptables::{IptablesBackend, IptablesDatapath},
@@ -77,6 +78,43 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// This node's name: turns on the pod network (VXLAN overlay and CNI install) for the Node of
+    /// this name, read from the API server.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The API server's kubeconfig; in a pod, the service account is used without it.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, default_value = seine::overlay::DEFAULT_DEVICE)]
+    vxlan_device: String,
+    #[arg(long, default_value_t = seine::overlay::DEFAULT_VNI)]
+    vxlan_vni: u32,
+    #[arg(long, default_value_t = seine::overlay::DEFAULT_PORT)]
+    vxlan_port: u16,
+    /// The node's underlay address (the VTEP) [default: the Node's InternalIP].
+    #[arg(long)]
+    vtep_address: Option<std::net::Ipv4Addr>,
+    /// Where to install the seine-cni binary.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// Where to write the conflist (10-seine.conflist).
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Where the plugin keeps its address allocations.
+    #[arg(long, default_value = "/var/lib/cni/seine")]
+    cni_data_dir: PathBuf,
+    /// The network name in the conflist.
+    #[arg(long, default_value = "seine")]
+    cni_network: String,
+    /// The plugin binary to install [default: seine-cni next to this agent].
+    #[arg(long)]
+    cni_plugin: Option<PathBuf>,
+    /// Skip installing the CNI plugin and conflist.
+    #[arg(long)]
+    no_cni_install: bool,
+    /// Seconds between overlay checks when no Node changed.
+    #[arg(long, default_value_t = 10)]
+    overlay_resync_seconds: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -161,6 +199,8 @@ impl Metrics {
 
 struct Shared {
     metrics: Metrics,
+    /// The pod network, when this agent runs it.
+    overlay: Option<nodenet::Status>,
     ready: AtomicBool,
     stopping: AtomicBool,
     /// The eBPF counters, when the eBPF datapath runs.
@@ -224,8 +264,25 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Active::Ebpf { .. } => Some(std::sync::Mutex::new(PinnedMaps::open(&args.bpffs_dir)?)),
         Active::Iptables { .. } => None,
     };
+    let mut agent_metrics = Metrics::new(active.datapath().mode());
+    let overlay = args.node_name.as_ref().map(|_| {
+        let status = nodenet::Status::default();
+        let registry = &mut agent_metrics.registry;
+        registry.register(
+            "seine_overlay_peers",
+            "Other nodes the VXLAN overlay reaches",
+            status.peers.clone(),
+        );
+        registry.register(
+            "seine_overlay_reconciles",
+            "Reconciliations of the overlay's entries, by result",
+            status.reconciles.clone(),
+        );
+        status
+    });
     let shared = Arc::new(Shared {
-        metrics: Metrics::new(active.datapath().mode()),
+        metrics: agent_metrics,
+        overlay: overlay.clone(),
         ready: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         stats_maps,
@@ -257,6 +314,40 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             error!("health server: {e}");
         }
     });
+
+    if let (Some(status), Some(node_name)) = (overlay, args.node_name.clone()) {
+        let options = nodenet::Options {
+            node_name,
+            device: args.vxlan_device.clone(),
+            vni: args.vxlan_vni,
+            port: args.vxlan_port,
+            vtep_address: args.vtep_address,
+            cni_bin_dir: (!args.no_cni_install).then(|| args.cni_bin_dir.clone()),
+            cni_conf_dir: (!args.no_cni_install).then(|| args.cni_conf_dir.clone()),
+            cni_plugin: match &args.cni_plugin {
+                Some(p) => p.clone(),
+                None => std::env::current_exe()?
+                    .with_file_name("seine-cni"),
+            },
+            cni_data_dir: args.cni_data_dir.clone(),
+            cni_network: args.cni_network.clone(),
+            bpffs_dir: args.bpffs_dir.clone(),
+            resync: Duration::from_secs(args.overlay_resync_seconds.max(1)),
+        };
+        let kubeconfig = args.kubeconfig.clone();
+        runtime.spawn(async move {
+            let client = match nodenet::client(kubeconfig.as_deref()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    error!("the API server client: {e}; the pod network stays down");
+                    return;
+                }
+            };
+            if let Err(e) = nodenet::run(client, options, status).await {
+                error!("pod network: {e}");
+            }
+        });
+    }
 
     let mut watcher = args.services_file.clone().map(FileWatch::new);
     if let Some(specs) = initial {
@@ -575,7 +666,12 @@ impl FileWatch {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    if shared.ready.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst) {
+    let overlay_ready = shared
+        .overlay
+        .as_ref()
+        .is_none_or(|o| o.ready.load(Ordering::SeqCst));
+    if shared.ready.load(Ordering::SeqCst) && overlay_ready && !shared.stopping.load(Ordering::SeqCst)
+    {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

@@ -1,0 +1,670 @@
+//! The plugin's commands (ADD, DEL, CHECK, GC, STATUS, VERSION) on a parsed environment and
+//! configuration. Every pod gets a veth pair: the pod side, named as the runtime asks, holds the
+//! pod's address (/32) with the node's gateway address as its next hop; the host side (`lxc…`)
+//! holds the gateway address and the /32 route to the pod, so the node routes between pods, to
+//! other nodes (over the overlay) and to services.
+
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    path::PathBuf,
+};
+
+use serde_json::{json, Map, Value};
+use sha2::{Digest as _, Sha256};
+
+use seine::net::{self, NetError};
+
+use crate::{
+    ipam::{Allocation, Store},
+    spec::{self, CniError, Code},
+};
+
+/// Where allocations are kept unless the configuration says otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/seine";
+/// The prefix of host-side veth names (the agent attaches the service datapath to these).
+pub const HOST_PREFIX: &str = "lxc";
+/// The VXLAN header and outer headers take 50 bytes of the uplink's MTU.
+pub const VXLAN_OVERHEAD: u32 = 50;
+const ALIAS_PREFIX: &str = "seine-cni";
+
+/// The CNI_* environment of one invocation.
+#[derive(Debug, Default, Clone)]
+pub struct Env {
+    pub command: String,
+    pub container_id: Option<String>,
+    pub netns: Option<String>,
+    pub ifname: Option<String>,
+    pub args: Option<String>,
+    pub path: Option<String>,
+}
+
+impl Env {
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, CniError> {
+        let non_empty = |k: &str| get(k).filter(|v| !v.is_empty());
+        let command = non_empty("CNI_COMMAND").ok_or_else(|| {
+            invalid_env("CNI_COMMAND is not set (ADD, DEL, CHECK, GC, STATUS or VERSION)")
+        })?;
+        Ok(Env {
+            command,
+            container_id: non_empty("CNI_CONTAINERID"),
+            netns: non_empty("CNI_NETNS"),
+            ifname: non_empty("CNI_IFNAME"),
+            args: non_empty("CNI_ARGS"),
+            path: non_empty("CNI_PATH"),
+        })
+    }
+
+    fn require(&self, which: &[&str]) -> Result<(), CniError> {
+        let missing: Vec<&str> = which
+            .iter()
+            .copied()
+            .filter(|k| match *k {
+                "CNI_CONTAINERID" => self.container_id.is_none(),
+                "CNI_NETNS" => self.netns.is_none(),
+                "CNI_IFNAME" => self.ifname.is_none(),
+                "CNI_PATH" => self.path.is_none(),
+                _ => false,
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(invalid_env(format!(
+                "{} required for {} but not set",
+                missing.join(", "),
+                self.command
+            )));
+        }
+        if let Some(id) = &self.container_id {
+            if !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            {
+                return Err(invalid_env(format!(
+                    "CNI_CONTAINERID {id:?} may hold only letters, digits, '_', '-' and '.'"
+                )));
+            }
+        }
+        if let Some(name) = &self.ifname {
+            if name.len() > 15
+                || name == "."
+                || name == ".."
+                || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+            {
+                return Err(invalid_env(format!(
+                    "CNI_IFNAME {name:?} is not a valid interface name"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid_env(details: impl Into<String>) -> CniError {
+    CniError::new(
+        Code::InvalidEnvironment,
+        "invalid environment variables",
+        details,
+    )
+}
+
+fn invalid_config(details: impl Into<String>) -> CniError {
+    CniError::new(
+        Code::InvalidNetworkConfig,
+        "invalid network configuration",
+        details,
+    )
+}
+
+fn io_failure(msg: &str) -> impl FnOnce(NetError) -> CniError + '_ {
+    move |e| CniError::new(Code::IoFailure, msg, e.to_string())
+}
+
+fn check_failed(details: impl Into<String>) -> CniError {
+    CniError::new(
+        Code::CheckFailed,
+        "the container's network is not as ADD set it up",
+        details,
+    )
+}
+
+/// Seine's part of a network configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The version to answer in (negotiated).
+    pub version: String,
+    pub name: String,
+    pub pod_cidr: Option<String>,
+    pub mtu: Option<u32>,
+    pub data_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub vxlan_device: Option<String>,
+    pub prev_result: Option<Value>,
+    pub raw: Value,
+}
+
+impl Config {
+    pub fn parse(bytes: &[u8]) -> Result<Self, CniError> {
+        let raw = spec::parse_config(bytes)?;
+        let version = spec::negotiate(&raw)?;
+        let text = |key: &str| -> Result<Option<String>, CniError> {
+            match raw.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+                Some(other) => Err(invalid_config(format!(
+                    "{key:?} must be a non-empty string, not {other}"
+                ))),
+            }
+        };
+        let name = text("name")?.unwrap_or_default();
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            || name.starts_with('.')
+        {
+            return Err(invalid_config(format!(
+                "the network name {name:?} may hold only letters, digits, '_', '-' and '.'"
+            )));
+        }
+        let mtu = match raw.get("mtu") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .filter(|m| (576..=65535).contains(m))
+                    .ok_or_else(|| invalid_config(format!("\"mtu\" {v} is not from 576 to 65535")))?
+                    as u32,
+            ),
+        };
+        let pod_cidr = text("podCIDR")?;
+        if let Some(cidr) = &pod_cidr {
+            if Store::parse_cidr(cidr).is_none() {
+                return Err(invalid_config(format!(
+                    "\"podCIDR\" {cidr:?} is not an IPv4 CIDR with a prefix length from 8 to 30"
+                )));
+            }
+        }
+        let prev_result = match raw.get("prevResult") {
+            None | Some(Value::Null) => None,
+            Some(v @ Value::Object(_)) => Some(v.clone()),
+            Some(other) => {
+                return Err(invalid_config(format!(
+                    "\"prevResult\" must be an object, not {other}"
+                )))
+            }
+        };
+        Ok(Config {
+            version,
+            name,
+            pod_cidr,
+            mtu,
+            data_dir: text("dataDir")?.map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from),
+            bpffs_dir: text("bpffsDir")?.map_or_else(
+                || PathBuf::from(seine::bpf::DEFAULT_BPFFS_DIR),
+                PathBuf::from,
+            ),
+            vxlan_device: text("vxlanDevice")?,
+            prev_result,
+            raw,
+        })
+    }
+
+    fn store(&self) -> Result<Store, CniError> {
+        let cidr = self.pod_cidr.as_deref().ok_or_else(|| {
+            invalid_config("\"podCIDR\" is required (the agent writes it from the Node's spec.podCIDR)")
+        })?;
+        Ok(Store::open(&self.data_dir.join(&self.name), cidr)?)
+    }
+}
+
+/// The host-side veth of (container, interface): `lxc` and 11 hex digits of a hash of both, so
+/// that DEL finds it without the pod's namespace.
+pub fn host_veth_name(container: &str, ifname: &str) -> String {
+    let digest = Sha256::digest(format!("{container}/{ifname}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{HOST_PREFIX}{}", &hex[..11])
+}
+
+fn alias(network: &str, container: &str, ifname: &str) -> String {
+    format!("{ALIAS_PREFIX}:{network}:{container}/{ifname}")
+}
+
+/// Runs one command. `Ok(Some(json))` is printed on stdout; errors become the spec's error JSON.
+pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    match env.command.as_str() {
+        "VERSION" => {
+            let requested = serde_json::from_slice::<Value>(stdin)
+                .ok()
+                .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string));
+            let info = spec::version_info(requested.as_deref());
+            Ok(Some(serde_json::to_value(info).unwrap_or(Value::Null)))
+        }
+        "ADD" => {
+            env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"])?;
+            let config = Config::parse(stdin)?;
+            add(env, &config).map(Some)
+        }
+        "DEL" => {
+            env.require(&["CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"])?;
+            let config = Config::parse(stdin)?;
+            del(env, &config).map(|()| None)
+        }
+        "CHECK" => {
+            env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"])?;
+            let config = Config::parse(stdin)?;
+            check(env, &config).map(|()| None)
+        }
+        "GC" => {
+            let config = Config::parse(stdin)?;
+            gc(&config).map(|()| None)
+        }
+        "STATUS" => {
+            let config = Config::parse(stdin)?;
+            status(&config).map(|()| None)
+        }
+        other => Err(invalid_env(format!(
+            "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"
+        ))),
+    }
+}
+
+fn ids(env: &Env) -> (&str, &str) {
+    (
+        env.container_id.as_deref().unwrap_or_default(),
+        env.ifname.as_deref().unwrap_or_default(),
+    )
+}
+
+fn open_netns(env: &Env) -> Result<File, CniError> {
+    let path = env.netns.as_deref().unwrap_or_default();
+    File::open(path).map_err(|e| {
+        CniError::new(
+            Code::ContainerUnknown,
+            "the container's network namespace cannot be opened",
+            format!("CNI_NETNS {path}: {e}"),
+        )
+    })
+}
+
+/// The pods' MTU: the configured one, else the VXLAN device's (already uplink minus 50), else the
+/// default route's device minus the VXLAN overhead.
+fn pod_mtu(config: &Config) -> Result<u32, CniError> {
+    if let Some(mtu) = config.mtu {
+        return Ok(mtu);
+    }
+    let device = config.vxlan_device.clone();
+    net::with_netlink(|handle| async move {
+        if let Some(device) = device {
+            if let Some(mtu) = net::link(&handle, &device).await?.as_ref().and_then(net::link_mtu) {
+                return Ok(mtu);
+            }
+        }
+        let default = net::routes(&handle)
+            .await?
+            .into_iter()
+            .find(|r| r.header.destination_prefix_length == 0)
+            .and_then(|r| net::route_oif(&r));
+        if let Some(index) = default {
+            let links = net::links(&handle).await?;
+            if let Some(mtu) = links
+                .iter()
+                .find(|l| l.header.index == index)
+                .and_then(net::link_mtu)
+            {
+                return Ok(mtu.saturating_sub(VXLAN_OVERHEAD).max(576));
+            }
+        }
+        Ok(1500 - VXLAN_OVERHEAD)
+    })
+    .map_err(io_failure("finding the pod MTU"))
+}
+
+fn add(env: &Env, config: &Config) -> Result<Value, CniError> {
+    let (container, ifname) = ids(env);
+    let netns = open_netns(env)?;
+    let store = config.store()?;
+    let mtu = pod_mtu(config)?;
+    let allocation = store.allocate(container, ifname)?;
+    let host = host_veth_name(container, ifname);
+    match setup(config, &netns, &host, ifname, container, mtu, allocation) {
+        Ok((host_mac, pod_mac)) => Ok(add_result(
+            config, env, &host, host_mac, pod_mac, allocation,
+        )),
+        Err(e) => {
+            // Undo: the host side takes the pod side with it; the address goes back.
+            let _ = net::with_netlink(|handle| {
+                let host = host.clone();
+                async move {
+                    if let Some(link) = net::link(&handle, &host).await? {
+                        net::del_link(&handle, link.header.index).await?;
+                    }
+                    Ok(())
+                }
+            });
+            let _ = store.release(container, ifname);
+            Err(e)
+        }
+    }
+}
+
+/// Creates and configures the pair; returns the host and pod MACs.
+fn setup(
+    config: &Config,
+    netns: &File,
+    host: &str,
+    ifname: &str,
+    container: &str,
+    mtu: u32,
+    allocation: Allocation,
+) -> Result<([u8; 6], [u8; 6]), CniError> {
+    let gateway = allocation.gateway;
+    let alias = alias(&config.name, container, ifname);
+    let host_mac = net::with_netlink(|handle| async move {
+        // A pair left by an ADD that died halfway for this same attachment: start over.
+        if let Some(stale) = net::link(&handle, host).await? {
+            net::del_link(&handle, stale.header.index).await?;
+        }
+        net::add_veth(&handle, host, ifname, netns, mtu, &alias).await?;
+        let link = net::link(&handle, host).await?.ok_or_else(|| NetError::Io {
+            context: format!("looking up {host}"),
+            source: std::io::Error::other("the new veth vanished"),
+        })?;
+        let index = link.header.index;
+        net::set_up(&handle, index).await?;
+        net::add_address(&handle, index, gateway, 32).await?;
+        net::replace_route(&handle, net::route(allocation.ip, 32, index, None)).await?;
+        Ok(net::link_mac(&link).unwrap_or_default())
+    })
+    .map_err(|e| match e.errno() {
+        Some(libc::EEXIST) => CniError::new(
+            Code::IoFailure,
+            "the interface exists already",
+            format!("{ifname} exists in {}: {e}", config.name),
+        ),
+        _ => io_failure("setting up the host side")(e),
+    })?;
+    net::sysctl("net.ipv4.ip_forward", "1").map_err(io_failure("enabling forwarding"))?;
+    let pod_mac = net::in_netns(netns, || {
+        net::with_netlink(|handle| async move {
+            if let Some(lo) = net::link(&handle, "lo").await? {
+                net::set_up(&handle, lo.header.index).await?;
+            }
+            let link = net::link(&handle, ifname).await?.ok_or_else(|| NetError::Io {
+                context: format!("looking up {ifname} in the pod"),
+                source: std::io::Error::other("missing"),
+            })?;
+            let index = link.header.index;
+            net::set_up(&handle, index).await?;
+            net::add_address(&handle, index, allocation.ip, 32).await?;
+            net::replace_route(&handle, net::route(gateway, 32, index, None)).await?;
+            net::replace_route(
+                &handle,
+                net::route(Ipv4Addr::UNSPECIFIED, 0, index, Some(gateway)),
+            )
+            .await?;
+            Ok(net::link_mac(&link).unwrap_or_default())
+        })
+    })
+    .map_err(io_failure("setting up the pod side"))?;
+    seine::bpf::attach_pinned(&config.bpffs_dir, host).map_err(|e| {
+        CniError::new(
+            Code::IoFailure,
+            "attaching the service datapath to the pod's veth",
+            e.to_string(),
+        )
+    })?;
+    Ok((host_mac, pod_mac))
+}
+
+fn add_result(
+    config: &Config,
+    env: &Env,
+    host: &str,
+    host_mac: [u8; 6],
+    pod_mac: [u8; 6],
+    allocation: Allocation,
+) -> Value {
+    let (_, ifname) = ids(env);
+    let mut result = match &config.prev_result {
+        Some(Value::Object(prev)) => prev.clone(),
+        _ => Map::new(),
+    };
+    let mut interfaces = result
+        .get("interfaces")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    interfaces.push(json!({"name": host, "mac": net::format_mac(host_mac)}));
+    let pod_index = interfaces.len();
+    interfaces.push(json!({"name": ifname, "mac": net::format_mac(pod_mac),
+                           "sandbox": env.netns.as_deref().unwrap_or_default()}));
+    let mut ip = json!({"address": format!("{}/32", allocation.ip),
+                        "gateway": allocation.gateway.to_string(), "interface": pod_index});
+    if config.version == "0.4.0" {
+        ip["version"] = json!("4");
+    }
+    let mut ips = result
+        .get("ips")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    ips.push(ip);
+    let mut routes = result
+        .get("routes")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    routes.push(json!({"dst": "0.0.0.0/0", "gw": allocation.gateway.to_string()}));
+    result.insert("cniVersion".into(), json!(config.version));
+    result.insert("interfaces".into(), Value::Array(interfaces));
+    result.insert("ips".into(), Value::Array(ips));
+    result.insert("routes".into(), Value::Array(routes));
+    result.entry("dns").or_insert_with(|| json!({}));
+    Value::Object(result)
+}
+
+fn del(env: &Env, config: &Config) -> Result<(), CniError> {
+    let (container, ifname) = ids(env);
+    let host = host_veth_name(container, ifname);
+    // The host side takes the pod side with it; gone already (pod netns deleted) is fine.
+    net::with_netlink(|handle| async move {
+        if let Some(link) = net::link(&handle, &host).await? {
+            net::del_link(&handle, link.header.index).await?;
+        }
+        Ok(())
+    })
+    .map_err(io_failure("deleting the pod's veth"))?;
+    // Without a pod CIDR there is no store, and nothing to release.
+    if config.pod_cidr.is_some() {
+        config.store()?.release(container, ifname)?;
+    }
+    Ok(())
+}
+
+/// The address the previous result gives the interface `ifname`.
+fn prev_address(prev: &Value, ifname: &str) -> Option<Ipv4Addr> {
+    let interfaces = prev.get("interfaces")?.as_array()?;
+    prev.get("ips")?.as_array()?.iter().find_map(|ip| {
+        let index = ip.get("interface")?.as_u64()? as usize;
+        let name = interfaces.get(index)?.get("name")?.as_str()?;
+        if name != ifname {
+            return None;
+        }
+        let address = ip.get("address")?.as_str()?;
+        address.split('/').next()?.parse().ok()
+    })
+}
+
+fn check(env: &Env, config: &Config) -> Result<(), CniError> {
+    let (container, ifname) = ids(env);
+    let prev = config.prev_result.as_ref().ok_or_else(|| {
+        invalid_config("CHECK needs \"prevResult\" (the result of the ADD)")
+    })?;
+    let expected = prev_address(prev, ifname)
+        .ok_or_else(|| invalid_config(format!("\"prevResult\" gives {ifname} no address")))?;
+    let netns = open_netns(env)?;
+    let store = config.store()?;
+    let owned = store
+        .allocations()?
+        .into_iter()
+        .find(|o| o.container == container && o.ifname == ifname)
+        .ok_or_else(|| check_failed(format!("no address is allocated to {container}/{ifname}")))?;
+    if owned.ip != expected {
+        return Err(check_failed(format!(
+            "{container}/{ifname} holds {}, prevResult says {expected}",
+            owned.ip
+        )));
+    }
+    let mtu = pod_mtu(config)?;
+    let host = host_veth_name(container, ifname);
+    let gateway = store.gateway();
+    let host_problem = net::with_netlink(|handle| {
+        let host = host.clone();
+        async move {
+            let Some(link) = net::link(&handle, &host).await? else {
+                return Ok(Some(format!("the host-side veth {host} is missing")));
+            };
+            if !net::link_is_up(&link) {
+                return Ok(Some(format!("{host} is down")));
+            }
+            let index = link.header.index;
+            let routed = net::routes(&handle).await?.iter().any(|r| {
+                net::route_dst(r) == (expected, 32) && net::route_oif(r) == Some(index)
+            });
+            if !routed {
+                return Ok(Some(format!("no route to {expected}/32 through {host}")));
+            }
+            Ok(None)
+        }
+    })
+    .map_err(io_failure("checking the host side"))?;
+    if let Some(problem) = host_problem {
+        return Err(check_failed(problem));
+    }
+    let pod_problem = net::in_netns(&netns, || {
+        net::with_netlink(|handle| async move {
+            let Some(link) = net::link(&handle, ifname).await? else {
+                return Ok(Some(format!("{ifname} is missing in the pod")));
+            };
+            let index = link.header.index;
+            if !net::link_is_up(&link) {
+                return Ok(Some(format!("{ifname} is down")));
+            }
+            if net::link_mtu(&link) != Some(mtu) {
+                return Ok(Some(format!(
+                    "{ifname} has MTU {:?}, expected {mtu}",
+                    net::link_mtu(&link)
+                )));
+            }
+            if !net::addresses(&handle, index)
+                .await?
+                .contains(&(expected, 32))
+            {
+                return Ok(Some(format!("{ifname} lacks {expected}/32")));
+            }
+            let default = net::routes(&handle).await?.iter().any(|r| {
+                net::route_dst(r).1 == 0
+                    && net::route_gateway(r) == Some(gateway)
+                    && net::route_oif(r) == Some(index)
+            });
+            if !default {
+                return Ok(Some(format!("no default route via {gateway} on {ifname}")));
+            }
+            Ok(None)
+        })
+    })
+    .map_err(io_failure("checking the pod side"))?;
+    match pod_problem {
+        Some(problem) => Err(check_failed(problem)),
+        None => Ok(()),
+    }
+}
+
+/// The (container, interface) pairs of `cni.dev/valid-attachments`.
+fn valid_attachments(config: &Config) -> Result<Vec<(String, String)>, CniError> {
+    let Some(list) = config.raw.get("cni.dev/valid-attachments") else {
+        return Ok(Vec::new());
+    };
+    let list = list
+        .as_array()
+        .ok_or_else(|| invalid_config("\"cni.dev/valid-attachments\" must be a list"))?;
+    list.iter()
+        .map(|a| {
+            let field = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
+            match (field("containerID"), field("ifname")) {
+                (Some(c), Some(i)) => Ok((c, i)),
+                _ => Err(invalid_config(format!(
+                    "a valid attachment needs \"containerID\" and \"ifname\": {a}"
+                ))),
+            }
+        })
+        .collect()
+}
+
+fn gc(config: &Config) -> Result<(), CniError> {
+    let valid = valid_attachments(config)?;
+    let keep: Vec<String> = valid.iter().map(|(c, i)| alias(&config.name, c, i)).collect();
+    let keep_names: Vec<String> = valid.iter().map(|(c, i)| host_veth_name(c, i)).collect();
+    let prefix = format!("{ALIAS_PREFIX}:{}:", config.name);
+    net::with_netlink(|handle| async move {
+        for link in net::links(&handle).await? {
+            let Some(alias) = net::link_alias(&link) else {
+                continue;
+            };
+            if alias.starts_with(&prefix) && !keep.iter().any(|k| k == alias) {
+                net::del_link(&handle, link.header.index).await?;
+            }
+        }
+        // A pair whose ADD died before labelling it: Seine's name, no label, no valid owner.
+        for link in net::links(&handle).await? {
+            let name = net::link_name(&link).unwrap_or_default();
+            let ours = name.len() == HOST_PREFIX.len() + 11
+                && name.starts_with(HOST_PREFIX)
+                && name[HOST_PREFIX.len()..].chars().all(|c| c.is_ascii_hexdigit());
+            if ours && net::link_alias(&link).is_none() && !keep_names.iter().any(|k| k == name) {
+                net::del_link(&handle, link.header.index).await?;
+            }
+        }
+        Ok(())
+    })
+    .map_err(io_failure("removing stale veths"))?;
+    if config.pod_cidr.is_some() {
+        config.store()?.gc(&valid)?;
+    }
+    Ok(())
+}
+
+fn not_ready(details: impl Into<String>) -> CniError {
+    CniError::new(
+        Code::PluginNotAvailable,
+        "the node's network is not configured",
+        details,
+    )
+}
+
+fn status(config: &Config) -> Result<(), CniError> {
+    let cidr = config
+        .pod_cidr
+        .as_deref()
+        .ok_or_else(|| not_ready("no pod CIDR: the Node has no spec.podCIDR yet"))?;
+    let store = Store::open(&config.data_dir.join(&config.name), cidr)
+        .map_err(|e| not_ready(format!("the address store: {e}")))?;
+    if let Some(device) = config.vxlan_device.clone() {
+        let state = net::with_netlink(|handle| async move {
+            Ok(net::link(&handle, &device).await?.map(|l| net::link_is_up(&l)))
+        })
+        .map_err(io_failure("looking up the overlay device"))?;
+        let device = config.vxlan_device.as_deref().unwrap_or_default();
+        match state {
+            None => return Err(not_ready(format!("the overlay device {device} is missing"))),
+            Some(false) => return Err(not_ready(format!("the overlay device {device} is down"))),
+            Some(true) => {}
+        }
+    }
+    if store.free()? == 0 {
+        return Err(CniError::new(
+            Code::PluginLimited,
+            "no free pod address",
+            format!("every address of {cidr} is allocated"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! The CNI side of the harness: an underlay joining node namespaces, a relay that lets agents in
+//! node namespaces reach the API server on the host's loopback, and running the `seine-cni`
+//! binary (and the reference plugins) inside a node namespace, as a runtime on that node would.
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{bin, Netns, Node, Pod};
+
+/// Where Debian's containernetworking-plugins live.
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// A shared L2 segment (a bridge in a namespace of its own) that node uplinks plug into.
+pub struct Underlay {
+    pub ns: Netns,
+    ports: u32,
+}
+
+impl Underlay {
+    pub fn create(prefix: &str) -> Result<Self> {
+        let ns = Netns::create(&format!("{prefix}-ul"))?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        Ok(Underlay { ns, ports: 0 })
+    }
+
+    /// Gives `node` an uplink `uplink` with `ip`/24 on this segment, MTU `mtu`.
+    pub fn connect(&mut self, node: &Netns, ip: Ipv4Addr, mtu: u32) -> Result<()> {
+        self.ports += 1;
+        let port = format!("p{}", self.ports);
+        let mtu = mtu.to_string();
+        crate::sh(
+            "ip",
+            &[
+                "link", "add", "uplink", "netns", &node.name, "mtu", &mtu, "type", "veth", "peer",
+                "name", &port, "netns", &self.ns.name, "mtu", &mtu,
+            ],
+        )?;
+        self.ns.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        node.ip(&["addr", "add", &format!("{ip}/24"), "dev", "uplink"])?;
+        node.ip(&["link", "set", "uplink", "up"])?;
+        Ok(())
+    }
+}
+
+/// Forwards TCP connections made to 127.0.0.1:`port` inside a namespace to 127.0.0.1:`port` of
+/// the test's own namespace (the API server): agents in node namespaces use the admin
+/// kubeconfig unchanged.
+pub struct Relay {
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    pub fn start(ns: &Netns, port: u16) -> Result<Self> {
+        // The listening socket is made inside the namespace; connections out are made here.
+        let listener = ns.run(move || TcpListener::bind(("127.0.0.1", port)))??;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let accept = std::thread::spawn(move || {
+            while !stopping.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((inbound, _)) => {
+                        let _ = inbound.set_nonblocking(false);
+                        if let Ok(outbound) = TcpStream::connect(("127.0.0.1", port)) {
+                            pipe(inbound, outbound);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Relay {
+            stop,
+            accept: Some(accept),
+        })
+    }
+}
+
+/// Copies both ways until either side closes.
+fn pipe(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    for (mut from, mut to) in [(a, b2), (b, a2)] {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+            let _ = from.shutdown(std::net::Shutdown::Both);
+        });
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a plugin printed and whether it exited 0.
+#[derive(Debug, Clone)]
+pub struct PluginOutput {
+    pub success: bool,
+    pub json: Value,
+    pub raw: String,
+}
+
+impl PluginOutput {
+    pub fn ok(self) -> Result<Value> {
+        if !self.success {
+            bail!("the plugin failed: {}", self.raw);
+        }
+        Ok(self.json)
+    }
+
+    /// The error code of a failed call.
+    pub fn code(&self) -> Option<u64> {
+        self.json.get("code").and_then(Value::as_u64)
+    }
+}
+
+/// One CNI call: `plugin` run inside `node` with `env` (CNI_PATH added) and `config` on stdin.
+pub fn invoke(node: &Netns, plugin: &Path, env: &[(&str, &str)], config: &Value) -> Result<PluginOutput> {
+    let mut child = node
+        .command(plugin)
+        .env("CNI_PATH", REFERENCE_PLUGINS)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", plugin.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&serde_json::to_vec(config)?)?;
+    }
+    let out = child.wait_with_output()?;
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = if raw.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&raw)
+            .with_context(|| format!("{} printed no JSON: {raw:?}", plugin.display()))?
+    };
+    Ok(PluginOutput {
+        success: out.status.success(),
+        json,
+        raw: format!("{raw}{}", String::from_utf8_lossy(&out.stderr)),
+    })
+}
+
+/// The configuration a runtime hands plugin `index` of a conflist: the plugin's object with the
+/// list's name and version, and the previous plugin's result.
+pub fn plugin_config(conflist: &Value, index: usize, prev_result: Option<&Value>) -> Value {
+    let mut config = conflist["plugins"][index].clone();
+    config["name"] = conflist["name"].clone();
+    config["cniVersion"] = conflist["cniVersion"].clone();
+    if let Some(prev) = prev_result {
+        config["prevResult"] = prev.clone();
+    }
+    config
+}
+
+/// A standalone conflist (no agent): Seine's plugin with a pod CIDR, keeping its allocations in
+/// `data_dir`, then portmap.
+pub fn standalone_conflist(pod_cidr: &str, data_dir: &Path, bpffs_dir: &Path) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "seine",
+        "plugins": [
+            {"type": "seine-cni", "podCIDR": pod_cidr, "dataDir": data_dir, "bpffsDir": bpffs_dir},
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+        ],
+    })
+}
+
+/// A node's CNI files in a directory of their own (removed on drop).
+pub struct CniDirs {
+    pub root: PathBuf,
+}
+
+impl CniDirs {
+    pub fn create(prefix: &str) -> Result<Self> {
+        let root = std::env::temp_dir().join(format!("{prefix}-cni"));
+        for sub in ["bin", "conf", "data"] {
+            std::fs::create_dir_all(root.join(sub))?;
+        }
+        Ok(CniDirs { root })
+    }
+    pub fn bin(&self) -> PathBuf {
+        self.root.join("bin")
+    }
+    pub fn conf(&self) -> PathBuf {
+        self.root.join("conf")
+    }
+    pub fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    /// The conflist the agent installed.
+    pub fn conflist(&self) -> Result<Value> {
+        let path = self.conf().join("10-seine.conflist");
+        Ok(serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )?)
+    }
+}
+
+impl Drop for CniDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+impl Node {
+    /// Runs `seine-cni` in this node for (container, ifname) with the pod namespace `netns`.
+    pub fn cni(
+        &self,
+        command: &str,
+        container: &str,
+        netns: Option<&str>,
+        ifname: &str,
+        config: &Value,
+    ) -> Result<PluginOutput> {
+        let mut env = vec![
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", container),
+            ("CNI_IFNAME", ifname),
+        ];
+        if let Some(netns) = netns {
+            env.push(("CNI_NETNS", netns));
+        }
+        invoke(&self.ns, &bin("seine-cni")?, &env, config)
+    }
+
+    /// Creates a pod namespace and adds it to the network with `config` (as a runtime does for a
+    /// sandbox); the pod joins `self.pods`, named `name`, with the address the plugin gave it.
+    pub fn add_cni_pod(&mut self, name: &str, config: &Value) -> Result<Value> {
+        let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
+        let result = self
+            .cni("ADD", &ns.name, Some(&ns.path()), "eth0", config)?
+            .ok()?;
+        let ip: Ipv4Addr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no address in {result}"))?;
+        let host_if = result["interfaces"][0]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.pods.push(Pod {
+            name: name.to_string(),
+            ip,
+            host_if,
+            ns,
+            workloads: Vec::new(),
+        });
+        Ok(result)
+    }
+}
+
+/// Runs a reference plugin (`portmap`, `bandwidth`, ...) from `/usr/lib/cni` in `node`.
+pub fn reference_plugin(
+    node: &Netns,
+    plugin: &str,
+    command: &str,
+    container: &str,
+    netns: &str,
+    config: &Value,
+) -> Result<PluginOutput> {
+    let env = [
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", container),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_NETNS", netns),
+    ];
+    invoke(node, &Path::new(REFERENCE_PLUGINS).join(plugin), &env, config)
+}
+
+/// `ping` with the DF bit set and `size` bytes of payload from inside `ns`; true when answered.
+pub fn ping_df(ns: &Netns, to: Ipv4Addr, size: usize) -> bool {
+    Command::new("nsenter")
+        .arg(format!("--net={}", ns.path()))
+        .args(["ping", "-c", "1", "-W", "2", "-M", "do", "-s", &size.to_string()])
+        .arg(to.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}

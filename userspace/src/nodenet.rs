@@ -1,0 +1,291 @@
+//! The agent's node networking: waits for its Node's pod CIDR, sets up the VXLAN device,
+//! publishes the VTEP on the Node, installs the CNI plugin and its conflist (as an install-cni
+//! step would), then keeps the overlay's entries in step with the Nodes as they come, change and go.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::{reflector, watcher, WatchStreamExt as _},
+    Api, Client,
+};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use rtnetlink::Handle;
+use serde_json::{json, Value};
+use tracing::{error, info, warn};
+
+use crate::{
+    net::{self, NetError},
+    overlay::{self, Cidr, Device},
+};
+
+/// The CNI versions the plugin speaks (its conflist offers them all).
+pub const CNI_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub node_name: String,
+    pub device: String,
+    pub vni: u32,
+    pub port: u16,
+    /// The underlay address; the Node's InternalIP when not given.
+    pub vtep_address: Option<Ipv4Addr>,
+    /// Where the plugin binary and the conflist go; no install when `None`.
+    pub cni_bin_dir: Option<PathBuf>,
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_plugin: PathBuf,
+    pub cni_data_dir: PathBuf,
+    pub cni_network: String,
+    pub bpffs_dir: PathBuf,
+    /// How often the device and entries are checked even when no Node changed.
+    pub resync: Duration,
+}
+
+/// What the agent's /readyz and /metrics show of the overlay.
+#[derive(Clone, Default)]
+pub struct Status {
+    pub ready: Arc<AtomicBool>,
+    pub peers: Gauge,
+    pub reconciles: Family<Vec<(String, String)>, Counter>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeNetError {
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeNetError {
+    let context = context.into();
+    move |source| NodeNetError::Io { context, source }
+}
+
+/// A client from a kubeconfig file, or the in-cluster configuration (a DaemonSet's service
+/// account) when none is given.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, kube::Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| kube::Error::InferKubeconfig(e))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(kube::Error::InferKubeconfig)?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| kube::Error::InferConfig(e))?,
+    };
+    Client::try_from(config)
+}
+
+fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .and_then(|a| a.address.parse().ok())
+}
+
+/// The MTU of the link holding `address`, the uplink the overlay runs over.
+async fn uplink_mtu(handle: &Handle, address: Ipv4Addr) -> Result<Option<u32>, NetError> {
+    for link in net::links(handle).await? {
+        let index = link.header.index;
+        if net::addresses(handle, index)
+            .await?
+            .iter()
+            .any(|(ip, _)| *ip == address)
+        {
+            return Ok(net::link_mtu(&link));
+        }
+    }
+    Ok(None)
+}
+
+/// The conflist for a node: Seine's plugin with the node's pod CIDR, then portmap for hostPorts.
+pub fn conflist(opts: &Options, pod_cidr: Cidr, mtu: u32) -> Value {
+    json!({
+        // 1.0.0 for runtimes (and chained reference plugins) that predate `cniVersions`.
+        "cniVersion": CNI_VERSIONS[1],
+        "cniVersions": CNI_VERSIONS,
+        "name": opts.cni_network,
+        "plugins": [
+            {"type": "seine-cni", "podCIDR": pod_cidr.to_string(), "mtu": mtu,
+             "vxlanDevice": opts.device, "dataDir": opts.cni_data_dir,
+             "bpffsDir": opts.bpffs_dir},
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+        ],
+    })
+}
+
+/// Writes `bytes` to `path` whole: a reader sees the old file or the new one, never half of it.
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NodeNetError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = path.with_extension("seine-tmp");
+    std::fs::write(&tmp, bytes).map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("setting the mode of {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("installing {}", path.display())))
+}
+
+/// Installs the plugin binary and the conflist (binary first: a runtime that sees the conflist
+/// finds the plugin).
+pub fn install_cni(opts: &Options, pod_cidr: Cidr, mtu: u32) -> Result<(), NodeNetError> {
+    let (Some(bin_dir), Some(conf_dir)) = (&opts.cni_bin_dir, &opts.cni_conf_dir) else {
+        return Ok(());
+    };
+    for dir in [bin_dir, conf_dir] {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    let binary = std::fs::read(&opts.cni_plugin)
+        .map_err(io(format!("reading the plugin {}", opts.cni_plugin.display())))?;
+    write_atomically(&bin_dir.join("seine-cni"), &binary, 0o755)?;
+    let text = serde_json::to_vec_pretty(&conflist(opts, pod_cidr, mtu)).unwrap_or_default();
+    write_atomically(&conf_dir.join("10-seine.conflist"), &text, 0o644)?;
+    info!(bin = %bin_dir.display(), conf = %conf_dir.display(), "CNI plugin and conflist installed");
+    Ok(())
+}
+
+/// Runs the node's networking until the process stops. Returns only on an error it cannot wait
+/// out (the caller logs it and keeps serving the datapath).
+pub async fn run(client: Client, opts: Options, status: Status) -> Result<(), NodeNetError> {
+    let nodes: Api<Node> = Api::all(client);
+    // The Node must exist with a pod CIDR (set by node IPAM, or by hand) and an address.
+    let mut waited = 0u32;
+    let (pod_cidr, vtep) = loop {
+        match nodes.get_opt(&opts.node_name).await {
+            Ok(Some(node)) => {
+                let cidr = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.pod_cidr.as_deref())
+                    .and_then(Cidr::parse);
+                let vtep = opts.vtep_address.or_else(|| internal_ip(&node));
+                match (cidr, vtep) {
+                    (Some(cidr), Some(vtep)) => break (cidr, vtep),
+                    (None, _) if waited % 10 == 0 => {
+                        info!(node = %opts.node_name, "waiting for the Node's spec.podCIDR")
+                    }
+                    (_, None) if waited % 10 == 0 => info!(
+                        node = %opts.node_name,
+                        "waiting for the Node's InternalIP (or pass --vtep-address)"
+                    ),
+                    _ => {}
+                }
+            }
+            Ok(None) if waited % 10 == 0 => {
+                info!(node = %opts.node_name, "waiting for the Node object")
+            }
+            Ok(None) => {}
+            Err(e) if waited % 10 == 0 => warn!("reading the Node: {e}; retrying"),
+            Err(_) => {}
+        }
+        waited += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+
+    let (connection, handle, _) = rtnetlink::new_connection()
+        .map_err(io("opening a netlink socket"))?;
+    tokio::spawn(connection);
+    let uplink = uplink_mtu(&handle, vtep).await?.unwrap_or(1500);
+    let device = Device {
+        name: opts.device.clone(),
+        vni: opts.vni,
+        port: opts.port,
+        local: vtep,
+        mtu: uplink.saturating_sub(overlay::OVERHEAD),
+    };
+    let mac = overlay::ensure_device(&handle, &device, pod_cidr).await?;
+    let mac_text = net::format_mac(mac);
+    info!(device = %device.name, vni = device.vni, port = device.port, vtep = %vtep,
+          mac = %mac_text, mtu = device.mtu, pod_cidr = %pod_cidr, "VXLAN device ready");
+    let patch = json!({"metadata": {"annotations": {
+        overlay::ANNOTATION_VTEP_IP: vtep.to_string(),
+        overlay::ANNOTATION_VTEP_MAC: mac_text,
+    }}});
+    loop {
+        match nodes
+            .patch(&opts.node_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                warn!("publishing the VTEP on the Node: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    install_cni(&opts, pod_cidr, device.mtu)?;
+
+    let (reader, writer) = reflector::store::<Node>();
+    let stream = reflector(writer, watcher(nodes, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    futures::pin_mut!(stream);
+    let mut tick = tokio::time::interval(opts.resync);
+    let mut settle = tokio::time::interval(Duration::from_millis(100));
+    let mut dirty = true;
+    let mut synced = false;
+    loop {
+        tokio::select! {
+            event = stream.next() => match event {
+                Some(Ok(_)) => dirty = true,
+                Some(Err(e)) => warn!("watching Nodes: {e}"),
+                None => return Ok(()),
+            },
+            _ = tick.tick() => {
+                // Someone may have removed the device or an entry: put them back.
+                if let Err(e) = overlay::ensure_device(&handle, &device, pod_cidr).await {
+                    error!("checking the VXLAN device: {e}");
+                }
+                dirty = true;
+            }
+            _ = settle.tick() => {
+                if !dirty || reader.wait_until_ready().await.is_err() {
+                    continue;
+                }
+                dirty = false;
+                let all: Vec<Node> = reader.state().iter().map(|n| (**n).clone()).collect();
+                let peers = overlay::peers(&all, &opts.node_name);
+                match overlay::reconcile(&handle, &device.name, &peers).await {
+                    Ok(changes) => {
+                        status.peers.set(peers.len() as i64);
+                        status.reconciles.get_or_create(&vec![("result".into(), "ok".into())]).inc();
+                        if changes.added + changes.removed > 0 {
+                            info!(peers = peers.len(), added = changes.added,
+                                  removed = changes.removed, "overlay reconciled");
+                        }
+                        if !synced {
+                            synced = true;
+                            status.ready.store(true, Ordering::SeqCst);
+                            info!(peers = peers.len(), "overlay ready");
+                        }
+                    }
+                    Err(e) => {
+                        status.reconciles.get_or_create(&vec![("result".into(), "error".into())]).inc();
+                        error!("reconciling the overlay: {e}");
+                        dirty = true;
+                    }
+                }
+            }
+        }
+    }
+}
