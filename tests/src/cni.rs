@@ -251,10 +251,21 @@ impl Node {
     /// Creates a pod namespace and adds it to the network with `config` (as a runtime does for a
     /// sandbox); the pod joins `self.pods`, named `name`, with the address the plugin gave it.
     pub fn add_cni_pod(&mut self, name: &str, config: &Value) -> Result<Value> {
+        self.add_cni_pod_using(&bin("seine-cni")?, name, config)
+    }
+
+    /// `add_cni_pod` with the plugin binary at `plugin` (the one the agent installed).
+    pub fn add_cni_pod_using(&mut self, plugin: &Path, name: &str, config: &Value) -> Result<Value> {
         let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
-        let result = self
-            .cni("ADD", &ns.name, Some(&ns.path()), "eth0", config)?
-            .ok()?;
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", ns.name.as_str()),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        let netns = ns.path();
+        let mut env = env.to_vec();
+        env.push(("CNI_NETNS", netns.as_str()));
+        let result = invoke(&self.ns, plugin, &env, config)?.ok()?;
         let ip: Ipv4Addr = result["ips"][0]["address"]
             .as_str()
             .and_then(|a| a.split('/').next())
@@ -293,14 +304,56 @@ pub fn reference_plugin(
     invoke(node, &Path::new(REFERENCE_PLUGINS).join(plugin), &env, config)
 }
 
-/// `ping` with the DF bit set and `size` bytes of payload from inside `ns`; true when answered.
-pub fn ping_df(ns: &Netns, to: Ipv4Addr, size: usize) -> bool {
-    Command::new("nsenter")
+/// `ping` with the DF bit set and `size` bytes of payload from inside `ns`: Ok when answered,
+/// else what ping said.
+pub fn ping_df(ns: &Netns, to: Ipv4Addr, size: usize) -> std::result::Result<(), String> {
+    let out = Command::new("nsenter")
         .arg(format!("--net={}", ns.path()))
-        .args(["ping", "-c", "1", "-W", "2", "-M", "do", "-s", &size.to_string()])
+        .args(["ping", "-c", "2", "-i", "0.2", "-W", "2", "-M", "do", "-s", &size.to_string()])
         .arg(to.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// One UDP datagram to `to` from inside `ns`; the answer as text.
+pub fn udp_ask(ns: &Netns, to: std::net::SocketAddr) -> Result<String> {
+    ns.run(move || -> Result<String> {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        sock.connect(to)?;
+        sock.send(b"ping")?;
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    })?
+}
+
+/// Sends `bytes` through a byte-stream echo at `to` from inside `ns` and returns what came back.
+pub fn echo_bytes(ns: &Netns, to: std::net::SocketAddr, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    ns.run(move || -> Result<Vec<u8>> {
+        use std::io::Read as _;
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut writer = stream.try_clone()?;
+        let len = bytes.len();
+        let sender = std::thread::spawn(move || -> std::io::Result<()> {
+            writer.write_all(&bytes)?;
+            writer.shutdown(std::net::Shutdown::Write)
+        });
+        let mut back = Vec::with_capacity(len);
+        (&stream).take(len as u64).read_to_end(&mut back)?;
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        Ok(back)
+    })?
 }

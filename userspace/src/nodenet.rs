@@ -3,6 +3,7 @@
 //! step would), then keeps the overlay's entries in step with the Nodes as they come, change and go.
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::{
@@ -16,7 +17,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     api::{Patch, PatchParams},
-    runtime::{reflector, watcher, WatchStreamExt as _},
+    runtime::{watcher, WatchStreamExt as _},
     Api, Client,
 };
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
@@ -164,6 +165,13 @@ pub fn install_cni(opts: &Options, pod_cidr: Cidr, mtu: u32) -> Result<(), NodeN
     Ok(())
 }
 
+fn vtep_patch(vtep: Ipv4Addr, mac: [u8; 6]) -> Value {
+    json!({"metadata": {"annotations": {
+        overlay::ANNOTATION_VTEP_IP: vtep.to_string(),
+        overlay::ANNOTATION_VTEP_MAC: net::format_mac(mac),
+    }}})
+}
+
 /// Runs the node's networking until the process stops. Returns only on an error it cannot wait
 /// out (the caller logs it and keeps serving the datapath).
 pub async fn run(client: Client, opts: Options, status: Status) -> Result<(), NodeNetError> {
@@ -217,10 +225,8 @@ pub async fn run(client: Client, opts: Options, status: Status) -> Result<(), No
     let mac_text = net::format_mac(mac);
     info!(device = %device.name, vni = device.vni, port = device.port, vtep = %vtep,
           mac = %mac_text, mtu = device.mtu, pod_cidr = %pod_cidr, "VXLAN device ready");
-    let patch = json!({"metadata": {"annotations": {
-        overlay::ANNOTATION_VTEP_IP: vtep.to_string(),
-        overlay::ANNOTATION_VTEP_MAC: mac_text,
-    }}});
+    let patch = vtep_patch(vtep, mac);
+    let mut published = mac;
     loop {
         match nodes
             .patch(&opts.node_name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -235,10 +241,11 @@ pub async fn run(client: Client, opts: Options, status: Status) -> Result<(), No
     }
     install_cni(&opts, pod_cidr, device.mtu)?;
 
-    let (reader, writer) = reflector::store::<Node>();
-    let stream = reflector(writer, watcher(nodes, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
+    // The Nodes as the watch reports them; `listed` once the first full list is in.
+    let mut known: BTreeMap<String, Node> = BTreeMap::new();
+    let mut relisting: BTreeMap<String, Node> = BTreeMap::new();
+    let mut listed = false;
+    let stream = watcher(nodes.clone(), watcher::Config::default()).default_backoff();
     futures::pin_mut!(stream);
     let mut tick = tokio::time::interval(opts.resync);
     let mut settle = tokio::time::interval(Duration::from_millis(100));
@@ -247,23 +254,51 @@ pub async fn run(client: Client, opts: Options, status: Status) -> Result<(), No
     loop {
         tokio::select! {
             event = stream.next() => match event {
-                Some(Ok(_)) => dirty = true,
+                Some(Ok(event)) => {
+                    let name = |n: &Node| n.metadata.name.clone().unwrap_or_default();
+                    match event {
+                        watcher::Event::Apply(node) => {
+                            known.insert(name(&node), node);
+                        }
+                        watcher::Event::Delete(node) => {
+                            known.remove(&name(&node));
+                        }
+                        watcher::Event::Init => relisting.clear(),
+                        watcher::Event::InitApply(node) => {
+                            relisting.insert(name(&node), node);
+                        }
+                        watcher::Event::InitDone => {
+                            known = std::mem::take(&mut relisting);
+                            listed = true;
+                        }
+                    }
+                    dirty = true;
+                }
                 Some(Err(e)) => warn!("watching Nodes: {e}"),
                 None => return Ok(()),
             },
             _ = tick.tick() => {
-                // Someone may have removed the device or an entry: put them back.
-                if let Err(e) = overlay::ensure_device(&handle, &device, pod_cidr).await {
-                    error!("checking the VXLAN device: {e}");
+                // Someone may have removed the device or an entry: put them back, and publish
+                // the MAC again if it changed (a device made by someone else).
+                match overlay::ensure_device(&handle, &device, pod_cidr).await {
+                    Ok(now) if now != published => {
+                        let patch = vtep_patch(vtep, now);
+                        match nodes.patch(&opts.node_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                            Ok(_) => published = now,
+                            Err(e) => warn!("publishing the VTEP on the Node: {e}"),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => error!("checking the VXLAN device: {e}"),
                 }
                 dirty = true;
             }
             _ = settle.tick() => {
-                if !dirty || reader.wait_until_ready().await.is_err() {
+                if !dirty || !listed {
                     continue;
                 }
                 dirty = false;
-                let all: Vec<Node> = reader.state().iter().map(|n| (**n).clone()).collect();
+                let all: Vec<Node> = known.values().cloned().collect();
                 let peers = overlay::peers(&all, &opts.node_name);
                 match overlay::reconcile(&handle, &device.name, &peers).await {
                     Ok(changes) => {

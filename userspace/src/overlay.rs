@@ -128,6 +128,13 @@ fn vxlan_settings(link: &LinkMessage) -> Option<(u32, u16, Option<Ipv4Addr>)> {
     Some((id?, port?, local))
 }
 
+/// The device's MAC: locally administered, derived from the VTEP address, so that a device
+/// recreated (after a reboot or by hand) keeps the MAC its peers know.
+pub fn vtep_mac(local: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = local.octets();
+    [0x02, 0x53, a, b, c, d]
+}
+
 /// Creates the device as `device` says (recreating one whose VNI, port or local address differ),
 /// gives it its MTU, the pod CIDR's network address and brings it up. Returns its MAC, which a
 /// restart keeps (an existing matching device is reused).
@@ -144,6 +151,7 @@ pub async fn ensure_device(handle: &Handle, device: &Device, pod_cidr: Cidr) -> 
             .local(device.local)
             .learning(false)
             .mtu(device.mtu)
+            .address(vtep_mac(device.local).to_vec())
             .build();
         handle
             .link()
@@ -231,6 +239,10 @@ pub async fn reconcile(handle: &Handle, device: &str, peers: &[Peer]) -> Result<
     let destination = |m: &NeighbourMessage| {
         m.attributes.iter().find_map(|a| match a {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            // Forwarding entries (AF_BRIDGE) come without a family for their IPv4 destination.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                <[u8; 4]>::try_from(bytes.as_slice()).ok().map(Ipv4Addr::from)
+            }
             _ => None,
         })
     };

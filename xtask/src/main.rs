@@ -98,6 +98,12 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-client",
     // The API server tests make client certificates with it.
     "openssl",
+    // The CNI tests: DF-bit pings, the reference plugins to chain with, a real runtime.
+    "iputils-ping",
+    "containernetworking-plugins",
+    "containerd",
+    "runc",
+    "busybox-static",
     "python3",
     "procps",
     "util-linux",
