@@ -357,3 +357,218 @@ pub fn echo_bytes(ns: &Netns, to: std::net::SocketAddr, bytes: Vec<u8>) -> Resul
         Ok(back)
     })?
 }
+
+/// A containerd of its own (root, state and socket in a temporary directory), started inside a
+/// node namespace; containers it runs are removed and it is stopped (by PID) on drop.
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    process: Option<crate::Process>,
+    containers: std::cell::RefCell<Vec<String>>,
+}
+
+pub const CONTAINERD_NAMESPACE: &str = "seine-test";
+
+impl Containerd {
+    pub fn start(node: &Netns, prefix: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-containerd"));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{socket}\"\n",
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                socket = socket.display(),
+            ),
+        )?;
+        let log = dir.join("containerd.log");
+        let child = node
+            .command(Path::new("containerd"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting containerd")?;
+        let containerd = Containerd {
+            process: Some(crate::Process {
+                child,
+                name: "containerd".into(),
+                log,
+            }),
+            dir,
+            socket,
+            containers: Default::default(),
+        };
+        crate::wait_until(Duration::from_secs(20), || {
+            containerd.ctr(&["version"]).is_ok_and(|o| o.status.success())
+        })
+        .with_context(|| {
+            format!(
+                "containerd did not come up:\n{}",
+                containerd.process.as_ref().map(|p| p.log_text()).unwrap_or_default()
+            )
+        })?;
+        Ok(containerd)
+    }
+
+    /// `ctr` against this containerd, in its namespace.
+    pub fn ctr(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", CONTAINERD_NAMESPACE])
+            .args(args)
+            .output()?)
+    }
+
+    /// Imports a busybox image built here from the machine's static busybox (no registry is
+    /// reachable); returns its reference.
+    pub fn import_busybox(&self) -> Result<String> {
+        let reference = "docker.io/library/busybox:seine-test".to_string();
+        let archive = build_busybox_image(&self.dir.join("image"), &reference)?;
+        let out = self.ctr(&["images", "import", &archive.display().to_string()])?;
+        if !out.status.success() {
+            bail!("ctr images import: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(reference)
+    }
+
+    /// `ctr run --cni --rm` of `command` in a new container, run inside `node` with a private
+    /// mount namespace in which `/etc/cni/net.d` holds `conflist` and `/opt/cni/bin` holds
+    /// `plugins` (overlays on the machine's /etc and /opt: nothing of theirs changes).
+    pub fn run_with_cni(
+        &self,
+        node: &Netns,
+        conflist: &Value,
+        plugins: &[&Path],
+        image: &str,
+        id: &str,
+        command: &str,
+    ) -> Result<std::process::Output> {
+        let overlay = self.dir.join(format!("overlay-{id}"));
+        let net_d = overlay.join("etc-up/cni/net.d");
+        let bin_d = overlay.join("opt-up/cni/bin");
+        for d in [&net_d, &bin_d, &overlay.join("etc-work"), &overlay.join("opt-work")] {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(net_d.join("10-seine.conflist"), serde_json::to_vec(conflist)?)?;
+        for plugin in plugins {
+            let name = plugin.file_name().context("plugin without a name")?;
+            std::fs::copy(plugin, bin_d.join(name))?;
+        }
+        self.containers.borrow_mut().push(id.to_string());
+        let o = overlay.display();
+        let script = format!(
+            "mount -t overlay overlay -o lowerdir=/etc,upperdir={o}/etc-up,workdir={o}/etc-work /etc && \
+             mount -t overlay overlay -o lowerdir=/opt,upperdir={o}/opt-up,workdir={o}/opt-work /opt && \
+             exec nsenter --net={ns} timeout 60 ctr --address {sock} --namespace {space} run --cni --rm {image} {id} sh -c '{command}'",
+            ns = node.path(),
+            sock = self.socket.display(),
+            space = CONTAINERD_NAMESPACE,
+        );
+        Ok(Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .output()?)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for id in self.containers.borrow().iter() {
+            let _ = self.ctr(&["tasks", "kill", "--signal", "SIGKILL", id]);
+            let _ = self.ctr(&["tasks", "delete", "--force", id]);
+            let _ = self.ctr(&["containers", "delete", id]);
+        }
+        self.process.take();
+        // Snapshots may still be mounted if a container was left running: unmount what is ours.
+        if let Ok(mounts) = std::fs::read_to_string("/proc/mounts") {
+            let root = self.dir.display().to_string();
+            for target in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+                if target.starts_with(&root) {
+                    let _ = Command::new("umount").arg("-l").arg(target).status();
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An OCI image archive of one layer holding the machine's static busybox and a few applets.
+fn build_busybox_image(dir: &Path, reference: &str) -> Result<PathBuf> {
+    let rootfs = dir.join("rootfs");
+    let blobs = dir.join("oci/blobs/sha256");
+    std::fs::create_dir_all(rootfs.join("bin"))?;
+    std::fs::create_dir_all(&blobs)?;
+    for d in ["proc", "sys", "dev", "etc", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .context("copying /bin/busybox (package busybox-static)")?;
+    for applet in ["sh", "ip", "wget", "cat", "sleep", "nc", "ping"] {
+        let link = rootfs.join("bin").join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", link)?;
+        }
+    }
+    let layer = dir.join("layer.tar");
+    crate::sh(
+        "tar",
+        &[
+            "-C", &rootfs.display().to_string(), "--owner=0", "--group=0", "-cf",
+            &layer.display().to_string(), ".",
+        ],
+    )?;
+    let blob = |path: &Path| -> Result<(String, u64)> {
+        let digest = crate::sh("sha256sum", &[&path.display().to_string()])?;
+        let digest = digest.split_whitespace().next().context("sha256sum")?.to_string();
+        std::fs::copy(path, blobs.join(&digest))?;
+        Ok((format!("sha256:{digest}"), std::fs::metadata(path)?.len()))
+    };
+    let (layer_digest, layer_size) = blob(&layer)?;
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        }))?,
+    )?;
+    let (config_digest, config_size) = blob(&config)?;
+    let manifest = dir.join("manifest.json");
+    std::fs::write(
+        &manifest,
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest, "size": config_size},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer_digest, "size": layer_size}],
+        }))?,
+    )?;
+    let (manifest_digest, manifest_size) = blob(&manifest)?;
+    std::fs::write(dir.join("oci/oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    std::fs::write(
+        dir.join("oci/index.json"),
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "digest": manifest_digest, "size": manifest_size,
+                           "annotations": {"io.containerd.image.name": reference,
+                                           "org.opencontainers.image.ref.name": "seine-test"}}],
+        }))?,
+    )?;
+    let archive = dir.join("busybox.tar");
+    crate::sh(
+        "tar",
+        &["-C", &dir.join("oci").display().to_string(), "-cf", &archive.display().to_string(), "."],
+    )?;
+    Ok(archive)
+}

@@ -226,6 +226,16 @@ pub struct Pod {
     pub workloads: Vec<Process>,
 }
 
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let logs: Vec<PathBuf> = self.workloads.iter().map(|w| w.log.clone()).collect();
+        self.workloads.clear();
+        for log in logs {
+            let _ = std::fs::remove_file(log);
+        }
+    }
+}
+
 impl Pod {
     /// Starts seine-echo in the pod: HTTP and UDP answering with the pod's name on `port`, and a
     /// byte-stream echo on `port + 1`.
@@ -713,16 +723,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.agent.take();
         // Failing tests put the logs into their messages; nothing needs the files afterwards.
-        let mut logs = vec![std::env::temp_dir().join(format!("{}-agent.log", self.prefix))];
-        logs.extend(
-            self.pods
-                .iter()
-                .flat_map(|p| p.workloads.iter().map(|w| w.log.clone())),
-        );
+        // Pods remove their workloads' logs as they go.
         self.pods.clear();
-        for log in logs {
-            let _ = std::fs::remove_file(log);
-        }
+        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{}-agent.log", self.prefix)));
         let _ = std::fs::remove_dir_all(&self.bpffs_dir);
         let _ = std::fs::remove_file(&self.services_file);
         seine::bpf::remove_node_files(&self.bpffs_dir);
