@@ -80,7 +80,10 @@ impl Store {
         let (addr, len) = cidr.split_once('/')?;
         let addr: Ipv4Addr = addr.parse().ok()?;
         let prefix_len: u8 = len.parse().ok().filter(|l| (8..=30).contains(l))?;
-        Some((u32::from(addr) & (u32::MAX << (32 - prefix_len)), prefix_len))
+        Some((
+            u32::from(addr) & (u32::MAX << (32 - prefix_len)),
+            prefix_len,
+        ))
     }
 
     /// The store for `cidr` in `dir` (created, mode 0700, when missing).

@@ -15,7 +15,11 @@ fn main() -> ExitCode {
     // Errors answer in the version the caller asked for when it can be read, else the latest.
     let version = serde_json::from_slice::<serde_json::Value>(&stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(|v| v.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        })
         .filter(|v| spec::supports(v))
         .unwrap_or_else(|| spec::LATEST_VERSION.to_string());
     let outcome = match read {
@@ -24,7 +28,9 @@ fn main() -> ExitCode {
             "reading the network configuration from stdin",
             e.to_string(),
         )),
-        Ok(_) => Env::from_lookup(|k| std::env::var(k).ok()).and_then(|env| plugin::run(&env, &stdin)),
+        Ok(_) => {
+            Env::from_lookup(|k| std::env::var(k).ok()).and_then(|env| plugin::run(&env, &stdin))
+        }
     };
     match outcome {
         Ok(Some(result)) => {

@@ -4,11 +4,7 @@
 //! holds the gateway address and the /32 route to the pod, so the node routes between pods, to
 //! other nodes (over the overlay) and to services.
 
-use std::{
-    fs::File,
-    net::Ipv4Addr,
-    path::PathBuf,
-};
+use std::{fs::File, net::Ipv4Addr, path::PathBuf};
 
 use serde_json::{json, Map, Value};
 use sha2::{Digest as _, Sha256};
@@ -88,7 +84,9 @@ impl Env {
             if name.len() > 15
                 || name == "."
                 || name == ".."
-                || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+                || name
+                    .chars()
+                    .any(|c| c == '/' || c == ':' || c.is_whitespace())
             {
                 return Err(invalid_env(format!(
                     "CNI_IFNAME {name:?} is not a valid interface name"
@@ -170,8 +168,9 @@ impl Config {
             Some(v) => Some(
                 v.as_u64()
                     .filter(|m| (576..=65535).contains(m))
-                    .ok_or_else(|| invalid_config(format!("\"mtu\" {v} is not from 576 to 65535")))?
-                    as u32,
+                    .ok_or_else(|| {
+                        invalid_config(format!("\"mtu\" {v} is not from 576 to 65535"))
+                    })? as u32,
             ),
         };
         let pod_cidr = text("podCIDR")?;
@@ -196,7 +195,8 @@ impl Config {
             name,
             pod_cidr,
             mtu,
-            data_dir: text("dataDir")?.map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from),
+            data_dir: text("dataDir")?
+                .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from),
             bpffs_dir: text("bpffsDir")?.map_or_else(
                 || PathBuf::from(seine::bpf::DEFAULT_BPFFS_DIR),
                 PathBuf::from,
@@ -209,7 +209,9 @@ impl Config {
 
     fn store(&self) -> Result<Store, CniError> {
         let cidr = self.pod_cidr.as_deref().ok_or_else(|| {
-            invalid_config("\"podCIDR\" is required (the agent writes it from the Node's spec.podCIDR)")
+            invalid_config(
+                "\"podCIDR\" is required (the agent writes it from the Node's spec.podCIDR)",
+            )
         })?;
         Ok(Store::open(&self.data_dir.join(&self.name), cidr)?)
     }
@@ -231,9 +233,11 @@ fn alias(network: &str, container: &str, ifname: &str) -> String {
 pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     match env.command.as_str() {
         "VERSION" => {
-            let requested = serde_json::from_slice::<Value>(stdin)
-                .ok()
-                .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string));
+            let requested = serde_json::from_slice::<Value>(stdin).ok().and_then(|v| {
+                v.get("cniVersion")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            });
             let info = spec::version_info(requested.as_deref());
             Ok(Some(serde_json::to_value(info).unwrap_or(Value::Null)))
         }
@@ -293,7 +297,11 @@ fn pod_mtu(config: &Config) -> Result<u32, CniError> {
     let device = config.vxlan_device.clone();
     net::with_netlink(|handle| async move {
         if let Some(device) = device {
-            if let Some(mtu) = net::link(&handle, &device).await?.as_ref().and_then(net::link_mtu) {
+            if let Some(mtu) = net::link(&handle, &device)
+                .await?
+                .as_ref()
+                .and_then(net::link_mtu)
+            {
                 return Ok(mtu);
             }
         }
@@ -363,10 +371,12 @@ fn setup(
             net::del_link(&handle, stale.header.index).await?;
         }
         net::add_veth(&handle, host, ifname, netns, mtu, &alias).await?;
-        let link = net::link(&handle, host).await?.ok_or_else(|| NetError::Io {
-            context: format!("looking up {host}"),
-            source: std::io::Error::other("the new veth vanished"),
-        })?;
+        let link = net::link(&handle, host)
+            .await?
+            .ok_or_else(|| NetError::Io {
+                context: format!("looking up {host}"),
+                source: std::io::Error::other("the new veth vanished"),
+            })?;
         let index = link.header.index;
         net::set_up(&handle, index).await?;
         net::add_address(&handle, index, gateway, 32).await?;
@@ -387,10 +397,12 @@ fn setup(
             if let Some(lo) = net::link(&handle, "lo").await? {
                 net::set_up(&handle, lo.header.index).await?;
             }
-            let link = net::link(&handle, ifname).await?.ok_or_else(|| NetError::Io {
-                context: format!("looking up {ifname} in the pod"),
-                source: std::io::Error::other("missing"),
-            })?;
+            let link = net::link(&handle, ifname)
+                .await?
+                .ok_or_else(|| NetError::Io {
+                    context: format!("looking up {ifname} in the pod"),
+                    source: std::io::Error::other("missing"),
+                })?;
             let index = link.header.index;
             net::set_up(&handle, index).await?;
             net::add_address(&handle, index, allocation.ip, 32).await?;
@@ -495,9 +507,10 @@ fn prev_address(prev: &Value, ifname: &str) -> Option<Ipv4Addr> {
 
 fn check(env: &Env, config: &Config) -> Result<(), CniError> {
     let (container, ifname) = ids(env);
-    let prev = config.prev_result.as_ref().ok_or_else(|| {
-        invalid_config("CHECK needs \"prevResult\" (the result of the ADD)")
-    })?;
+    let prev = config
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| invalid_config("CHECK needs \"prevResult\" (the result of the ADD)"))?;
     let expected = prev_address(prev, ifname)
         .ok_or_else(|| invalid_config(format!("\"prevResult\" gives {ifname} no address")))?;
     let netns = open_netns(env)?;
@@ -526,9 +539,10 @@ fn check(env: &Env, config: &Config) -> Result<(), CniError> {
                 return Ok(Some(format!("{host} is down")));
             }
             let index = link.header.index;
-            let routed = net::routes(&handle).await?.iter().any(|r| {
-                net::route_dst(r) == (expected, 32) && net::route_oif(r) == Some(index)
-            });
+            let routed = net::routes(&handle)
+                .await?
+                .iter()
+                .any(|r| net::route_dst(r) == (expected, 32) && net::route_oif(r) == Some(index));
             if !routed {
                 return Ok(Some(format!("no route to {expected}/32 through {host}")));
             }
@@ -601,7 +615,10 @@ fn valid_attachments(config: &Config) -> Result<Vec<(String, String)>, CniError>
 
 fn gc(config: &Config) -> Result<(), CniError> {
     let valid = valid_attachments(config)?;
-    let keep: Vec<String> = valid.iter().map(|(c, i)| alias(&config.name, c, i)).collect();
+    let keep: Vec<String> = valid
+        .iter()
+        .map(|(c, i)| alias(&config.name, c, i))
+        .collect();
     let keep_names: Vec<String> = valid.iter().map(|(c, i)| host_veth_name(c, i)).collect();
     let prefix = format!("{ALIAS_PREFIX}:{}:", config.name);
     net::with_netlink(|handle| async move {
@@ -618,7 +635,9 @@ fn gc(config: &Config) -> Result<(), CniError> {
             let name = net::link_name(&link).unwrap_or_default();
             let ours = name.len() == HOST_PREFIX.len() + 11
                 && name.starts_with(HOST_PREFIX)
-                && name[HOST_PREFIX.len()..].chars().all(|c| c.is_ascii_hexdigit());
+                && name[HOST_PREFIX.len()..]
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit());
             if ours && net::link_alias(&link).is_none() && !keep_names.iter().any(|k| k == name) {
                 net::del_link(&handle, link.header.index).await?;
             }
@@ -649,7 +668,9 @@ fn status(config: &Config) -> Result<(), CniError> {
         .map_err(|e| not_ready(format!("the address store: {e}")))?;
     if let Some(device) = config.vxlan_device.clone() {
         let state = net::with_netlink(|handle| async move {
-            Ok(net::link(&handle, &device).await?.map(|l| net::link_is_up(&l)))
+            Ok(net::link(&handle, &device)
+                .await?
+                .map(|l| net::link_is_up(&l)))
         })
         .map_err(io_failure("looking up the overlay device"))?;
         let device = config.vxlan_device.as_deref().unwrap_or_default();
@@ -667,4 +688,80 @@ fn status(config: &Config) -> Result<(), CniError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<Env, CniError> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Env::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn the_example_conflist_gives_each_plugin_a_usable_configuration() {
+        let text = include_str!("../10-seine.conflist");
+        let list: Value = serde_json::from_str(text).unwrap();
+        let mut ours = list["plugins"][0].clone();
+        ours["name"] = list["name"].clone();
+        ours["cniVersion"] = list["cniVersion"].clone();
+        let config = Config::parse(&serde_json::to_vec(&ours).unwrap()).unwrap();
+        assert_eq!(config.version, "1.0.0");
+        assert_eq!(config.pod_cidr.as_deref(), Some("10.244.1.0/24"));
+        assert_eq!(config.mtu, Some(1450));
+        assert_eq!(list["plugins"][1]["type"], "portmap");
+        // Read as a whole (as a 1.1 runtime's cniVersions), the best common version wins.
+        assert_eq!(spec::negotiate(&list).unwrap(), "1.0.0");
+    }
+
+    #[test]
+    fn the_environment_is_checked_as_the_spec_asks() {
+        assert_eq!(env(&[]).unwrap_err().code, Code::InvalidEnvironment);
+        let add = env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc")]).unwrap();
+        let err = add
+            .require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])
+            .unwrap_err();
+        assert_eq!(err.code, Code::InvalidEnvironment);
+        assert!(
+            err.details.contains("CNI_NETNS, CNI_IFNAME"),
+            "{}",
+            err.details
+        );
+        let bad_id = env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "a/b")]).unwrap();
+        assert!(bad_id.require(&["CNI_CONTAINERID"]).is_err());
+        let long_if = env(&[("CNI_COMMAND", "DEL"), ("CNI_IFNAME", "0123456789abcdef")]).unwrap();
+        assert!(long_if.require(&["CNI_IFNAME"]).is_err());
+        let unknown = env(&[("CNI_COMMAND", "FROB")]).unwrap();
+        assert_eq!(
+            run(&unknown, b"{}").unwrap_err().code,
+            Code::InvalidEnvironment
+        );
+    }
+
+    #[test]
+    fn host_veth_names_are_stable_short_and_distinct() {
+        let a = host_veth_name("container-a", "eth0");
+        assert_eq!(a, host_veth_name("container-a", "eth0"));
+        assert_eq!(a.len(), 14);
+        assert!(a.starts_with(HOST_PREFIX));
+        assert_ne!(a, host_veth_name("container-a", "net1"));
+        assert_ne!(a, host_veth_name("container-b", "eth0"));
+    }
+
+    #[test]
+    fn a_previous_result_names_the_interface_address() {
+        let prev = serde_json::json!({
+            "interfaces": [{"name": "lxc1"}, {"name": "eth0", "sandbox": "/x"}],
+            "ips": [{"address": "10.244.1.5/32", "interface": 1}],
+        });
+        assert_eq!(
+            prev_address(&prev, "eth0"),
+            Some(Ipv4Addr::new(10, 244, 1, 5))
+        );
+        assert_eq!(prev_address(&prev, "net1"), None);
+    }
 }

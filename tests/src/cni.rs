@@ -18,7 +18,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::{bin, Netns, Node, Pod};
+use crate::{apiserver::ApiServer, bin, etcd::Etcd, Netns, Node, Pod};
 
 /// Where Debian's containernetworking-plugins live.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
@@ -45,8 +45,22 @@ impl Underlay {
         crate::sh(
             "ip",
             &[
-                "link", "add", "uplink", "netns", &node.name, "mtu", &mtu, "type", "veth", "peer",
-                "name", &port, "netns", &self.ns.name, "mtu", &mtu,
+                "link",
+                "add",
+                "uplink",
+                "netns",
+                &node.name,
+                "mtu",
+                &mtu,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &self.ns.name,
+                "mtu",
+                &mtu,
             ],
         )?;
         self.ns.ip(&["link", "set", &port, "master", "br0", "up"])?;
@@ -137,7 +151,12 @@ impl PluginOutput {
 }
 
 /// One CNI call: `plugin` run inside `node` with `env` (CNI_PATH added) and `config` on stdin.
-pub fn invoke(node: &Netns, plugin: &Path, env: &[(&str, &str)], config: &Value) -> Result<PluginOutput> {
+pub fn invoke(
+    node: &Netns,
+    plugin: &Path,
+    env: &[(&str, &str)],
+    config: &Value,
+) -> Result<PluginOutput> {
     let mut child = node
         .command(plugin)
         .env("CNI_PATH", REFERENCE_PLUGINS)
@@ -255,7 +274,12 @@ impl Node {
     }
 
     /// `add_cni_pod` with the plugin binary at `plugin` (the one the agent installed).
-    pub fn add_cni_pod_using(&mut self, plugin: &Path, name: &str, config: &Value) -> Result<Value> {
+    pub fn add_cni_pod_using(
+        &mut self,
+        plugin: &Path,
+        name: &str,
+        config: &Value,
+    ) -> Result<Value> {
         let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
         let env = [
             ("CNI_COMMAND", "ADD"),
@@ -301,7 +325,12 @@ pub fn reference_plugin(
         ("CNI_IFNAME", "eth0"),
         ("CNI_NETNS", netns),
     ];
-    invoke(node, &Path::new(REFERENCE_PLUGINS).join(plugin), &env, config)
+    invoke(
+        node,
+        &Path::new(REFERENCE_PLUGINS).join(plugin),
+        &env,
+        config,
+    )
 }
 
 /// `ping` with the DF bit set and `size` bytes of payload from inside `ns`: Ok when answered,
@@ -309,7 +338,19 @@ pub fn reference_plugin(
 pub fn ping_df(ns: &Netns, to: Ipv4Addr, size: usize) -> std::result::Result<(), String> {
     let out = Command::new("nsenter")
         .arg(format!("--net={}", ns.path()))
-        .args(["ping", "-c", "2", "-i", "0.2", "-W", "2", "-M", "do", "-s", &size.to_string()])
+        .args([
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &size.to_string(),
+        ])
         .arg(to.to_string())
         .output()
         .map_err(|e| e.to_string())?;
@@ -406,12 +447,18 @@ impl Containerd {
             containers: Default::default(),
         };
         crate::wait_until(Duration::from_secs(20), || {
-            containerd.ctr(&["version"]).is_ok_and(|o| o.status.success())
+            containerd
+                .ctr(&["version"])
+                .is_ok_and(|o| o.status.success())
         })
         .with_context(|| {
             format!(
                 "containerd did not come up:\n{}",
-                containerd.process.as_ref().map(|p| p.log_text()).unwrap_or_default()
+                containerd
+                    .process
+                    .as_ref()
+                    .map(|p| p.log_text())
+                    .unwrap_or_default()
             )
         })?;
         Ok(containerd)
@@ -434,7 +481,10 @@ impl Containerd {
         let archive = build_busybox_image(&self.dir.join("image"), &reference)?;
         let out = self.ctr(&["images", "import", &archive.display().to_string()])?;
         if !out.status.success() {
-            bail!("ctr images import: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "ctr images import: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(reference)
     }
@@ -454,10 +504,18 @@ impl Containerd {
         let overlay = self.dir.join(format!("overlay-{id}"));
         let net_d = overlay.join("etc-up/cni/net.d");
         let bin_d = overlay.join("opt-up/cni/bin");
-        for d in [&net_d, &bin_d, &overlay.join("etc-work"), &overlay.join("opt-work")] {
+        for d in [
+            &net_d,
+            &bin_d,
+            &overlay.join("etc-work"),
+            &overlay.join("opt-work"),
+        ] {
             std::fs::create_dir_all(d)?;
         }
-        std::fs::write(net_d.join("10-seine.conflist"), serde_json::to_vec(conflist)?)?;
+        std::fs::write(
+            net_d.join("10-seine.conflist"),
+            serde_json::to_vec(conflist)?,
+        )?;
         for plugin in plugins {
             let name = plugin.file_name().context("plugin without a name")?;
             std::fs::copy(plugin, bin_d.join(name))?;
@@ -520,13 +578,22 @@ fn build_busybox_image(dir: &Path, reference: &str) -> Result<PathBuf> {
     crate::sh(
         "tar",
         &[
-            "-C", &rootfs.display().to_string(), "--owner=0", "--group=0", "-cf",
-            &layer.display().to_string(), ".",
+            "-C",
+            &rootfs.display().to_string(),
+            "--owner=0",
+            "--group=0",
+            "-cf",
+            &layer.display().to_string(),
+            ".",
         ],
     )?;
     let blob = |path: &Path| -> Result<(String, u64)> {
         let digest = crate::sh("sha256sum", &[&path.display().to_string()])?;
-        let digest = digest.split_whitespace().next().context("sha256sum")?.to_string();
+        let digest = digest
+            .split_whitespace()
+            .next()
+            .context("sha256sum")?
+            .to_string();
         std::fs::copy(path, blobs.join(&digest))?;
         Ok((format!("sha256:{digest}"), std::fs::metadata(path)?.len()))
     };
@@ -554,7 +621,10 @@ fn build_busybox_image(dir: &Path, reference: &str) -> Result<PathBuf> {
         }))?,
     )?;
     let (manifest_digest, manifest_size) = blob(&manifest)?;
-    std::fs::write(dir.join("oci/oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    std::fs::write(
+        dir.join("oci/oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
     std::fs::write(
         dir.join("oci/index.json"),
         serde_json::to_vec(&json!({
@@ -568,7 +638,128 @@ fn build_busybox_image(dir: &Path, reference: &str) -> Result<PathBuf> {
     let archive = dir.join("busybox.tar");
     crate::sh(
         "tar",
-        &["-C", &dir.join("oci").display().to_string(), "-cf", &archive.display().to_string(), "."],
+        &[
+            "-C",
+            &dir.join("oci").display().to_string(),
+            "-cf",
+            &archive.display().to_string(),
+            ".",
+        ],
     )?;
     Ok(archive)
+}
+
+/// A node of a `Cluster`: its agent runs the overlay and installed the plugin in `dirs`.
+pub struct ClusterNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub node: Node,
+    pub dirs: CniDirs,
+    _relay: Relay,
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        // The agent goes before its relay and its files.
+        self.node.agent.take();
+    }
+}
+
+/// Nodes on one underlay, each with a seine-agent running the pod network from a real API
+/// server (on etcd): Node `node-i` has pod CIDR 10.244.i.0/24 and underlay address 192.168.60.i.
+pub struct Cluster {
+    pub nodes: Vec<ClusterNode>,
+    _underlay: Underlay,
+    pub api: ApiServer,
+    _etcd: Etcd,
+}
+
+pub fn cluster(tag: &str, count: u8) -> Result<Cluster> {
+    let etcd = Etcd::start()?;
+    let api = ApiServer::start(&etcd)?;
+    let first = Node::create(tag)?;
+    let mut underlay = Underlay::create(&first.prefix)?;
+    let mut nodes = Vec::new();
+    let mut first = Some(first);
+    for i in 1..=count {
+        let mut node = match first.take() {
+            Some(node) => node,
+            None => Node::create(tag)?,
+        };
+        let name = format!("node-{i}");
+        let ip = Ipv4Addr::new(192, 168, 60, i);
+        underlay.connect(&node.ns, ip, 1500)?;
+        let (code, body) = api.post(
+            "/api/v1/nodes",
+            &json!({"metadata": {"name": name}, "spec": {"podCIDR": format!("10.244.{i}.0/24")}}),
+        )?;
+        if code != 201 {
+            bail!("creating Node {name}: {code} {body}");
+        }
+        let relay = Relay::start(&node.ns, api.addr.port())?;
+        let dirs = CniDirs::create(&node.prefix)?;
+        let kubeconfig = api.kubeconfig.display().to_string();
+        let plugin = bin("seine-cni")?.display().to_string();
+        let (bin_dir, conf_dir, data_dir) = (
+            dirs.bin().display().to_string(),
+            dirs.conf().display().to_string(),
+            dirs.data().display().to_string(),
+        );
+        node.start_agent(&[
+            "--node-name",
+            &name,
+            "--kubeconfig",
+            &kubeconfig,
+            "--vtep-address",
+            &ip.to_string(),
+            "--cni-bin-dir",
+            &bin_dir,
+            "--cni-conf-dir",
+            &conf_dir,
+            "--cni-data-dir",
+            &data_dir,
+            "--cni-plugin",
+            &plugin,
+            "--overlay-resync-seconds",
+            "2",
+        ])?;
+        nodes.push(ClusterNode {
+            name,
+            ip,
+            node,
+            dirs,
+            _relay: relay,
+        });
+    }
+    Ok(Cluster {
+        nodes,
+        _underlay: underlay,
+        api,
+        _etcd: etcd,
+    })
+}
+
+impl Cluster {
+    /// Adds pods through each node's installed plugin and conflist; each serves HTTP and UDP on
+    /// 8080 and a byte-stream echo on 8081.
+    pub fn add_pods(&mut self, per_node: usize) -> Result<()> {
+        for n in &mut self.nodes {
+            let conflist = n.dirs.conflist()?;
+            let config = plugin_config(&conflist, 0, None);
+            let plugin = n.dirs.bin().join("seine-cni");
+            for p in 0..per_node {
+                let pod = format!("{}-p{p}", n.name);
+                n.node.add_cni_pod_using(&plugin, &pod, &config)?;
+                n.node.pod_mut(&pod).serve(8080)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
 }

@@ -8,6 +8,7 @@
 pub mod apiserver;
 pub mod apiserver_bench;
 pub mod cni;
+pub mod cni_bench;
 pub mod etcd;
 pub mod objects;
 pub mod stats;
@@ -725,7 +726,8 @@ impl Drop for Node {
         // Failing tests put the logs into their messages; nothing needs the files afterwards.
         // Pods remove their workloads' logs as they go.
         self.pods.clear();
-        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{}-agent.log", self.prefix)));
+        let _ =
+            std::fs::remove_file(std::env::temp_dir().join(format!("{}-agent.log", self.prefix)));
         let _ = std::fs::remove_dir_all(&self.bpffs_dir);
         let _ = std::fs::remove_file(&self.services_file);
         seine::bpf::remove_node_files(&self.bpffs_dir);

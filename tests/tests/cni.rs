@@ -8,12 +8,12 @@ use std::{
     time::Duration,
 };
 
-use serde_json::{json, Value};
 use seine_tests::{
     bin,
     cni::{invoke, plugin_config, reference_plugin, standalone_conflist, CniDirs, Underlay},
     unique_prefix, Netns, Node,
 };
+use serde_json::{json, Value};
 
 const CIDR: &str = "10.244.7.0/24";
 
@@ -34,7 +34,15 @@ impl Standalone {
             .connect(&node.ns, Ipv4Addr::new(192, 168, 50, 1), 9000)
             .unwrap();
         node.ns
-            .ip(&["route", "add", "default", "via", "192.168.50.254", "dev", "uplink"])
+            .ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                "192.168.50.254",
+                "dev",
+                "uplink",
+            ])
             .unwrap();
         let dirs = CniDirs::create(&node.prefix).unwrap();
         let conflist = standalone_conflist(CIDR, &dirs.data(), &node.bpffs_dir);
@@ -42,7 +50,7 @@ impl Standalone {
             node,
             dirs,
             conflist,
-            underlay: underlay,
+            underlay,
         }
     }
 
@@ -105,15 +113,24 @@ fn bad_input_gets_the_spec_error_codes_and_leaves_nothing() {
     };
 
     // VERSION answers in the caller's version and lists every version.
-    let version = call(vec![("CNI_COMMAND", "VERSION".into())], &json!({"cniVersion": "1.0.0"}))
-        .ok()
-        .unwrap();
+    let version = call(
+        vec![("CNI_COMMAND", "VERSION".into())],
+        &json!({"cniVersion": "1.0.0"}),
+    )
+    .ok()
+    .unwrap();
     assert_eq!(version["cniVersion"], "1.0.0");
-    assert_eq!(version["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+    assert_eq!(
+        version["supportedVersions"],
+        json!(["0.4.0", "1.0.0", "1.1.0"])
+    );
 
     // Missing environment: code 4, naming what is missing.
     for missing in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"] {
-        let env: Vec<_> = full("ADD").into_iter().filter(|(k, _)| *k != missing).collect();
+        let env: Vec<_> = full("ADD")
+            .into_iter()
+            .filter(|(k, _)| *k != missing)
+            .collect();
         let out = call(env, &s.config());
         assert!(!out.success);
         assert_eq!(out.code(), Some(4), "{missing}: {}", out.raw);
@@ -138,7 +155,12 @@ fn bad_input_gets_the_spec_error_codes_and_leaves_nothing() {
             .spawn()
             .unwrap();
         use std::io::Write as _;
-        child.stdin.take().unwrap().write_all(b"{\"cniVersion\": ").unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"{\"cniVersion\": ")
+            .unwrap();
         child.wait_with_output().unwrap()
     };
     assert!(!out.status.success());
@@ -146,7 +168,11 @@ fn bad_input_gets_the_spec_error_codes_and_leaves_nothing() {
     assert_eq!(error["code"], 6, "{error}");
     assert_eq!(call(full("ADD"), &json!([1, 2])).code(), Some(7));
     assert_eq!(
-        call(full("ADD"), &json!({"cniVersion": "1.0.0", "type": "seine-cni"})).code(),
+        call(
+            full("ADD"),
+            &json!({"cniVersion": "1.0.0", "type": "seine-cni"})
+        )
+        .code(),
         Some(7),
         "no name"
     );
@@ -182,7 +208,10 @@ fn add_check_del_gc_and_status_do_what_the_spec_says() {
     assert_ne!(ip_a, ip_b);
     for ip in [ip_a, ip_b] {
         assert_eq!(ip.octets()[..3], [10, 244, 7], "{ip} from {CIDR}");
-        assert!(ip.octets()[3] > 1, "{ip}: not the network or gateway address");
+        assert!(
+            ip.octets()[3] > 1,
+            "{ip}: not the network or gateway address"
+        );
     }
     // The result, as the spec lays it out.
     assert_eq!(a["cniVersion"], "1.0.0");
@@ -194,16 +223,24 @@ fn add_check_del_gc_and_status_do_what_the_spec_says() {
 
     // Inside the pod: the address, the default route through the node, the uplink's MTU - 50.
     let pod_a = &s.node.pod("a").ns;
-    let addr = pod_a.ip(&["-o", "-4", "addr", "show", "dev", "eth0"]).unwrap();
+    let addr = pod_a
+        .ip(&["-o", "-4", "addr", "show", "dev", "eth0"])
+        .unwrap();
     assert!(addr.contains(&format!("{ip_a}/32")), "{addr}");
     let link = pod_a.ip(&["link", "show", "eth0"]).unwrap();
     assert!(link.contains("mtu 8950"), "{link}");
     let routes = pod_a.ip(&["route", "show"]).unwrap();
-    assert!(routes.contains("default via 10.244.7.1 dev eth0"), "{routes}");
+    assert!(
+        routes.contains("default via 10.244.7.1 dev eth0"),
+        "{routes}"
+    );
     // On the node: the host side is up with the /32 route.
     let host_if = s.node.pod("a").host_if.clone();
     let node_routes = s.node.ns.ip(&["route", "show"]).unwrap();
-    assert!(node_routes.contains(&format!("{ip_a} dev {host_if}")), "{node_routes}");
+    assert!(
+        node_routes.contains(&format!("{ip_a} dev {host_if}")),
+        "{node_routes}"
+    );
 
     // Pods talk to each other through the node.
     s.node.pod_mut("b").serve(8080).unwrap();
@@ -262,7 +299,10 @@ fn add_check_del_gc_and_status_do_what_the_spec_says() {
         .cni("DEL", &pod_b_name, Some(&pod_b_path), "eth0", &config)
         .unwrap();
     assert!(out.success, "{}", out.raw);
-    assert!(!s.allocated().contains(&ip_b.to_string()), "released without the netns");
+    assert!(
+        !s.allocated().contains(&ip_b.to_string()),
+        "released without the netns"
+    );
 
     // GC keeps the valid attachments and releases everything else.
     let c = s.node.add_cni_pod("c", &config).unwrap();
@@ -283,7 +323,11 @@ fn add_check_del_gc_and_status_do_what_the_spec_says() {
 /// The store's addresses and the pods' addresses agree and are all distinct.
 fn assert_distinct(s: &Standalone, pods: &[(String, Ipv4Addr)]) {
     let ips: HashSet<Ipv4Addr> = pods.iter().map(|(_, ip)| *ip).collect();
-    assert_eq!(ips.len(), pods.len(), "an address handed out twice: {pods:?}");
+    assert_eq!(
+        ips.len(),
+        pods.len(),
+        "an address handed out twice: {pods:?}"
+    );
     let stored: HashSet<Ipv4Addr> = s.allocated().iter().map(|a| a.parse().unwrap()).collect();
     assert!(ips.is_subset(&stored));
 }
@@ -345,7 +389,9 @@ fn a_hundred_concurrent_adds_and_plugins_killed_mid_add_never_share_an_address()
         {
             use std::io::Write as _;
             let mut stdin = child.stdin.take().unwrap();
-            stdin.write_all(&serde_json::to_vec(&config).unwrap()).unwrap();
+            stdin
+                .write_all(&serde_json::to_vec(&config).unwrap())
+                .unwrap();
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
@@ -358,7 +404,10 @@ fn a_hundred_concurrent_adds_and_plugins_killed_mid_add_never_share_an_address()
             } else {
                 s.node.ns.ip(&["link", "show", &veth]).is_ok()
             };
-            if reached || std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            if reached
+                || std::time::Instant::now() > deadline
+                || child.try_wait().unwrap().is_some()
+            {
                 break;
             }
         }
@@ -383,7 +432,11 @@ fn a_hundred_concurrent_adds_and_plugins_killed_mid_add_never_share_an_address()
     let out = s.node.cni("GC", "", None, "", &gc).unwrap();
     assert!(out.success, "{}", out.raw);
     let stored: HashSet<Ipv4Addr> = s.allocated().iter().map(|a| a.parse().unwrap()).collect();
-    assert_eq!(stored, live.iter().copied().collect(), "GC reclaimed the leaks");
+    assert_eq!(
+        stored,
+        live.iter().copied().collect(),
+        "GC reclaimed the leaks"
+    );
     assert_eq!(s.veths().len(), 100, "the killed ADDs' veths are gone");
 
     // The killed pods are added again (a runtime's retry): fresh, distinct addresses.
@@ -396,7 +449,10 @@ fn a_hundred_concurrent_adds_and_plugins_killed_mid_add_never_share_an_address()
             ("CNI_NETNS", path.as_str()),
             ("CNI_IFNAME", "eth0"),
         ];
-        let out = invoke(&s.node.ns, &plugin, &env, &config).unwrap().ok().unwrap();
+        let out = invoke(&s.node.ns, &plugin, &env, &config)
+            .unwrap()
+            .ok()
+            .unwrap();
         all.push((pod.name.clone(), address_of(&out)));
     }
     assert_distinct(&s, &all);
@@ -435,7 +491,10 @@ fn chains_with_the_reference_portmap_plugin() {
     // CHECK down the chain, then DEL in reverse order.
     let mut check = plugin_config(&s.conflist, 0, Some(&chained));
     check["runtimeConfig"] = json!({});
-    let out = s.node.cni("CHECK", &id, Some(&netns), "eth0", &check).unwrap();
+    let out = s
+        .node
+        .cni("CHECK", &id, Some(&netns), "eth0", &check)
+        .unwrap();
     assert!(out.success, "{}", out.raw);
     let mut del_pm = plugin_config(&s.conflist, 1, Some(&chained));
     del_pm["runtimeConfig"] = second["runtimeConfig"].clone();
@@ -443,7 +502,10 @@ fn chains_with_the_reference_portmap_plugin() {
         .unwrap()
         .ok()
         .unwrap();
-    let out = s.node.cni("DEL", &id, Some(&netns), "eth0", &first).unwrap();
+    let out = s
+        .node
+        .cni("DEL", &id, Some(&netns), "eth0", &first)
+        .unwrap();
     assert!(out.success, "{}", out.raw);
     assert!(s.allocated().is_empty());
     let gone = client.run(|| seine_tests::http_get(SocketAddr::from(([192, 168, 50, 1], 18080))));

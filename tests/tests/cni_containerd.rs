@@ -18,7 +18,15 @@ fn containerd_runs_a_container_on_the_seine_network() {
         .connect(&node.ns, Ipv4Addr::new(192, 168, 70, 1), 1500)
         .unwrap();
     node.ns
-        .ip(&["route", "add", "default", "via", "192.168.70.254", "dev", "uplink"])
+        .ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.70.254",
+            "dev",
+            "uplink",
+        ])
         .unwrap();
     let dirs = CniDirs::create(&node.prefix).unwrap();
     let conflist = standalone_conflist("10.244.9.0/24", &dirs.data(), &node.bpffs_dir);
@@ -54,9 +62,15 @@ fn containerd_runs_a_container_on_the_seine_network() {
     let ip: Ipv4Addr = inet.split('/').next().unwrap().parse().unwrap();
     assert_eq!(ip.octets()[..3], [10, 244, 9], "{stdout}");
     assert_ne!(ip, web);
-    assert!(stdout.contains("default via 10.244.9.1 dev eth0"), "{stdout}");
+    assert!(
+        stdout.contains("default via 10.244.9.1 dev eth0"),
+        "{stdout}"
+    );
     // It reached the pod through the node.
-    assert!(stdout.lines().any(|l| l.trim() == "web"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.lines().any(|l| l.trim() == "web"),
+        "{stdout}\n{stderr}"
+    );
     // --rm ran DEL: the address is free again and the container's veth is gone.
     let store = dirs.data().join("seine");
     let held: Vec<String> = std::fs::read_dir(&store)

@@ -9,101 +9,11 @@ use std::{
     time::Duration,
 };
 
-use serde_json::json;
 use seine_tests::{
-    apiserver::ApiServer,
-    bin,
-    cni::{echo_bytes, ping_df, plugin_config, udp_ask, CniDirs, Relay, Underlay},
-    etcd::Etcd,
+    cni::{cluster, echo_bytes, ping_df, udp_ask},
     wait_until, Node,
 };
-
-struct ClusterNode {
-    name: String,
-    ip: Ipv4Addr,
-    node: Node,
-    dirs: CniDirs,
-    _relay: Relay,
-}
-
-impl Drop for ClusterNode {
-    fn drop(&mut self) {
-        // The agent goes before its relay and its files.
-        self.node.agent.take();
-    }
-}
-
-struct Cluster {
-    nodes: Vec<ClusterNode>,
-    _underlay: Underlay,
-    api: ApiServer,
-    _etcd: Etcd,
-}
-
-fn cluster(tag: &str, count: u8) -> Cluster {
-    let etcd = Etcd::start().unwrap();
-    let api = ApiServer::start(&etcd).unwrap();
-    let first = Node::create(tag).unwrap();
-    let mut underlay = Underlay::create(&first.prefix).unwrap();
-    let mut nodes = Vec::new();
-    let mut first = Some(first);
-    for i in 1..=count {
-        let mut node = first.take().unwrap_or_else(|| Node::create(tag).unwrap());
-        let name = format!("node-{i}");
-        let ip = Ipv4Addr::new(192, 168, 60, i);
-        underlay.connect(&node.ns, ip, 1500).unwrap();
-        let (code, body) = api
-            .post(
-                "/api/v1/nodes",
-                &json!({"metadata": {"name": name}, "spec": {"podCIDR": format!("10.244.{i}.0/24")}}),
-            )
-            .unwrap();
-        assert_eq!(code, 201, "{body}");
-        let relay = Relay::start(&node.ns, api.addr.port()).unwrap();
-        let dirs = CniDirs::create(&node.prefix).unwrap();
-        let kubeconfig = api.kubeconfig.display().to_string();
-        let plugin = bin("seine-cni").unwrap().display().to_string();
-        let (bin_dir, conf_dir, data_dir) = (
-            dirs.bin().display().to_string(),
-            dirs.conf().display().to_string(),
-            dirs.data().display().to_string(),
-        );
-        node.start_agent(&[
-            "--node-name", &name,
-            "--kubeconfig", &kubeconfig,
-            "--vtep-address", &ip.to_string(),
-            "--cni-bin-dir", &bin_dir,
-            "--cni-conf-dir", &conf_dir,
-            "--cni-data-dir", &data_dir,
-            "--cni-plugin", &plugin,
-            "--overlay-resync-seconds", "2",
-        ])
-        .unwrap();
-        nodes.push(ClusterNode { name, ip, node, dirs, _relay: relay });
-    }
-    Cluster { nodes, _underlay: underlay, api, _etcd: etcd }
-}
-
-impl Cluster {
-    /// Adds pods through each node's installed plugin and conflist; each serves HTTP and UDP on
-    /// 8080 and a byte-stream echo on 8081.
-    fn add_pods(&mut self, per_node: usize) {
-        for n in &mut self.nodes {
-            let conflist = n.dirs.conflist().unwrap();
-            let config = plugin_config(&conflist, 0, None);
-            let plugin = n.dirs.bin().join("seine-cni");
-            for p in 0..per_node {
-                let pod = format!("{}-p{p}", n.name);
-                n.node.add_cni_pod_using(&plugin, &pod, &config).unwrap();
-                n.node.pod_mut(&pod).serve(8080).unwrap();
-            }
-        }
-    }
-
-    fn node(&self, name: &str) -> &ClusterNode {
-        self.nodes.iter().find(|n| n.name == name).unwrap()
-    }
-}
+use serde_json::json;
 
 fn routes(node: &Node) -> String {
     node.ns.ip(&["route", "show"]).unwrap()
@@ -111,14 +21,18 @@ fn routes(node: &Node) -> String {
 
 #[test]
 fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
-    let mut c = cluster("ov", 3);
+    let mut c = cluster("ov", 3).unwrap();
 
     // Every node published its VTEP; its device is the configured VXLAN device.
     for n in &c.nodes {
         let (_, node) = c.api.get(&format!("/api/v1/nodes/{}", n.name)).unwrap();
         let annotations = &node["metadata"]["annotations"];
         assert_eq!(annotations["seine.io/vtep-ip"], n.ip.to_string(), "{node}");
-        let link = n.node.ns.ip(&["-d", "link", "show", "seine.vxlan"]).unwrap();
+        let link = n
+            .node
+            .ns
+            .ip(&["-d", "link", "show", "seine.vxlan"])
+            .unwrap();
         let mac = annotations["seine.io/vtep-mac"].as_str().unwrap();
         assert!(link.contains(mac), "{link}");
         assert!(link.contains("vxlan id 1 "), "{link}");
@@ -127,7 +41,10 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
         // install-cni: the conflist carries the node's pod CIDR and the overlay MTU.
         let conflist = n.dirs.conflist().unwrap();
         let i = &n.name[5..];
-        assert_eq!(conflist["plugins"][0]["podCIDR"], format!("10.244.{i}.0/24"));
+        assert_eq!(
+            conflist["plugins"][0]["podCIDR"],
+            format!("10.244.{i}.0/24")
+        );
         assert_eq!(conflist["plugins"][0]["mtu"], 1450);
         assert_eq!(conflist["plugins"][1]["type"], "portmap");
         assert!(n.dirs.bin().join("seine-cni").exists());
@@ -142,11 +59,16 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
         assert!(metrics.contains("seine_overlay_peers 2"), "{metrics}");
     }
 
-    c.add_pods(2);
+    c.add_pods(2).unwrap();
     let pods: Vec<(String, Ipv4Addr, String)> = c
         .nodes
         .iter()
-        .flat_map(|n| n.node.pods.iter().map(|p| (p.name.clone(), p.ip, n.name.clone())))
+        .flat_map(|n| {
+            n.node
+                .pods
+                .iter()
+                .map(|p| (p.name.clone(), p.ip, n.name.clone()))
+        })
         .collect();
     assert_eq!(pods.len(), 6);
     assert_eq!(
@@ -159,11 +81,16 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
         for from in &n.node.pods {
             for (name, ip, on) in pods.iter().filter(|p| p.2 != n.name) {
                 let to = SocketAddr::from((*ip, 8080));
-                let answer = from.http_get(to).unwrap_or_else(|e| {
-                    panic!("{} -> {name} on {on}: {e:#}", from.name)
-                });
+                let answer = from
+                    .http_get(to)
+                    .unwrap_or_else(|e| panic!("{} -> {name} on {on}: {e:#}", from.name));
                 assert_eq!(&answer, name);
-                assert_eq!(&udp_ask(&from.ns, to).unwrap(), name, "UDP {} -> {name}", from.name);
+                assert_eq!(
+                    &udp_ask(&from.ns, to).unwrap(),
+                    name,
+                    "UDP {} -> {name}",
+                    from.name
+                );
             }
         }
     }
@@ -179,7 +106,10 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
         panic!("a full-size DF ping from {a} to {remote}: {e}\n(56 bytes: {small:?})");
     }
     let over = ping_df(&from.ns, remote, 1450 - 27).expect_err("one byte over the MTU");
-    assert!(over.contains("message too long") || over.contains("mtu"), "refused at the pod: {over}");
+    assert!(
+        over.contains("message too long") || over.contains("mtu"),
+        "refused at the pod: {over}"
+    );
     let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
     let back = echo_bytes(&from.ns, SocketAddr::from((remote, 8081)), payload.clone()).unwrap();
     assert!(back == payload, "2 MB echoed across nodes came back intact");
@@ -190,13 +120,24 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
     let b3 = c.node("node-3").node.pods[1].ip;
     for proto in ["tcp", "udp"] {
         n1.seinectl_ok(&[
-            "service", "upsert", "--frontend", &format!("10.96.0.10:80/{proto}"),
-            "--backend", &format!("{b2}:8080"), "--backend", &format!("{b3}:8080"),
+            "service",
+            "upsert",
+            "--frontend",
+            &format!("10.96.0.10:80/{proto}"),
+            "--backend",
+            &format!("{b2}:8080"),
+            "--backend",
+            &format!("{b3}:8080"),
         ])
         .unwrap();
     }
     n1.seinectl_ok(&[
-        "service", "upsert", "--frontend", "10.96.0.11:81/tcp", "--backend", &format!("{b2}:8081"),
+        "service",
+        "upsert",
+        "--frontend",
+        "10.96.0.11:81/tcp",
+        "--backend",
+        &format!("{b2}:8081"),
     ])
     .unwrap();
     let vip = SocketAddr::from(([10, 96, 0, 10], 80));
@@ -209,12 +150,23 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
     let expected: BTreeSet<String> = ["node-2-p1".to_string(), "node-3-p1".to_string()].into();
     assert_eq!(tcp_answers, expected);
     assert_eq!(udp_answers, expected);
-    let back = echo_bytes(&from.ns, SocketAddr::from(([10, 96, 0, 11], 81)), payload.clone()).unwrap();
-    assert!(back == payload, "2 MB through a service to another node came back intact");
+    let back = echo_bytes(
+        &from.ns,
+        SocketAddr::from(([10, 96, 0, 11], 81)),
+        payload.clone(),
+    )
+    .unwrap();
+    assert!(
+        back == payload,
+        "2 MB through a service to another node came back intact"
+    );
 
     // A Node that changes its VTEP, then goes: the others follow.
     let (_, node3) = c.api.get("/api/v1/nodes/node-3").unwrap();
-    let old_mac = node3["metadata"]["annotations"]["seine.io/vtep-mac"].as_str().unwrap().to_string();
+    let old_mac = node3["metadata"]["annotations"]["seine.io/vtep-mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (code, _) = c
         .api
         .merge_patch(
@@ -224,9 +176,16 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
         .unwrap();
     assert_eq!(code, 200);
     let n1 = &c.node("node-1").node;
-    let fdb = || n1.ns.exec("bridge", &["fdb", "show", "dev", "seine.vxlan"]).unwrap();
+    let fdb = || {
+        n1.ns
+            .exec("bridge", &["fdb", "show", "dev", "seine.vxlan"])
+            .unwrap()
+    };
     let followed = wait_until(Duration::from_secs(10), || {
-        let neigh = n1.ns.ip(&["neigh", "show", "dev", "seine.vxlan"]).unwrap_or_default();
+        let neigh = n1
+            .ns
+            .ip(&["neigh", "show", "dev", "seine.vxlan"])
+            .unwrap_or_default();
         let fdb = fdb();
         neigh.contains("10.244.3.0 lladdr 02:00:5e:00:00:33")
             && fdb.contains("02:00:5e:00:00:33 dst 192.168.60.3")
@@ -243,16 +202,23 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
     assert_eq!(code, 200);
     for n in ["node-1", "node-2"] {
         let node = &c.node(n).node;
-        wait_until(Duration::from_secs(10), || !routes(node).contains("10.244.3.0/24"))
-            .unwrap_or_else(|_| panic!("{n} kept the route of a deleted Node:\n{}", routes(node)));
-        let fdb = node.ns.exec("bridge", &["fdb", "show", "dev", "seine.vxlan"]).unwrap();
+        wait_until(Duration::from_secs(10), || {
+            !routes(node).contains("10.244.3.0/24")
+        })
+        .unwrap_or_else(|_| panic!("{n} kept the route of a deleted Node:\n{}", routes(node)));
+        let fdb = node
+            .ns
+            .exec("bridge", &["fdb", "show", "dev", "seine.vxlan"])
+            .unwrap();
         assert!(!fdb.contains("192.168.60.3"), "{fdb}");
         assert!(routes(node).contains("via 10.244."), "the other peer stays");
     }
     // Someone deletes the device: the agent puts it and the entries back.
     n1.ns.ip(&["link", "del", "seine.vxlan"]).unwrap();
-    wait_until(Duration::from_secs(15), || routes(n1).contains("10.244.2.0/24 via 10.244.2.0"))
-        .unwrap();
+    wait_until(Duration::from_secs(15), || {
+        routes(n1).contains("10.244.2.0/24 via 10.244.2.0")
+    })
+    .unwrap();
     let back = from.http_get(SocketAddr::from((remote, 8080))).unwrap();
     assert_eq!(back, "node-2-p0");
 }

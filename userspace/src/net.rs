@@ -263,9 +263,8 @@ pub async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)
         .filter(|m| m.header.index == index)
         .filter_map(|m| {
             m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
-                    Some((*ip, m.header.prefix_len))
-                }
+                AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) => Some((*ip, m.header.prefix_len)),
                 _ => None,
             })
         })

@@ -83,15 +83,15 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeNetError
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, kube::Error> {
     let config = match kubeconfig {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| kube::Error::InferKubeconfig(e))?;
+            let file =
+                kube::config::Kubeconfig::read_from(path).map_err(kube::Error::InferKubeconfig)?;
             kube::Config::from_custom_kubeconfig(file, &Default::default())
                 .await
                 .map_err(kube::Error::InferKubeconfig)?
         }
         None => kube::Config::infer()
             .await
-            .map_err(|e| kube::Error::InferConfig(e))?,
+            .map_err(kube::Error::InferConfig)?,
     };
     Client::try_from(config)
 }
@@ -156,8 +156,10 @@ pub fn install_cni(opts: &Options, pod_cidr: Cidr, mtu: u32) -> Result<(), NodeN
     for dir in [bin_dir, conf_dir] {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     }
-    let binary = std::fs::read(&opts.cni_plugin)
-        .map_err(io(format!("reading the plugin {}", opts.cni_plugin.display())))?;
+    let binary = std::fs::read(&opts.cni_plugin).map_err(io(format!(
+        "reading the plugin {}",
+        opts.cni_plugin.display()
+    )))?;
     write_atomically(&bin_dir.join("seine-cni"), &binary, 0o755)?;
     let text = serde_json::to_vec_pretty(&conflist(opts, pod_cidr, mtu)).unwrap_or_default();
     write_atomically(&conf_dir.join("10-seine.conflist"), &text, 0o644)?;
@@ -179,39 +181,47 @@ pub async fn run(client: Client, opts: Options, status: Status) -> Result<(), No
     // The Node must exist with a pod CIDR (set by node IPAM, or by hand) and an address.
     let mut waited = 0u32;
     let (pod_cidr, vtep) = loop {
-        match nodes.get_opt(&opts.node_name).await {
-            Ok(Some(node)) => {
-                let cidr = node
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.pod_cidr.as_deref())
-                    .and_then(Cidr::parse);
-                let vtep = opts.vtep_address.or_else(|| internal_ip(&node));
-                match (cidr, vtep) {
-                    (Some(cidr), Some(vtep)) => break (cidr, vtep),
-                    (None, _) if waited % 10 == 0 => {
-                        info!(node = %opts.node_name, "waiting for the Node's spec.podCIDR")
-                    }
-                    (_, None) if waited % 10 == 0 => info!(
-                        node = %opts.node_name,
-                        "waiting for the Node's InternalIP (or pass --vtep-address)"
-                    ),
-                    _ => {}
-                }
-            }
-            Ok(None) if waited % 10 == 0 => {
-                info!(node = %opts.node_name, "waiting for the Node object")
-            }
-            Ok(None) => {}
-            Err(e) if waited % 10 == 0 => warn!("reading the Node: {e}; retrying"),
-            Err(_) => {}
-        }
+        // Say what is awaited every 10 s, not every second.
+        let say = waited.is_multiple_of(10);
         waited += 1;
+        let node = match nodes.get_opt(&opts.node_name).await {
+            Ok(Some(node)) => node,
+            Ok(None) => {
+                if say {
+                    info!(node = %opts.node_name, "waiting for the Node object");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => {
+                if say {
+                    warn!("reading the Node: {e}; retrying");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let cidr = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_cidr.as_deref())
+            .and_then(Cidr::parse);
+        match (cidr, opts.vtep_address.or_else(|| internal_ip(&node))) {
+            (Some(cidr), Some(vtep)) => break (cidr, vtep),
+            (None, _) if say => {
+                info!(node = %opts.node_name, "waiting for the Node's spec.podCIDR")
+            }
+            (_, None) if say => info!(
+                node = %opts.node_name,
+                "waiting for the Node's InternalIP (or pass --vtep-address)"
+            ),
+            _ => {}
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
 
-    let (connection, handle, _) = rtnetlink::new_connection()
-        .map_err(io("opening a netlink socket"))?;
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(io("opening a netlink socket"))?;
     tokio::spawn(connection);
     let uplink = uplink_mtu(&handle, vtep).await?.unwrap_or(1500);
     let device = Device {
@@ -229,7 +239,11 @@ pub async fn run(client: Client, opts: Options, status: Status) -> Result<(), No
     let mut published = mac;
     loop {
         match nodes
-            .patch(&opts.node_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                &opts.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await
         {
             Ok(_) => break,

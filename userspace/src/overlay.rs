@@ -17,7 +17,9 @@ use futures::TryStreamExt as _;
 use k8s_openapi::api::core::v1::Node;
 use netlink_packet_route::{
     link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    },
     AddressFamily,
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
@@ -109,7 +111,10 @@ fn vxlan_settings(link: &LinkMessage) -> Option<(u32, u16, Option<Ipv4Addr>)> {
         LinkAttribute::LinkInfo(infos) => Some(infos),
         _ => None,
     })?;
-    if !infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan))) {
+    if !infos
+        .iter()
+        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)))
+    {
         return None;
     }
     let data = infos.iter().find_map(|i| match i {
@@ -138,7 +143,11 @@ pub fn vtep_mac(local: Ipv4Addr) -> [u8; 6] {
 /// Creates the device as `device` says (recreating one whose VNI, port or local address differ),
 /// gives it its MTU, the pod CIDR's network address and brings it up. Returns its MAC, which a
 /// restart keeps (an existing matching device is reused).
-pub async fn ensure_device(handle: &Handle, device: &Device, pod_cidr: Cidr) -> Result<[u8; 6], NetError> {
+pub async fn ensure_device(
+    handle: &Handle,
+    device: &Device,
+    pod_cidr: Cidr,
+) -> Result<[u8; 6], NetError> {
     if let Some(link) = net::link(handle, &device.name).await? {
         let wanted = (device.vni, device.port, Some(device.local));
         if vxlan_settings(&link) != Some(wanted) {
@@ -160,10 +169,12 @@ pub async fn ensure_device(handle: &Handle, device: &Device, pod_cidr: Cidr) -> 
             .await
             .map_err(nl(format!("creating the VXLAN device {}", device.name)))?;
     }
-    let link = net::link(handle, &device.name).await?.ok_or_else(|| NetError::Io {
-        context: format!("looking up {}", device.name),
-        source: std::io::Error::other("the new VXLAN device vanished"),
-    })?;
+    let link = net::link(handle, &device.name)
+        .await?
+        .ok_or_else(|| NetError::Io {
+            context: format!("looking up {}", device.name),
+            source: std::io::Error::other("the new VXLAN device vanished"),
+        })?;
     let index = link.header.index;
     if net::link_mtu(&link) != Some(device.mtu) {
         handle
@@ -194,10 +205,12 @@ pub struct Changes {
 
 /// Makes the device's forwarding entries, neighbours and routes exactly those of `peers`.
 pub async fn reconcile(handle: &Handle, device: &str, peers: &[Peer]) -> Result<Changes, NetError> {
-    let link = net::link(handle, device).await?.ok_or_else(|| NetError::Io {
-        context: format!("reconciling {device}"),
-        source: std::io::Error::other("the VXLAN device is missing"),
-    })?;
+    let link = net::link(handle, device)
+        .await?
+        .ok_or_else(|| NetError::Io {
+            context: format!("reconciling {device}"),
+            source: std::io::Error::other("the VXLAN device is missing"),
+        })?;
     let index = link.header.index;
     let mut changes = Changes::default();
 
@@ -241,7 +254,9 @@ pub async fn reconcile(handle: &Handle, device: &str, peers: &[Peer]) -> Result<
             NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
             // Forwarding entries (AF_BRIDGE) come without a family for their IPv4 destination.
             NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
-                <[u8; 4]>::try_from(bytes.as_slice()).ok().map(Ipv4Addr::from)
+                <[u8; 4]>::try_from(bytes.as_slice())
+                    .ok()
+                    .map(Ipv4Addr::from)
             }
             _ => None,
         })
@@ -291,7 +306,12 @@ pub async fn reconcile(handle: &Handle, device: &str, peers: &[Peer]) -> Result<
         if current_routes.get(&key) != Some(&Some(gateway)) {
             net::replace_route(
                 handle,
-                net::route(peer.pod_cidr.network, peer.pod_cidr.len, index, Some(gateway)),
+                net::route(
+                    peer.pod_cidr.network,
+                    peer.pod_cidr.len,
+                    index,
+                    Some(gateway),
+                ),
             )
             .await?;
             changes.added += 1;
@@ -368,8 +388,16 @@ mod tests {
     #[test]
     fn peers_are_the_other_nodes_that_published_a_vtep() {
         let nodes = vec![
-            node("a", Some("10.244.0.0/24"), Some(("192.0.2.1", "02:00:00:00:00:01"))),
-            node("b", Some("10.244.1.7/24"), Some(("192.0.2.2", "02:00:00:00:00:02"))),
+            node(
+                "a",
+                Some("10.244.0.0/24"),
+                Some(("192.0.2.1", "02:00:00:00:00:01")),
+            ),
+            node(
+                "b",
+                Some("10.244.1.7/24"),
+                Some(("192.0.2.2", "02:00:00:00:00:02")),
+            ),
             node("c", None, Some(("192.0.2.3", "02:00:00:00:00:03"))),
             node("d", Some("10.244.3.0/24"), None),
             node("e", Some("10.244.4.0/24"), Some(("192.0.2.5", "not-a-mac"))),

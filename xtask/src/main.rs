@@ -76,6 +76,13 @@ enum Bench {
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
     },
+    /// seine-cni: ADD/DEL latency (100 one by one, 20 at once), addresses leaked after 1,000
+    /// cycles, pod-to-pod TCP throughput and latency across nodes against within a node.
+    Cni {
+        /// Where to write the results [default: target/bench/cni.json in the workspace].
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
 }
 
 /// The apt packages the build, the tests and the lab use.
@@ -145,6 +152,13 @@ fn run(cli: Cli) -> Result<()> {
                 iptables_backend,
             } => bench_lb(&root, json, &iptables_backend),
             Bench::Apiserver { json } => bench_apiserver(&root, json),
+            Bench::Cni { json } => run_bench(
+                &root,
+                "cni",
+                json,
+                &["seine", "seine-cni", "seine-controlplane", "seine-tests"],
+                &[],
+            ),
         },
     }
 }

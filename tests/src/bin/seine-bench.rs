@@ -3,6 +3,8 @@
 //!
 //! `apiserver`: see `seine_tests::apiserver_bench` (seine-apiserver against raw etcd).
 //!
+//! `cni`: see `seine_tests::cni_bench` (plugin latency, leaks, pod-to-pod across and within nodes).
+//!
 //! `lb`, for the eBPF and the iptables datapath in the same run: short TCP connections per second and
 //! kept-alive request latency through a service VIP versus directly to the backend pod, with 1, 1,000
 //! and 10,000 services installed (the probe uses the last service inserted); the time to program
@@ -76,9 +78,18 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|| PathBuf::from("target/bench/apiserver.json"));
             seine_tests::apiserver_bench::run(&json)
         }
+        Some("cni") => {
+            let json = args
+                .iter()
+                .position(|a| a == "--json")
+                .and_then(|i| args.get(i + 1))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("target/bench/cni.json"));
+            seine_tests::cni_bench::run(&json)
+        }
         _ => {
             eprintln!(
-                "usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]\n       seine-bench apiserver [--json PATH]"
+                "usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]\n       seine-bench apiserver [--json PATH]\n       seine-bench cni [--json PATH]"
             );
             return ExitCode::from(2);
         }

@@ -23,13 +23,13 @@ use prometheus_client::{
 };
 use seine::{
     bpf::{self, MapSizes, PinnedMaps, DEFAULT_BPFFS_DIR},
-    nodenet,
     datapath::{
         ebpf::{EbpfDatapath, Owner},
         iptables::{IptablesBackend, IptablesDatapath},
         Datapath,
     },
     k8s::Objects,
+    nodenet,
 };
 use seine_common::STAT_NAMES;
 use tracing::{error, info, warn};
@@ -326,8 +326,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             cni_conf_dir: (!args.no_cni_install).then(|| args.cni_conf_dir.clone()),
             cni_plugin: match &args.cni_plugin {
                 Some(p) => p.clone(),
-                None => std::env::current_exe()?
-                    .with_file_name("seine-cni"),
+                None => std::env::current_exe()?.with_file_name("seine-cni"),
             },
             cni_data_dir: args.cni_data_dir.clone(),
             cni_network: args.cni_network.clone(),
@@ -670,7 +669,9 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         .overlay
         .as_ref()
         .is_none_or(|o| o.ready.load(Ordering::SeqCst));
-    if shared.ready.load(Ordering::SeqCst) && overlay_ready && !shared.stopping.load(Ordering::SeqCst)
+    if shared.ready.load(Ordering::SeqCst)
+        && overlay_ready
+        && !shared.stopping.load(Ordering::SeqCst)
     {
         (StatusCode::OK, "ok\n")
     } else {
