@@ -1,9 +1,13 @@
 //! Node-local IPAM: addresses of the node's pod CIDR, one file per allocated address in a directory
 //! (`<dir>/<ip>` holding the container ID and interface name), under an exclusive `flock` so that
 //! concurrent plugin processes never hand out an address twice. A file is written whole (to a
-//! temporary name, synced, then renamed) so that a process killed mid-ADD leaves either a complete
+//! temporary name, then renamed) so that a process killed mid-ADD leaves either a complete
 //! allocation, which its DEL or a GC releases, or nothing. The network address, the first address
 //! (the node's gateway) and the broadcast address are never handed out.
+//!
+//! The files are not fsynced: a plugin that dies loses nothing (the kernel has the data), and what
+//! a power loss could lose is the allocation of a pod that did not survive it either; a file left
+//! empty counts as taken until GC releases it. Syncing would put a journal commit into every ADD.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -193,22 +197,20 @@ impl Store {
             if used.contains(&ip) {
                 continue;
             }
-            self.write_whole(
-                &self.dir.join(ip.to_string()),
-                &format!("{container}\n{ifname}\n"),
-            )?;
+            let path = self.dir.join(ip.to_string());
+            self.write_whole(&path, &format!("{container}\n{ifname}\n"))?;
+            // Only a hint for the next search: no need to make it durable.
             self.write_whole(&last_path, &ip.to_string())?;
             return Ok(allocation(ip));
         }
         Err(IpamError::Exhausted(self.cidr()))
     }
 
-    /// Writes a file so that it exists whole or not at all.
+    /// Writes a file so that it exists whole or not at all (a temporary file renamed over it).
     fn write_whole(&self, path: &Path, text: &str) -> Result<(), IpamError> {
-        let tmp = path.with_extension("tmp");
+        let tmp = PathBuf::from(format!("{}.tmp", path.display()));
         let mut file = File::create(&tmp).map_err(io(&tmp))?;
         file.write_all(text.as_bytes()).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, path).map_err(io(path))
     }
 

@@ -367,10 +367,16 @@ fn setup(
     let alias = alias(&config.name, container, ifname);
     let host_mac = net::with_netlink(|handle| async move {
         // A pair left by an ADD that died halfway for this same attachment: start over.
-        if let Some(stale) = net::link(&handle, host).await? {
-            net::del_link(&handle, stale.header.index).await?;
+        if let Err(e) = net::add_veth(&handle, host, ifname, netns, mtu, &alias).await {
+            // A pair left by an ADD of this same attachment that died halfway: start over.
+            match net::link(&handle, host).await? {
+                Some(stale) if e.errno() == Some(libc::EEXIST) => {
+                    net::del_link(&handle, stale.header.index).await?;
+                    net::add_veth(&handle, host, ifname, netns, mtu, &alias).await?;
+                }
+                _ => return Err(e),
+            }
         }
-        net::add_veth(&handle, host, ifname, netns, mtu, &alias).await?;
         let link = net::link(&handle, host)
             .await?
             .ok_or_else(|| NetError::Io {
@@ -394,9 +400,8 @@ fn setup(
     net::sysctl("net.ipv4.ip_forward", "1").map_err(io_failure("enabling forwarding"))?;
     let pod_mac = net::in_netns(netns, || {
         net::with_netlink(|handle| async move {
-            if let Some(lo) = net::link(&handle, "lo").await? {
-                net::set_up(&handle, lo.header.index).await?;
-            }
+            // The loopback device is the first of every namespace.
+            net::set_up(&handle, 1).await?;
             let link = net::link(&handle, ifname)
                 .await?
                 .ok_or_else(|| NetError::Io {

@@ -32,6 +32,15 @@ const CYCLE_THREADS: usize = 4;
 const LATENCY_SAMPLES: usize = 2_000;
 const IPERF_SECONDS: u32 = 4;
 
+/// CPU seconds (user + system) of the children this process has waited for.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
 /// One plugin call from inside `node`; its wall time in seconds.
 fn call(
     node: &Netns,
@@ -104,6 +113,8 @@ fn seine_veths(node: &Netns) -> Result<usize> {
 }
 
 struct AddDel {
+    /// User and system CPU of one ADD process (the kernel's work done in its context included).
+    add_cpu: f64,
     sequential_add: Vec<f64>,
     sequential_del: Vec<f64>,
     parallel_add: Vec<f64>,
@@ -117,9 +128,11 @@ fn add_del(n: &ClusterNode, plugin: &Path, config: &Arc<Vec<u8>>) -> Result<AddD
         .collect::<Result<_>>()?;
     eprintln!("bench cni: {SEQUENTIAL} sequential ADDs and DELs");
     let mut sequential_add = Vec::new();
+    let cpu_before = children_cpu_seconds();
     for pod in &pods {
         sequential_add.push(call(&n.node.ns, plugin, "ADD", pod, config)?);
     }
+    let add_cpu = (children_cpu_seconds() - cpu_before) / SEQUENTIAL as f64;
     let mut sequential_del = Vec::new();
     for pod in &pods {
         sequential_del.push(call(&n.node.ns, plugin, "DEL", pod, config)?);
@@ -157,6 +170,7 @@ fn add_del(n: &ClusterNode, plugin: &Path, config: &Arc<Vec<u8>>) -> Result<AddD
         }
     }
     Ok(AddDel {
+        add_cpu,
         sequential_add,
         sequential_del,
         parallel_add,
@@ -285,6 +299,8 @@ pub fn run(json_path: &PathBuf) -> Result<()> {
         "add_del": {
             "sequential_100": {"add": seq_add, "del": seq_del},
             "parallel_20": {"rounds": PARALLEL_ROUNDS, "add": par_add, "del": par_del},
+            "add_cpu_seconds": ad.add_cpu,
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         },
         "cycles": {"count": CYCLES, "threads": CYCLE_THREADS, "seconds": cycle_seconds,
                    "leaked_addresses": leaked_addresses, "leaked_veths": leaked_veths},
@@ -318,6 +334,12 @@ pub fn run(json_path: &PathBuf) -> Result<()> {
             ms(&v["max_seconds"])
         );
     }
+    println!(
+        "one ADD uses {:.2} ms of CPU; 20 at once on {} CPUs need at least {:.1} ms for the last one",
+        ad.add_cpu * 1e3,
+        report["add_del"]["cpus"],
+        ad.add_cpu * 1e3 * PARALLEL as f64 / report["add_del"]["cpus"].as_f64().unwrap_or(1.0)
+    );
     println!(
         "\n{CYCLES} ADD/DEL cycles in {cycle_seconds:.1} s: {leaked_addresses} addresses and {leaked_veths} veths leaked"
     );

@@ -276,6 +276,15 @@ fn add_check_del_gc_and_status_do_what_the_spec_says() {
     unconfigured.as_object_mut().unwrap().remove("podCIDR");
     let status = s.node.cni("STATUS", "", None, "", &unconfigured).unwrap();
     assert_eq!(status.code(), Some(50), "{}", status.raw);
+    let mut no_overlay = config.clone();
+    no_overlay["vxlanDevice"] = json!("seine.vxlan");
+    let status = s.node.cni("STATUS", "", None, "", &no_overlay).unwrap();
+    assert_eq!(status.code(), Some(50), "{}", status.raw);
+    assert!(
+        status.raw.contains("seine.vxlan is missing"),
+        "{}",
+        status.raw
+    );
 
     // DEL removes the veth and the address; again is fine; so is a pod whose netns is gone.
     let out = s

@@ -114,6 +114,22 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
     let back = echo_bytes(&from.ns, SocketAddr::from((remote, 8081)), payload.clone()).unwrap();
     assert!(back == payload, "2 MB echoed across nodes came back intact");
 
+    // The plugin attached the agent's service programs to the new pods' host veths.
+    for pod in &c.node("node-1").node.pods {
+        for (direction, program) in [("ingress", "seine_from_pod"), ("egress", "seine_to_pod")] {
+            let filters = c
+                .node("node-1")
+                .node
+                .ns
+                .exec("tc", &["filter", "show", "dev", &pod.host_if, direction])
+                .unwrap();
+            assert!(
+                filters.contains(program),
+                "{} {direction}: {filters}",
+                pod.host_if
+            );
+        }
+    }
     // A service on node-1 whose backends are on the other nodes.
     let n1 = &c.node("node-1").node;
     let b2 = c.node("node-2").node.pods[1].ip;

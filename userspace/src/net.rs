@@ -11,7 +11,10 @@ use std::{
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
-    link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
+    link::{
+        AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoVeth, LinkAttribute, LinkFlags,
+        LinkMessage,
+    },
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
@@ -201,11 +204,18 @@ pub async fn add_veth(
         .execute()
         .await
         .map_err(nl(format!("creating the veth pair {host}/{peer}")))?;
+    // No IPv6 link-local address on the host side: it routes IPv4 for the pod, and skipping
+    // address generation (and its duplicate detection) makes the pair cheaper to bring up.
+    let no_ipv6_ll =
+        LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(
+            In6AddrGenMode::None,
+        )])]);
     handle
         .link()
         .set(
             LinkUnspec::new_with_name(host)
                 .alias(alias.to_string())
+                .append_extra_attribute(no_ipv6_ll)
                 .build(),
         )
         .execute()

@@ -497,7 +497,17 @@ fn lab(root: &Path, action: LabAction) -> Result<()> {
         LabAction::Down => "down",
         LabAction::Status => "status",
     };
-    check(cargo_in(root).args(["build", "-p", "seine", "-p", "seine-tests"]))?;
+    check(cargo_in(root).args([
+        "build",
+        "-p",
+        "seine",
+        "-p",
+        "seine-cni",
+        "-p",
+        "seine-controlplane",
+        "-p",
+        "seine-tests",
+    ]))?;
     let lab = target_dir(root).join("debug/seine-lab");
     if verb == "down" {
         check(Command::new(lab).current_dir(root).arg(verb))?;

@@ -1,17 +1,24 @@
-//! seine-lab: the demo topology of `cargo xtask lab up|down|status`. One node namespace running
-//! seine-agent, a client pod and three backend pods serving HTTP, and one ClusterIP service
-//! programmed from Kubernetes Service and EndpointSlice objects in a file the agent watches; and
-//! the control plane so far: etcd and seine-apiserver on 127.0.0.1 with an admin kubeconfig.
+//! seine-lab: the demo topology of `cargo xtask lab up|down|status`. The control plane so far
+//! (etcd and seine-apiserver on 127.0.0.1 with an admin kubeconfig); two node namespaces on a
+//! shared underlay, each running seine-agent, which sets up the VXLAN overlay from the Nodes in the
+//! API server and installs seine-cni; a client pod and three backend pods on both nodes, added
+//! through the installed plugin; and one ClusterIP service programmed from Kubernetes Service and
+//! EndpointSlice objects in a file the agents watch.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::ExitCode,
+    process::{Command, ExitCode},
     time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
-use seine_tests::{apiserver::ApiServer, etcd::Etcd, sh, Node};
+use seine_tests::{
+    apiserver::ApiServer,
+    cni::{plugin_config, Underlay},
+    etcd::Etcd,
+    sh, Node,
+};
 use serde_json::json;
 
 const PREFIX: &str = "seinelab";
@@ -58,93 +65,216 @@ fn services_yaml(backends: &[Ipv4Addr]) -> String {
     )
 }
 
+/// A lab node: name, namespace prefix, underlay address, pod CIDR and pods.
+type LabNode = (
+    &'static str,
+    &'static str,
+    [u8; 4],
+    &'static str,
+    &'static [&'static str],
+);
+
+const NODES: [LabNode; 2] = [
+    (
+        "node-1",
+        "seinelab1",
+        [192, 168, 60, 1],
+        "10.244.1.0/24",
+        &["client", "backend-1"],
+    ),
+    (
+        "node-2",
+        "seinelab2",
+        [192, 168, 60, 2],
+        "10.244.2.0/24",
+        &["backend-2", "backend-3"],
+    ),
+];
+
 fn up() -> Result<()> {
     if state_file().exists() {
         println!("lab: an earlier lab is up; removing it first");
         down(false)?;
     }
     std::fs::create_dir_all(STATE_DIR)?;
-    println!("lab: creating the node namespace {PREFIX}-node");
-    let mut node = Node::create_named(PREFIX)?;
-    node.add_pod("client", Ipv4Addr::new(10, 244, 0, 2))?;
-    let mut backends = Vec::new();
-    for i in 1..=3u8 {
-        let name = format!("backend-{i}");
-        let ip = Ipv4Addr::new(10, 244, 0, 10 + i);
-        println!("lab: pod {name} at {ip} serving HTTP on :{PORT}");
-        node.add_pod(&name, ip)?;
-        node.pod_mut(&name).serve(PORT)?;
-        backends.push(ip);
-    }
-    let services = Path::new(STATE_DIR).join("services.yaml");
-    std::fs::write(&services, services_yaml(&backends))?;
-    println!(
-        "lab: starting seine-agent (maps pinned under {})",
-        node.bpffs_dir.display()
-    );
-    let file_arg = services.display().to_string();
-    node.start_agent(&["--services-file", &file_arg])?;
+    let state_dir = Path::new(STATE_DIR);
+    let mut pids: Vec<u32> = Vec::new();
+    let mut namespaces: Vec<String> = Vec::new();
+    let mut files: Vec<PathBuf> = Vec::new();
 
     println!("lab: starting etcd and seine-apiserver on 127.0.0.1");
     let etcd = Etcd::start()?;
     let apiserver = ApiServer::start(&etcd)?;
-    let kubeconfig = Path::new(STATE_DIR).join("admin.kubeconfig");
-    std::fs::copy(&apiserver.kubeconfig, &kubeconfig)?;
-
-    let (mut pids, namespaces) = node.inventory();
     pids.extend(etcd.pid());
     pids.extend(apiserver.pid());
-    let mut files = node.files();
     files.extend(etcd.files());
     files.extend(apiserver.files());
+    let kubeconfig = state_dir.join("admin.kubeconfig");
+    std::fs::copy(&apiserver.kubeconfig, &kubeconfig)?;
+    let port = apiserver.addr.port();
+    // Agents in node namespaces reach the API server on the host's loopback through a Unix
+    // socket: one socat here, one in each node listening on the same port of its own loopback.
+    let socket = state_dir.join("apiserver.sock");
+    let relay = spawn(
+        Command::new("socat")
+            .arg(format!("UNIX-LISTEN:{},fork,mode=600", socket.display()))
+            .arg(format!("TCP:127.0.0.1:{port}")),
+        &state_dir.join("relay.log"),
+    )?;
+    pids.push(relay);
+    files.push(state_dir.join("relay.log"));
+
+    let underlay = Underlay::create(PREFIX)?;
+    namespaces.push(underlay.ns.name.clone());
+    let mut underlay = underlay;
+    let services = state_dir.join("services.yaml");
+    std::fs::write(&services, services_yaml(&[]))?;
+    let mut nodes = Vec::new();
+    for (name, prefix, ip, cidr, _) in NODES {
+        println!(
+            "lab: node {name} (namespace {prefix}-node, {}, pods {cidr})",
+            Ipv4Addr::from(ip)
+        );
+        let node = Node::create_named(prefix)?;
+        underlay.connect(&node.ns, Ipv4Addr::from(ip), 1500)?;
+        let (code, body) = apiserver.post(
+            "/api/v1/nodes",
+            &json!({"metadata": {"name": name}, "spec": {"podCIDR": cidr},
+                    "status": {"addresses": [{"type": "InternalIP", "address": Ipv4Addr::from(ip).to_string()}]}}),
+        )?;
+        if code != 201 {
+            bail!("creating Node {name}: {code} {body}");
+        }
+        let log = state_dir.join(format!("{name}-relay.log"));
+        let mut command = node.ns.command(Path::new("socat"));
+        command
+            .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"))
+            .arg(format!("UNIX-CONNECT:{}", socket.display()));
+        pids.push(spawn(&mut command, &log)?);
+        files.push(log);
+        nodes.push(node);
+    }
+    for ((name, _, ip, _, _), node) in NODES.iter().zip(nodes.iter_mut()) {
+        let cni = state_dir.join(name);
+        let dir = |sub: &str| cni.join(sub).display().to_string();
+        println!(
+            "lab: seine-agent on {name}: VXLAN overlay, CNI plugin installed in {}",
+            dir("bin")
+        );
+        node.start_agent(&[
+            "--services-file",
+            &services.display().to_string(),
+            "--node-name",
+            name,
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+            "--vtep-address",
+            &Ipv4Addr::from(*ip).to_string(),
+            "--cni-bin-dir",
+            &dir("bin"),
+            "--cni-conf-dir",
+            &dir("net.d"),
+            "--cni-data-dir",
+            &dir("data"),
+            "--cni-plugin",
+            &seine_tests::bin("seine-cni")?.display().to_string(),
+        ])?;
+    }
+    let mut backends = Vec::new();
+    for ((name, _, _, _, pods), node) in NODES.iter().zip(nodes.iter_mut()) {
+        let cni = state_dir.join(name);
+        let conflist: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(cni.join("net.d/10-seine.conflist"))?)?;
+        let config = plugin_config(&conflist, 0, None);
+        for pod in *pods {
+            node.add_cni_pod_using(&cni.join("bin/seine-cni"), pod, &config)?;
+            let ip = node.pod(pod).ip;
+            println!("lab: pod {pod} on {name} at {ip} (from seine-cni)");
+            if pod.starts_with("backend") {
+                node.pod_mut(pod).serve(PORT)?;
+                backends.push(ip);
+            }
+        }
+    }
+    std::fs::write(&services, services_yaml(&backends))?;
+
+    for node in &nodes {
+        let (p, n) = node.inventory();
+        pids.extend(p);
+        namespaces.extend(n);
+        files.extend(node.files());
+    }
+    files.push(state_dir.to_path_buf());
+    let bpffs_dirs: Vec<PathBuf> = nodes.iter().map(|n| n.bpffs_dir.clone()).collect();
     let state = json!({
         "pids": pids,
         "namespaces": namespaces,
         "files": files,
-        "bpffs_dir": node.bpffs_dir,
-        "agent_log": node.agent.as_ref().map(|a| a.log.clone()),
+        "bpffs_dir": nodes[0].bpffs_dir,
+        "bpffs_dirs": bpffs_dirs,
     });
     std::fs::write(state_file(), serde_json::to_vec_pretty(&state)?)?;
 
     let vip: SocketAddr = (VIP.parse::<Ipv4Addr>()?, 80).into();
-    seine_tests::wait_until(Duration::from_secs(10), || {
-        node.pod("client").http_get(vip).is_ok()
-    })
-    .context("the service did not answer through the VIP")?;
-    let answer = node.pod("client").http_get(vip)?;
-    let bpffs = node.bpffs_dir.display().to_string();
-    let agent_log = node
+    let client = nodes[0].pod("client");
+    seine_tests::wait_until(Duration::from_secs(10), || client.http_get(vip).is_ok())
+        .context("the service did not answer through the VIP")?;
+    let mut answers = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        answers.insert(client.http_get(vip)?);
+    }
+    let bpffs = nodes[0].bpffs_dir.display().to_string();
+    let agent_log = nodes[0]
         .agent
         .as_ref()
         .map(|a| a.log.display().to_string())
         .unwrap_or_default();
     let apiserver_addr = apiserver.addr;
+    let remote = backends[1];
     // The lab outlives this process: hand the namespaces and processes over to `lab down`.
-    std::mem::forget(node);
+    for node in nodes {
+        std::mem::forget(node);
+    }
+    std::mem::forget(underlay);
     std::mem::forget(apiserver);
     std::mem::forget(etcd);
     let kubeconfig = kubeconfig.display();
+    let answers = answers.into_iter().collect::<Vec<_>>().join(", ");
 
     let seinectl = seine_tests::bin("seinectl")?.display().to_string();
     println!(
-        "\nThe lab is up. Service web {VIP}:80 -> backends 10.244.0.11-13:{PORT}; the client just got an answer from {answer}.\n\
+        "\nThe lab is up: two nodes joined by a VXLAN overlay, pods added by seine-cni, and Service web\n\
+         {VIP}:80 with backends on both nodes. The client on node-1 just got answers from {answers}.\n\
          \nTry:\n\
-         \x20 for i in $(seq 6); do ip netns exec {PREFIX}-client curl -s http://{VIP}/; done   # spread over the backends\n\
+         \x20 for i in $(seq 6); do ip netns exec seinelab1-client curl -s http://{VIP}/; done   # spread over both nodes\n\
+         \x20 ip netns exec seinelab1-client ping -c 2 -M do -s 1422 {remote}   # backend-2: full-size, across the overlay\n\
+         \x20 ip -n seinelab1-node route; bridge -n seinelab1-node fdb show dev seine.vxlan   # the overlay's routes and VTEPs\n\
+         \x20 cat {STATE_DIR}/node-1/net.d/10-seine.conflist        # what the agent installed\n\
          \x20 {seinectl} --bpffs-dir {bpffs} bpf lb list      # the service map\n\
          \x20 {seinectl} --bpffs-dir {bpffs} bpf ct list      # conntrack after those requests\n\
-         \x20 {seinectl} --bpffs-dir {bpffs} bpf stats\n\
-         \x20 {seinectl} --bpffs-dir {bpffs} status             # eBPF, or iptables after a fallback\n\
-         \x20 $EDITOR {STATE_DIR}/services.yaml                  # drop an endpoint; the agent applies it\n\
-         \x20 ip netns exec {PREFIX}-node curl -s 127.0.0.1:9962/metrics | grep ^seine_\n\
-         \x20 tail -f {agent_log}                                # the agent's log\n\
+         \x20 $EDITOR {STATE_DIR}/services.yaml                  # drop an endpoint; the agents apply it\n\
+         \x20 ip netns exec seinelab1-node curl -s 127.0.0.1:9962/metrics | grep ^seine_\n\
+         \x20 tail -f {agent_log}                                # node-1's agent\n\
          \nThe API server listens on https://{apiserver_addr}, with etcd behind it:\n\
          \x20 export KUBECONFIG={kubeconfig}\n\
-         \x20 kubectl get namespaces; kubectl get service kubernetes -o wide\n\
-         \x20 kubectl create configmap demo --from-literal=color=blue; kubectl get configmaps -w\n\
+         \x20 kubectl get nodes -o custom-columns=NAME:.metadata.name,POD-CIDR:.spec.podCIDR,VTEP:.metadata.annotations.seine\\.io/vtep-ip\n\
+         \x20 kubectl delete node node-2        # node-1's agent removes its route and VTEP\n\
          \x20 kubectl auth can-i list pods --as=system:kube-scheduler\n\
          \nRemove it all with: cargo xtask lab down"
     );
     Ok(())
+}
+
+/// Starts a helper process (socat) that outlives the lab command, logging to `log`.
+fn spawn(command: &mut Command, log: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt as _;
+    let child = command
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .context("starting socat")?;
+    Ok(child.id())
 }
 
 fn read_state() -> Result<Option<serde_json::Value>> {
@@ -176,7 +306,13 @@ fn down(verbose: bool) -> Result<()> {
         // Only our own programs: a PID may have been reused since `lab up`.
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
-        let ours = ["seine-agent", "seine-echo", "seine-apiserver", "etcd"];
+        let ours = [
+            "seine-agent",
+            "seine-echo",
+            "seine-apiserver",
+            "etcd",
+            STATE_DIR,
+        ];
         if !ours.iter().any(|p| cmdline.contains(p)) {
             continue;
         }
@@ -215,11 +351,19 @@ fn down(verbose: bool) -> Result<()> {
             std::fs::remove_file(path)
         };
     }
-    if let Some(dir) = state["bpffs_dir"].as_str() {
+    let dirs = state["bpffs_dirs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once(&state["bpffs_dir"]))
+        .filter_map(|d| d.as_str());
+    for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
         seine::bpf::remove_node_files(Path::new(dir));
     }
-    std::fs::remove_dir_all(STATE_DIR).with_context(|| format!("removing {STATE_DIR}"))?;
+    if Path::new(STATE_DIR).exists() {
+        std::fs::remove_dir_all(STATE_DIR).with_context(|| format!("removing {STATE_DIR}"))?;
+    }
     if verbose {
         println!("lab: removed");
     }
