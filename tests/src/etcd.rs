@@ -24,13 +24,31 @@ pub struct Etcd {
     process: Option<Process>,
 }
 
+/// Runs `start` again (up to three times) when a port that was free when picked was taken by
+/// another test before etcd bound it.
+fn retry_on_port_clash<T>(mut start: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match start() {
+            Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {}
+            other => return other,
+        }
+    }
+}
+
 /// A loopback port that was free a moment ago.
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Etcd {
+    /// A one-member etcd on free loopback ports.
     pub fn start() -> Result<Self> {
+        retry_on_port_clash(Self::start_once)
+    }
+
+    fn start_once() -> Result<Self> {
         let name = unique_prefix("etcd");
         let data_dir = std::env::temp_dir().join(format!("{name}.data"));
         let client_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
@@ -50,6 +68,10 @@ impl Etcd {
 
     /// A cluster of `size` members on loopback ports, all started.
     pub fn cluster(size: usize) -> Result<Vec<Self>> {
+        retry_on_port_clash(|| Self::cluster_once(size))
+    }
+
+    fn cluster_once(size: usize) -> Result<Vec<Self>> {
         let token = unique_prefix("etcdc");
         let mut members = Vec::new();
         for i in 0..size {
@@ -133,11 +155,17 @@ impl Etcd {
         Ok(())
     }
 
-    /// Waits until the member answers on its client URL.
-    fn wait_serving(&self) -> Result<()> {
+    /// Waits until the member answers on its client URL (or has exited: a port taken meanwhile).
+    fn wait_serving(&mut self) -> Result<()> {
         let addr = self.client_addr;
         let health = format!("{}/health", self.client_url);
-        wait_until(Duration::from_secs(30), || {
+        let mut exited = false;
+        let process = &mut self.process;
+        let waited = wait_until(Duration::from_secs(30), || {
+            if let Some(Ok(Some(_))) = process.as_mut().map(|p| p.child.try_wait()) {
+                exited = true;
+                return true;
+            }
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
                 && std::process::Command::new("curl")
                     .args(["-sf", "--max-time", "1", &health])
@@ -145,16 +173,17 @@ impl Etcd {
                     .is_ok_and(|o| {
                         String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\"")
                     })
-        })
-        .with_context(|| {
-            format!(
-                "etcd did not start:\n{}",
-                self.process
-                    .as_ref()
-                    .map(Process::log_text)
-                    .unwrap_or_default()
-            )
-        })
+        });
+        let log = || {
+            self.process
+                .as_ref()
+                .map(Process::log_text)
+                .unwrap_or_default()
+        };
+        if exited {
+            anyhow::bail!("etcd exited:\n{}", log());
+        }
+        waited.with_context(|| format!("etcd did not start:\n{}", log()))
     }
 
     /// Stops the member (SIGTERM); its data stays for `resume`.
