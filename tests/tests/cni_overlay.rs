@@ -237,4 +237,31 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
     .unwrap();
     let back = from.http_get(SocketAddr::from((remote, 8080))).unwrap();
     assert_eq!(back, "node-2-p0");
+
+    // `seine-agent --cleanup` on node-1 takes the pod network down with the datapath.
+    let n1 = &mut c.nodes[0];
+    n1.node.stop_agent().unwrap();
+    let (bin_dir, conf_dir) = (n1.dirs.bin(), n1.dirs.conf());
+    let out = n1.node.ns.exec(
+        &seine_tests::bin("seine-agent")
+            .unwrap()
+            .display()
+            .to_string(),
+        &[
+            "--cleanup",
+            "--bpffs-dir",
+            &n1.node.bpffs_dir.display().to_string(),
+            "--node-name",
+            "node-1",
+            "--cni-bin-dir",
+            &bin_dir.display().to_string(),
+            "--cni-conf-dir",
+            &conf_dir.display().to_string(),
+        ],
+    );
+    assert!(out.is_ok(), "{out:?}");
+    assert!(n1.node.ns.ip(&["link", "show", "seine.vxlan"]).is_err());
+    assert!(!routes(&n1.node).contains("10.244.2.0/24"));
+    assert!(!conf_dir.join("10-seine.conflist").exists());
+    assert!(!bin_dir.join("seine-cni").exists());
 }

@@ -481,6 +481,30 @@ fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
     }
     bpf::remove_node_files(&args.bpffs_dir);
     info!(dir = %args.bpffs_dir.display(), "filters detached, pins and iptables chains removed");
+    if args.node_name.is_some() {
+        // The pod network: the VXLAN device (its routes and entries go with it) and what
+        // install-cni put in place, so that runtimes stop using the network.
+        let device = args.vxlan_device.clone();
+        seine::net::with_netlink(|handle| async move {
+            if let Some(link) = seine::net::link(&handle, &device).await? {
+                seine::net::del_link(&handle, link.header.index).await?;
+            }
+            Ok(())
+        })?;
+        if !args.no_cni_install {
+            for path in [
+                args.cni_conf_dir.join("10-seine.conflist"),
+                args.cni_bin_dir.join("seine-cni"),
+            ] {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(anyhow::anyhow!("removing {}: {e}", path.display())),
+                }
+            }
+        }
+        info!(device = %args.vxlan_device, "VXLAN device, conflist and plugin removed");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
