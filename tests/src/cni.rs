@@ -209,6 +209,19 @@ pub fn standalone_conflist(pod_cidr: &str, data_dir: &Path, bpffs_dir: &Path) ->
     })
 }
 
+/// A node without an agent on an underlay of its own: an uplink of MTU `mtu` at `ip`/24 with the
+/// default route (through a next hop that need not answer), as a node's uplink would have.
+pub fn standalone_node(tag: &str, ip: Ipv4Addr, mtu: u32) -> Result<(Node, Underlay)> {
+    let node = Node::create(tag)?;
+    let mut underlay = Underlay::create(&node.prefix)?;
+    underlay.connect(&node.ns, ip, mtu)?;
+    let [a, b, c, _] = ip.octets();
+    let gateway = Ipv4Addr::new(a, b, c, 254).to_string();
+    node.ns
+        .ip(&["route", "add", "default", "via", &gateway, "dev", "uplink"])?;
+    Ok((node, underlay))
+}
+
 /// A node's CNI files in a directory of their own (removed on drop).
 pub struct CniDirs {
     pub root: PathBuf,

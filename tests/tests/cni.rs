@@ -10,7 +10,10 @@ use std::{
 
 use seine_tests::{
     bin,
-    cni::{invoke, plugin_config, reference_plugin, standalone_conflist, CniDirs, Underlay},
+    cni::{
+        invoke, plugin_config, reference_plugin, standalone_conflist, standalone_node, CniDirs,
+        PluginOutput, Underlay,
+    },
     unique_prefix, Netns, Node,
 };
 use serde_json::{json, Value};
@@ -28,22 +31,7 @@ struct Standalone {
 
 impl Standalone {
     fn new(tag: &str) -> Self {
-        let node = Node::create(tag).unwrap();
-        let mut underlay = Underlay::create(&node.prefix).unwrap();
-        underlay
-            .connect(&node.ns, Ipv4Addr::new(192, 168, 50, 1), 9000)
-            .unwrap();
-        node.ns
-            .ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                "192.168.50.254",
-                "dev",
-                "uplink",
-            ])
-            .unwrap();
+        let (node, underlay) = standalone_node(tag, Ipv4Addr::new(192, 168, 50, 1), 9000).unwrap();
         let dirs = CniDirs::create(&node.prefix).unwrap();
         let conflist = standalone_conflist(CIDR, &dirs.data(), &node.bpffs_dir);
         Standalone {
@@ -83,6 +71,18 @@ impl Standalone {
             .filter(|n| n.starts_with("lxc") && n.len() == 14)
             .collect()
     }
+}
+
+/// ADD of `pod` (its namespace name is the container ID) by the plugin at `plugin` in `node`.
+fn add(node: &Netns, plugin: &std::path::Path, pod: &Netns, config: &Value) -> PluginOutput {
+    let path = pod.path();
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", pod.name.as_str()),
+        ("CNI_NETNS", path.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    invoke(node, plugin, &env, config).unwrap()
 }
 
 fn address_of(result: &Value) -> Ipv4Addr {
@@ -356,14 +356,7 @@ fn a_hundred_concurrent_adds_and_plugins_killed_mid_add_never_share_an_address()
             .map(|pod| {
                 let (plugin, config, node) = (&plugin, &config, &s.node.ns);
                 scope.spawn(move || {
-                    let path = pod.path();
-                    let env = [
-                        ("CNI_COMMAND", "ADD"),
-                        ("CNI_CONTAINERID", pod.name.as_str()),
-                        ("CNI_NETNS", path.as_str()),
-                        ("CNI_IFNAME", "eth0"),
-                    ];
-                    let out = invoke(node, plugin, &env, config).unwrap().ok().unwrap();
+                    let out = add(node, plugin, pod, config).ok().unwrap();
                     (pod.name.clone(), address_of(&out))
                 })
             })
@@ -451,17 +444,7 @@ fn a_hundred_concurrent_adds_and_plugins_killed_mid_add_never_share_an_address()
     // The killed pods are added again (a runtime's retry): fresh, distinct addresses.
     let mut all = results.clone();
     for pod in &victims {
-        let path = pod.path();
-        let env = [
-            ("CNI_COMMAND", "ADD"),
-            ("CNI_CONTAINERID", pod.name.as_str()),
-            ("CNI_NETNS", path.as_str()),
-            ("CNI_IFNAME", "eth0"),
-        ];
-        let out = invoke(&s.node.ns, &plugin, &env, &config)
-            .unwrap()
-            .ok()
-            .unwrap();
+        let out = add(&s.node.ns, &plugin, pod, &config).ok().unwrap();
         all.push((pod.name.clone(), address_of(&out)));
     }
     assert_distinct(&s, &all);

@@ -6,28 +6,13 @@ use std::net::Ipv4Addr;
 
 use seine_tests::{
     bin,
-    cni::{plugin_config, standalone_conflist, CniDirs, Containerd, Underlay},
-    Node,
+    cni::{plugin_config, standalone_conflist, standalone_node, CniDirs, Containerd},
 };
 
 #[test]
 fn containerd_runs_a_container_on_the_seine_network() {
-    let mut node = Node::create("ctd").unwrap();
-    let mut underlay = Underlay::create(&node.prefix).unwrap();
-    underlay
-        .connect(&node.ns, Ipv4Addr::new(192, 168, 70, 1), 1500)
-        .unwrap();
-    node.ns
-        .ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.70.254",
-            "dev",
-            "uplink",
-        ])
-        .unwrap();
+    let (mut node, _underlay) =
+        standalone_node("ctd", Ipv4Addr::new(192, 168, 70, 1), 1500).unwrap();
     let dirs = CniDirs::create(&node.prefix).unwrap();
     let conflist = standalone_conflist("10.244.9.0/24", &dirs.data(), &node.bpffs_dir);
     // A pod made by calling the plugin directly, sharing the node's address store.

@@ -42,20 +42,18 @@ const LATENCY_SAMPLES: usize = 5_000;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("lb") => {
-            let json = args
-                .iter()
-                .position(|a| a == "--json")
-                .and_then(|i| args.get(i + 1))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("target/bench/lb.json"));
-            let value = |flag: &str| {
-                args.iter()
-                    .position(|a| a == flag)
-                    .and_then(|i| args.get(i + 1))
-                    .cloned()
-            };
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let name = args.first().cloned().unwrap_or_default();
+    let json = value("--json")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(format!("target/bench/{name}.json")));
+    let result = match name.as_str() {
+        "lb" => {
             let backend = match value("--iptables-backend").as_deref() {
                 None | Some("auto") => None,
                 Some("nft") => Some(IptablesBackend::Nft),
@@ -69,24 +67,8 @@ fn main() -> ExitCode {
             };
             lb(&json, backend)
         }
-        Some("apiserver") => {
-            let json = args
-                .iter()
-                .position(|a| a == "--json")
-                .and_then(|i| args.get(i + 1))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("target/bench/apiserver.json"));
-            seine_tests::apiserver_bench::run(&json)
-        }
-        Some("cni") => {
-            let json = args
-                .iter()
-                .position(|a| a == "--json")
-                .and_then(|i| args.get(i + 1))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("target/bench/cni.json"));
-            seine_tests::cni_bench::run(&json)
-        }
+        "apiserver" => seine_tests::apiserver_bench::run(&json),
+        "cni" => seine_tests::cni_bench::run(&json),
         _ => {
             eprintln!(
                 "usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]\n       seine-bench apiserver [--json PATH]\n       seine-bench cni [--json PATH]"
