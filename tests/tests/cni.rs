@@ -191,6 +191,16 @@ fn bad_input_gets_the_spec_error_codes_and_leaves_nothing() {
     gone[2].1 = "/var/run/netns/does-not-exist-seine".into();
     assert_eq!(call(gone, &s.config()).code(), Some(3));
 
+    // An ADD that fails halfway (the pod already has an eth0) gives its address back.
+    pod.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ])
+    .unwrap();
+    let out = call(full("ADD"), &s.config());
+    assert!(!out.success);
+    assert!(out.raw.contains("exists"), "{}", out.raw);
+    pod.ip(&["link", "del", "eth0"]).unwrap();
+
     // None of it left a veth, an allocation or an address in the pod.
     assert!(s.veths().is_empty(), "{:?}", s.veths());
     assert!(s.allocated().is_empty(), "{:?}", s.allocated());
