@@ -265,3 +265,40 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
     assert!(!conf_dir.join("10-seine.conflist").exists());
     assert!(!bin_dir.join("seine-cni").exists());
 }
+
+#[test]
+fn an_agent_with_a_missing_kubeconfig_or_plugin_exits_2_saying_which() {
+    let node = Node::create("ovbad").unwrap();
+    let agent = seine_tests::bin("seine-agent").unwrap();
+    let bpffs = node.bpffs_dir.display().to_string();
+    let run = |extra: &[&str]| {
+        node.ns
+            .command(&agent)
+            .args([
+                "--bpffs-dir",
+                &bpffs,
+                "--node-name",
+                "node-1",
+                "--health-addr",
+                "127.0.0.1:9962",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--kubeconfig", "/nonexistent/seine.kubeconfig"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/seine.kubeconfig"), "{stderr}");
+    let out = run(&[
+        "--kubeconfig",
+        "/dev/null",
+        "--cni-plugin",
+        "/nonexistent/seine-cni",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/seine-cni"), "{stderr}");
+    // Nothing was loaded or pinned.
+    assert!(!node.bpffs_dir.exists());
+}

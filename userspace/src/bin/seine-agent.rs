@@ -248,6 +248,32 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    // The pod network's inputs are checked before anything is touched, like the services file.
+    let client = match &args.node_name {
+        None => None,
+        Some(_) => {
+            let plugin = cni_plugin(&args)?;
+            if !args.no_cni_install && !plugin.is_file() {
+                eprintln!(
+                    "seine-agent: the CNI plugin to install, {}, does not exist (--cni-plugin)",
+                    plugin.display()
+                );
+                return Ok(ExitCode::from(2));
+            }
+            match runtime.block_on(nodenet::client(args.kubeconfig.as_deref())) {
+                Ok(client) => Some(client),
+                Err(e) => {
+                    eprintln!("seine-agent: the API server client: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+    };
+
     let mut active = match args.datapath {
         Mode::Ebpf => start_ebpf(&args)?,
         Mode::Iptables => start_iptables(&args, None)?,
@@ -289,10 +315,6 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     });
     write_status(&args, &active);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind(args.health_addr))?;
     info!(addr = %args.health_addr, "serving /healthz, /readyz and /metrics");
     let app = Router::new()
@@ -315,7 +337,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     });
 
-    if let (Some(status), Some(node_name)) = (overlay, args.node_name.clone()) {
+    if let (Some(status), Some(node_name), Some(client)) = (overlay, args.node_name.clone(), client)
+    {
         let options = nodenet::Options {
             node_name,
             device: args.vxlan_device.clone(),
@@ -324,24 +347,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             vtep_address: args.vtep_address,
             cni_bin_dir: (!args.no_cni_install).then(|| args.cni_bin_dir.clone()),
             cni_conf_dir: (!args.no_cni_install).then(|| args.cni_conf_dir.clone()),
-            cni_plugin: match &args.cni_plugin {
-                Some(p) => p.clone(),
-                None => std::env::current_exe()?.with_file_name("seine-cni"),
-            },
+            cni_plugin: cni_plugin(&args)?,
             cni_data_dir: args.cni_data_dir.clone(),
             cni_network: args.cni_network.clone(),
             bpffs_dir: args.bpffs_dir.clone(),
             resync: Duration::from_secs(args.overlay_resync_seconds.max(1)),
         };
-        let kubeconfig = args.kubeconfig.clone();
         runtime.spawn(async move {
-            let client = match nodenet::client(kubeconfig.as_deref()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    error!("the API server client: {e}; the pod network stays down");
-                    return;
-                }
-            };
             if let Err(e) = nodenet::run(client, options, status).await {
                 error!("pod network: {e}");
             }
@@ -506,6 +518,14 @@ fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
         info!(device = %args.vxlan_device, "VXLAN device, conflist and plugin removed");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The plugin binary to install: `--cni-plugin`, else `seine-cni` next to this agent.
+fn cni_plugin(args: &Args) -> anyhow::Result<PathBuf> {
+    match &args.cni_plugin {
+        Some(path) => Ok(path.clone()),
+        None => Ok(std::env::current_exe()?.with_file_name("seine-cni")),
+    }
 }
 
 /// The backends to clean: the chosen one, or both when detecting (a switch may have left either).
