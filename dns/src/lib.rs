@@ -1,5 +1,7 @@
 //! seine-dns, a CoreDNS-compatible cluster DNS server (issue 6, in progress). So far: the Corefile
 //! (`corefile`), read as CoreDNS reads it, with an error naming the line for anything seine-dns does
-//! not implement.
+//! not implement; and the answers of the Kubernetes DNS specification and CoreDNS's kubernetes
+//! plugin from a view of the cluster (`cluster`), independent of the wire format.
 
+pub mod cluster;
 pub mod corefile;
