@@ -1,7 +1,9 @@
 //! seine-dns, a CoreDNS-compatible cluster DNS server (issue 6, in progress). So far: the Corefile
 //! (`corefile`), read as CoreDNS reads it, with an error naming the line for anything seine-dns does
 //! not implement; and the answers of the Kubernetes DNS specification and CoreDNS's kubernetes
-//! plugin from a view of the cluster (`cluster`), independent of the wire format.
+//! plugin from a view of the cluster (`cluster`), independent of the wire format, and that view
+//! built from the Kubernetes objects (`view`).
 
 pub mod cluster;
 pub mod corefile;
+pub mod view;
