@@ -2,8 +2,9 @@
 //! (`corefile`), read as CoreDNS reads it, with an error naming the line for anything seine-dns does
 //! not implement; and the answers of the Kubernetes DNS specification and CoreDNS's kubernetes
 //! plugin from a view of the cluster (`cluster`), independent of the wire format, and that view
-//! built from the Kubernetes objects (`view`).
+//! built from the Kubernetes objects (`view`) and kept current by watches (`sync`).
 
 pub mod cluster;
 pub mod corefile;
+pub mod sync;
 pub mod view;
