@@ -78,16 +78,11 @@ struct Lock {
 }
 
 impl Store {
-    /// The store for `cidr` in `dir` (created, mode 0700, when missing).
     /// The network address and prefix length of an IPv4 CIDR the store can serve.
     pub fn parse_cidr(cidr: &str) -> Option<(u32, u8)> {
-        let (addr, len) = cidr.split_once('/')?;
-        let addr: Ipv4Addr = addr.parse().ok()?;
-        let prefix_len: u8 = len.parse().ok().filter(|l| (8..=30).contains(l))?;
-        Some((
-            u32::from(addr) & (u32::MAX << (32 - prefix_len)),
-            prefix_len,
-        ))
+        seine::overlay::Cidr::parse(cidr)
+            .filter(|c| (8..=30).contains(&c.len))
+            .map(|c| (u32::from(c.network), c.len))
     }
 
     /// The store for `cidr` in `dir` (created, mode 0700, when missing).

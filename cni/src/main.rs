@@ -13,13 +13,7 @@ fn main() -> ExitCode {
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
     // Errors answer in the version the caller asked for when it can be read, else the latest.
-    let version = serde_json::from_slice::<serde_json::Value>(&stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-        })
+    let version = spec::requested_version(&stdin)
         .filter(|v| spec::supports(v))
         .unwrap_or_else(|| spec::LATEST_VERSION.to_string());
     let outcome = match read {

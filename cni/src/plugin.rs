@@ -9,7 +9,10 @@ use std::{fs::File, net::Ipv4Addr, path::PathBuf};
 use serde_json::{json, Map, Value};
 use sha2::{Digest as _, Sha256};
 
-use seine::net::{self, NetError};
+use seine::{
+    net::{self, NetError},
+    overlay::OVERHEAD as VXLAN_OVERHEAD,
+};
 
 use crate::{
     ipam::{Allocation, Store},
@@ -20,8 +23,6 @@ use crate::{
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/seine";
 /// The prefix of host-side veth names (the agent attaches the service datapath to these).
 pub const HOST_PREFIX: &str = "lxc";
-/// The VXLAN header and outer headers take 50 bytes of the uplink's MTU.
-pub const VXLAN_OVERHEAD: u32 = 50;
 const ALIAS_PREFIX: &str = "seine-cni";
 
 /// The CNI_* environment of one invocation.
@@ -31,7 +32,6 @@ pub struct Env {
     pub container_id: Option<String>,
     pub netns: Option<String>,
     pub ifname: Option<String>,
-    pub args: Option<String>,
     pub path: Option<String>,
 }
 
@@ -46,7 +46,6 @@ impl Env {
             container_id: non_empty("CNI_CONTAINERID"),
             netns: non_empty("CNI_NETNS"),
             ifname: non_empty("CNI_IFNAME"),
-            args: non_empty("CNI_ARGS"),
             path: non_empty("CNI_PATH"),
         })
     }
@@ -233,12 +232,7 @@ fn alias(network: &str, container: &str, ifname: &str) -> String {
 pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     match env.command.as_str() {
         "VERSION" => {
-            let requested = serde_json::from_slice::<Value>(stdin).ok().and_then(|v| {
-                v.get("cniVersion")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            });
-            let info = spec::version_info(requested.as_deref());
+            let info = spec::version_info(spec::requested_version(stdin).as_deref());
             Ok(Some(serde_json::to_value(info).unwrap_or(Value::Null)))
         }
         "ADD" => {
@@ -338,15 +332,9 @@ fn add(env: &Env, config: &Config) -> Result<Value, CniError> {
         )),
         Err(e) => {
             // Undo: the host side takes the pod side with it; the address goes back.
-            let _ = net::with_netlink(|handle| {
-                let host = host.clone();
-                async move {
-                    if let Some(link) = net::link(&handle, &host).await? {
-                        net::del_link(&handle, link.header.index).await?;
-                    }
-                    Ok(())
-                }
-            });
+            let _ = net::with_netlink(
+                |handle| async move { net::del_link_named(&handle, &host).await },
+            );
             let _ = store.release(container, ifname);
             Err(e)
         }
@@ -366,7 +354,6 @@ fn setup(
     let gateway = allocation.gateway;
     let alias = alias(&config.name, container, ifname);
     let host_mac = net::with_netlink(|handle| async move {
-        // A pair left by an ADD that died halfway for this same attachment: start over.
         if let Err(e) = net::add_veth(&handle, host, ifname, netns, mtu, &alias).await {
             // A pair left by an ADD of this same attachment that died halfway: start over.
             match net::link(&handle, host).await? {
@@ -377,12 +364,7 @@ fn setup(
                 _ => return Err(e),
             }
         }
-        let link = net::link(&handle, host)
-            .await?
-            .ok_or_else(|| NetError::Io {
-                context: format!("looking up {host}"),
-                source: std::io::Error::other("the new veth vanished"),
-            })?;
+        let link = net::existing_link(&handle, host, "the new veth vanished").await?;
         let index = link.header.index;
         net::set_up(&handle, index).await?;
         net::add_address(&handle, index, gateway, 32).await?;
@@ -402,12 +384,7 @@ fn setup(
         net::with_netlink(|handle| async move {
             // The loopback device is the first of every namespace.
             net::set_up(&handle, 1).await?;
-            let link = net::link(&handle, ifname)
-                .await?
-                .ok_or_else(|| NetError::Io {
-                    context: format!("looking up {ifname} in the pod"),
-                    source: std::io::Error::other("missing"),
-                })?;
+            let link = net::existing_link(&handle, ifname, "missing in the pod").await?;
             let index = link.header.index;
             net::set_up(&handle, index).await?;
             net::add_address(&handle, index, allocation.ip, 32).await?;
@@ -482,13 +459,8 @@ fn del(env: &Env, config: &Config) -> Result<(), CniError> {
     let (container, ifname) = ids(env);
     let host = host_veth_name(container, ifname);
     // The host side takes the pod side with it; gone already (pod netns deleted) is fine.
-    net::with_netlink(|handle| async move {
-        if let Some(link) = net::link(&handle, &host).await? {
-            net::del_link(&handle, link.header.index).await?;
-        }
-        Ok(())
-    })
-    .map_err(io_failure("deleting the pod's veth"))?;
+    net::with_netlink(|handle| async move { net::del_link_named(&handle, &host).await })
+        .map_err(io_failure("deleting the pod's veth"))?;
     // Without a pod CIDR there is no store, and nothing to release.
     if config.pod_cidr.is_some() {
         config.store()?.release(container, ifname)?;
@@ -628,22 +600,20 @@ fn gc(config: &Config) -> Result<(), CniError> {
     let prefix = format!("{ALIAS_PREFIX}:{}:", config.name);
     net::with_netlink(|handle| async move {
         for link in net::links(&handle).await? {
-            let Some(alias) = net::link_alias(&link) else {
-                continue;
+            let stale = match net::link_alias(&link) {
+                Some(alias) => alias.starts_with(&prefix) && !keep.iter().any(|k| k == alias),
+                // A pair whose ADD died before labelling it: Seine's name, no valid owner.
+                None => {
+                    let name = net::link_name(&link).unwrap_or_default();
+                    name.len() == HOST_PREFIX.len() + 11
+                        && name.starts_with(HOST_PREFIX)
+                        && name[HOST_PREFIX.len()..]
+                            .chars()
+                            .all(|c| c.is_ascii_hexdigit())
+                        && !keep_names.iter().any(|k| k == name)
+                }
             };
-            if alias.starts_with(&prefix) && !keep.iter().any(|k| k == alias) {
-                net::del_link(&handle, link.header.index).await?;
-            }
-        }
-        // A pair whose ADD died before labelling it: Seine's name, no label, no valid owner.
-        for link in net::links(&handle).await? {
-            let name = net::link_name(&link).unwrap_or_default();
-            let ours = name.len() == HOST_PREFIX.len() + 11
-                && name.starts_with(HOST_PREFIX)
-                && name[HOST_PREFIX.len()..]
-                    .chars()
-                    .all(|c| c.is_ascii_hexdigit());
-            if ours && net::link_alias(&link).is_none() && !keep_names.iter().any(|k| k == name) {
+            if stale {
                 net::del_link(&handle, link.header.index).await?;
             }
         }

@@ -64,6 +64,15 @@ fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
     parts.next().is_none().then_some(version)
 }
 
+/// The `cniVersion` a caller's stdin asks for, if it can be read.
+pub fn requested_version(stdin: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()?
+        .get("cniVersion")?
+        .as_str()
+        .map(str::to_string)
+}
+
 /// Whether this plugin speaks `version`.
 pub fn supports(version: &str) -> bool {
     SUPPORTED_VERSIONS.contains(&version)

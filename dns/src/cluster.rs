@@ -130,6 +130,9 @@ pub struct ClusterView {
     pub endpoints: BTreeMap<(String, String), Vec<Endpoint>>,
     /// Pod addresses by namespace (for `pods verified`).
     pub pod_ips: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// The services (namespace, name) with an address as cluster IP or endpoint, so that a PTR
+    /// query looks at those only: see `index_addresses`.
+    pub by_address: BTreeMap<IpAddr, BTreeSet<(String, String)>>,
 }
 
 /// The kubernetes plugin's options that shape answers.
@@ -225,6 +228,24 @@ fn wants(qtype: Qtype, ip: IpAddr) -> bool {
 }
 
 impl ClusterView {
+    /// Fills `by_address` from the services and endpoints (after they change).
+    pub fn index_addresses(&mut self) {
+        let mut index: BTreeMap<IpAddr, BTreeSet<(String, String)>> = BTreeMap::new();
+        for (key, service) in &self.services {
+            if let ServiceKind::ClusterIp(ips) = &service.kind {
+                for ip in ips {
+                    index.entry(*ip).or_default().insert(key.clone());
+                }
+            }
+        }
+        for (key, endpoints) in &self.endpoints {
+            for ip in endpoints.iter().flat_map(|e| &e.addresses) {
+                index.entry(*ip).or_default().insert(key.clone());
+            }
+        }
+        self.by_address = index;
+    }
+
     /// The zone of `name` among `options.zones` (the longest match), if any.
     pub fn zone_of<'a>(name: &str, options: &'a Options) -> Option<&'a str> {
         options
@@ -535,7 +556,13 @@ impl ClusterView {
             .cloned()
             .unwrap_or_else(|| "cluster.local.".to_string());
         let mut targets = Vec::new();
-        for s in self.services.values() {
+        let services = self
+            .by_address
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.services.get(key));
+        for s in services {
             let service_name = format!("{}.{}.svc.{cluster}", s.name, s.namespace);
             match &s.kind {
                 ServiceKind::ClusterIp(ips) if ips.contains(&ip) => targets.push(service_name),
@@ -658,6 +685,7 @@ mod tests {
                 },
             ],
         );
+        v.index_addresses();
         v
     }
 

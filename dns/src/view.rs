@@ -13,8 +13,15 @@ use crate::cluster::{ClusterView, Endpoint, Port, Service, ServiceKind};
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-fn protocol(p: Option<&String>) -> String {
-    p.map_or("tcp".to_string(), |p| p.to_ascii_lowercase())
+/// A port of a Service or an EndpointSlice (the protocol defaults to TCP, as in the API).
+fn port(name: &Option<String>, protocol: &Option<String>, number: i32) -> Option<Port> {
+    Some(Port {
+        name: name.clone().unwrap_or_default(),
+        protocol: protocol
+            .as_deref()
+            .map_or("tcp".to_string(), str::to_ascii_lowercase),
+        port: u16::try_from(number).ok()?,
+    })
 }
 
 fn service(s: &K8sService) -> Option<Service> {
@@ -48,13 +55,7 @@ fn service(s: &K8sService) -> Option<Service> {
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| {
-            Some(Port {
-                name: p.name.clone().unwrap_or_default(),
-                protocol: protocol(p.protocol.as_ref()),
-                port: u16::try_from(p.port).ok()?,
-            })
-        })
+        .filter_map(|p| port(&p.name, &p.protocol, p.port))
         .collect();
     Some(Service {
         namespace,
@@ -96,13 +97,7 @@ pub fn build(
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                Some(Port {
-                    name: p.name.clone().unwrap_or_default(),
-                    protocol: protocol(p.protocol.as_ref()),
-                    port: u16::try_from(p.port?).ok()?,
-                })
-            })
+            .filter_map(|p| port(&p.name, &p.protocol, p.port?))
             .collect();
         let entry = view
             .endpoints
@@ -146,6 +141,7 @@ pub fn build(
                 .filter_map(|ip| ip.ip.parse::<IpAddr>().ok()),
         );
     }
+    view.index_addresses();
     view
 }
 

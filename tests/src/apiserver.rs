@@ -99,6 +99,13 @@ impl ApiServer {
             .unwrap_or_default()
     }
 
+    /// A kube-rs client with the admin kubeconfig, as Seine's agents make one.
+    pub async fn kube_client(&self) -> kube::Client {
+        seine::nodenet::client(Some(&self.kubeconfig))
+            .await
+            .expect("a client from the admin kubeconfig")
+    }
+
     /// Runs kubectl against this server; returns its output, failing or not.
     pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
         Command::new("kubectl")

@@ -128,12 +128,14 @@ impl Drop for Relay {
     }
 }
 
-/// What a plugin printed and whether it exited 0.
+/// What a plugin printed, whether it exited 0, and how long the call took.
 #[derive(Debug, Clone)]
 pub struct PluginOutput {
     pub success: bool,
     pub json: Value,
     pub raw: String,
+    /// From spawning the plugin to its exit.
+    pub seconds: f64,
 }
 
 impl PluginOutput {
@@ -150,38 +152,73 @@ impl PluginOutput {
     }
 }
 
-/// One CNI call: `plugin` run inside `node` with `env` (CNI_PATH added) and `config` on stdin.
+/// One CNI call as a runtime on that node makes it: `plugin` forked from a thread inside `node`
+/// (no `nsenter` in between), with `env` (CNI_PATH added) and `config` on stdin.
 pub fn invoke(
     node: &Netns,
     plugin: &Path,
     env: &[(&str, &str)],
     config: &Value,
 ) -> Result<PluginOutput> {
-    let mut child = node
-        .command(plugin)
-        .env("CNI_PATH", REFERENCE_PLUGINS)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {}", plugin.display()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(&serde_json::to_vec(config)?)?;
-    }
-    let out = child.wait_with_output()?;
-    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
-    let json = if raw.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&raw)
-            .with_context(|| format!("{} printed no JSON: {raw:?}", plugin.display()))?
-    };
-    Ok(PluginOutput {
-        success: out.status.success(),
-        json,
-        raw: format!("{raw}{}", String::from_utf8_lossy(&out.stderr)),
-    })
+    let plugin = plugin.to_path_buf();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let input = serde_json::to_vec(config)?;
+    node.run(move || -> Result<PluginOutput> {
+        let start = std::time::Instant::now();
+        let mut child = Command::new(&plugin)
+            .env("CNI_PATH", REFERENCE_PLUGINS)
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", plugin.display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(&input)?;
+        }
+        let out = child.wait_with_output()?;
+        let seconds = start.elapsed().as_secs_f64();
+        let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json = if raw.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&raw)
+                .with_context(|| format!("{} printed no JSON: {raw:?}", plugin.display()))?
+        };
+        Ok(PluginOutput {
+            success: out.status.success(),
+            json,
+            raw: format!("{raw}{}", String::from_utf8_lossy(&out.stderr)),
+            seconds,
+        })
+    })?
+}
+
+/// The addresses allocated in a plugin's store under `data_dir` (network `seine`), from its files.
+pub fn allocated(data_dir: &Path) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = std::fs::read_dir(data_dir.join("seine"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// The host-side veths seine-cni made in `node` (`lxc` and 11 hex digits).
+pub fn seine_veths(node: &Netns) -> Result<Vec<String>> {
+    Ok(node
+        .ip(&["-o", "link", "show"])?
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("lxc") && n.len() == 14)
+        .collect())
 }
 
 /// The configuration a runtime hands plugin `index` of a conflist: the plugin's object with the

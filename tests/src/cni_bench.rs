@@ -7,10 +7,9 @@
 //! it, so no `nsenter` exec is counted).
 
 use std::{
-    io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     sync::{Arc, Barrier},
     time::{Duration, Instant},
 };
@@ -19,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::{
-    cni::{cluster, plugin_config, ClusterNode},
+    cni::{allocated, cluster, invoke, plugin_config, seine_veths, ClusterNode},
     stats::quantile,
     unique_prefix, KeepAlive, Netns,
 };
@@ -42,42 +41,19 @@ fn children_cpu_seconds() -> f64 {
 }
 
 /// One plugin call from inside `node`; its wall time in seconds.
-fn call(
-    node: &Netns,
-    plugin: &Path,
-    command: &str,
-    pod: &Netns,
-    config: &Arc<Vec<u8>>,
-) -> Result<f64> {
-    let (plugin, command, id, path, config) = (
-        plugin.to_path_buf(),
-        command.to_string(),
-        pod.name.clone(),
-        pod.path(),
-        config.clone(),
-    );
-    node.run(move || -> Result<f64> {
-        let start = Instant::now();
-        let mut child = Command::new(&plugin)
-            .env("CNI_COMMAND", &command)
-            .env("CNI_CONTAINERID", &id)
-            .env("CNI_NETNS", &path)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", crate::cni::REFERENCE_PLUGINS)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(&config)?;
-        }
-        let out = child.wait_with_output()?;
-        let elapsed = start.elapsed().as_secs_f64();
-        if !out.status.success() {
-            bail!("{command} {id}: {}", String::from_utf8_lossy(&out.stdout));
-        }
-        Ok(elapsed)
-    })?
+fn call(node: &Netns, plugin: &Path, command: &str, pod: &Netns, config: &Value) -> Result<f64> {
+    let path = pod.path();
+    let env = [
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", pod.name.as_str()),
+        ("CNI_NETNS", path.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let out = invoke(node, plugin, &env, config)?;
+    if !out.success {
+        bail!("{command} {}: {}", pod.name, out.raw);
+    }
+    Ok(out.seconds)
 }
 
 fn summary(samples: &mut [f64]) -> Value {
@@ -89,29 +65,6 @@ fn summary(samples: &mut [f64]) -> Value {
     })
 }
 
-fn allocated(data_dir: &Path) -> usize {
-    std::fs::read_dir(data_dir.join("seine"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    e.file_name()
-                        .to_str()
-                        .is_some_and(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-fn seine_veths(node: &Netns) -> Result<usize> {
-    let links = node.ip(&["-o", "link", "show"])?;
-    Ok(links
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .filter(|n| n.starts_with("lxc") && n.split('@').next().is_some_and(|n| n.len() == 14))
-        .count())
-}
-
 struct AddDel {
     /// User and system CPU of one ADD process (the kernel's work done in its context included).
     add_cpu: f64,
@@ -121,7 +74,7 @@ struct AddDel {
     parallel_del: Vec<f64>,
 }
 
-fn add_del(n: &ClusterNode, plugin: &Path, config: &Arc<Vec<u8>>) -> Result<AddDel> {
+fn add_del(n: &ClusterNode, plugin: &Path, config: &Value) -> Result<AddDel> {
     let prefix = unique_prefix("bc");
     let pods: Vec<Netns> = (0..SEQUENTIAL)
         .map(|i| Netns::create(&format!("{prefix}-{i}")))
@@ -179,14 +132,14 @@ fn add_del(n: &ClusterNode, plugin: &Path, config: &Arc<Vec<u8>>) -> Result<AddD
 }
 
 /// 1,000 ADD/DEL cycles (on a few threads at once); what is left allocated afterwards.
-fn cycles(n: &ClusterNode, plugin: &Path, config: &Arc<Vec<u8>>) -> Result<(usize, usize, f64)> {
+fn cycles(n: &ClusterNode, plugin: &Path, config: &Value) -> Result<(usize, usize, f64)> {
     eprintln!("bench cni: {CYCLES} ADD/DEL cycles");
     let prefix = unique_prefix("cy");
     let pods: Vec<Netns> = (0..CYCLE_THREADS)
         .map(|i| Netns::create(&format!("{prefix}-{i}")))
         .collect::<Result<_>>()?;
-    let before_addresses = allocated(&n.dirs.data());
-    let before_veths = seine_veths(&n.node.ns)?;
+    let before_addresses = allocated(&n.dirs.data()).len();
+    let before_veths = seine_veths(&n.node.ns)?.len();
     let start = Instant::now();
     std::thread::scope(|scope| -> Result<()> {
         let handles: Vec<_> = pods
@@ -209,8 +162,10 @@ fn cycles(n: &ClusterNode, plugin: &Path, config: &Arc<Vec<u8>>) -> Result<(usiz
         Ok(())
     })?;
     let seconds = start.elapsed().as_secs_f64();
-    let leaked_addresses = allocated(&n.dirs.data()).saturating_sub(before_addresses);
-    let leaked_veths = seine_veths(&n.node.ns)?.saturating_sub(before_veths);
+    let leaked_addresses = allocated(&n.dirs.data())
+        .len()
+        .saturating_sub(before_addresses);
+    let leaked_veths = seine_veths(&n.node.ns)?.len().saturating_sub(before_veths);
     Ok((leaked_addresses, leaked_veths, seconds))
 }
 
@@ -268,7 +223,7 @@ pub fn run(json_path: &PathBuf) -> Result<()> {
     c.add_pods(2)?;
     let n1 = &c.nodes[0];
     let conflist = n1.dirs.conflist()?;
-    let config = Arc::new(serde_json::to_vec(&plugin_config(&conflist, 0, None))?);
+    let config = plugin_config(&conflist, 0, None);
     let plugin = n1.dirs.bin().join("seine-cni");
 
     let mut ad = add_del(n1, &plugin, &config)?;

@@ -7,20 +7,11 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::{reflector, watcher, WatchStreamExt as _},
-    Api, Client, Config,
+    Api,
 };
 use seine_tests::{apiserver::ApiServer, etcd::Etcd};
 use serde_json::json;
-
-async fn client(server: &ApiServer) -> Client {
-    let kubeconfig = Kubeconfig::read_from(&server.kubeconfig).unwrap();
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
-}
 
 fn config_map(name: &str, value: &str) -> ConfigMap {
     serde_json::from_value(
@@ -34,7 +25,7 @@ fn config_map(name: &str, value: &str) -> ConfigMap {
 async fn a_typed_client_creates_reads_updates_and_deletes() {
     let etcd = Etcd::start().unwrap();
     let server = ApiServer::start(&etcd).unwrap();
-    let client = client(&server).await;
+    let client = server.kube_client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
 
     let created = cms
@@ -120,7 +111,7 @@ async fn a_typed_client_creates_reads_updates_and_deletes() {
 async fn a_watcher_and_a_reflector_follow_changes() {
     let etcd = Etcd::start().unwrap();
     let server = ApiServer::start(&etcd).unwrap();
-    let client = client(&server).await;
+    let client = server.kube_client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     cms.create(&PostParams::default(), &config_map("before", "1"))
         .await

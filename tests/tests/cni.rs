@@ -11,8 +11,8 @@ use std::{
 use seine_tests::{
     bin,
     cni::{
-        invoke, plugin_config, reference_plugin, standalone_conflist, standalone_node, CniDirs,
-        PluginOutput, Underlay,
+        allocated, invoke, plugin_config, reference_plugin, seine_veths, standalone_conflist,
+        standalone_node, CniDirs, PluginOutput, Underlay,
     },
     unique_prefix, Netns, Node,
 };
@@ -46,30 +46,14 @@ impl Standalone {
         plugin_config(&self.conflist, 0, None)
     }
 
-    /// The addresses allocated in the store, from its files.
-    fn allocated(&self) -> Vec<String> {
-        let dir = self.dirs.data().join("seine");
-        let mut out: Vec<String> = std::fs::read_dir(&dir)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                    .filter(|n| n.parse::<Ipv4Addr>().is_ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
+    /// The addresses allocated in the store.
+    fn allocated(&self) -> Vec<Ipv4Addr> {
+        allocated(&self.dirs.data())
     }
 
     /// The node's Seine veths.
     fn veths(&self) -> Vec<String> {
-        let links = self.node.ns.ip(&["-o", "link", "show"]).unwrap();
-        links
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-            .filter(|n| n.starts_with("lxc") && n.len() == 14)
-            .collect()
+        seine_veths(&self.node.ns).unwrap()
     }
 }
 
@@ -303,7 +287,7 @@ fn add_check_del_gc_and_status_do_what_the_spec_says() {
         .unwrap();
     assert!(out.success, "{}", out.raw);
     assert!(!s.veths().contains(&host_if));
-    assert!(!s.allocated().contains(&ip_a.to_string()));
+    assert!(!s.allocated().contains(&ip_a));
     let again = s
         .node
         .cni("DEL", &pod_a_name, Some(&pod_a_path), "eth0", &config)
@@ -318,10 +302,7 @@ fn add_check_del_gc_and_status_do_what_the_spec_says() {
         .cni("DEL", &pod_b_name, Some(&pod_b_path), "eth0", &config)
         .unwrap();
     assert!(out.success, "{}", out.raw);
-    assert!(
-        !s.allocated().contains(&ip_b.to_string()),
-        "released without the netns"
-    );
+    assert!(!s.allocated().contains(&ip_b), "released without the netns");
 
     // GC keeps the valid attachments and releases everything else.
     let c = s.node.add_cni_pod("c", &config).unwrap();
@@ -332,9 +313,9 @@ fn add_check_del_gc_and_status_do_what_the_spec_says() {
     gc["cni.dev/valid-attachments"] = json!([{"containerID": c_id, "ifname": "eth0"}]);
     let out = s.node.cni("GC", "", None, "", &gc).unwrap();
     assert!(out.success, "{}", out.raw);
-    assert_eq!(s.allocated(), vec![address_of(&c).to_string()]);
+    assert_eq!(s.allocated(), vec![address_of(&c)]);
     assert_eq!(s.veths(), vec![s.node.pod("c").host_if.clone()]);
-    assert!(!s.allocated().contains(&address_of(&d).to_string()));
+    assert!(!s.allocated().contains(&address_of(&d)));
     let gone = s.node.pod("d").ns.ip(&["-o", "link", "show"]).unwrap();
     assert!(!gone.contains("eth0"), "{gone}");
 }
@@ -347,7 +328,7 @@ fn assert_distinct(s: &Standalone, pods: &[(String, Ipv4Addr)]) {
         pods.len(),
         "an address handed out twice: {pods:?}"
     );
-    let stored: HashSet<Ipv4Addr> = s.allocated().iter().map(|a| a.parse().unwrap()).collect();
+    let stored: HashSet<Ipv4Addr> = s.allocated().into_iter().collect();
     assert!(ips.is_subset(&stored));
 }
 
@@ -443,7 +424,7 @@ fn a_hundred_concurrent_adds_and_plugins_killed_mid_add_never_share_an_address()
         .collect::<Vec<_>>());
     let out = s.node.cni("GC", "", None, "", &gc).unwrap();
     assert!(out.success, "{}", out.raw);
-    let stored: HashSet<Ipv4Addr> = s.allocated().iter().map(|a| a.parse().unwrap()).collect();
+    let stored: HashSet<Ipv4Addr> = s.allocated().into_iter().collect();
     assert_eq!(
         stored,
         live.iter().copied().collect(),

@@ -6,7 +6,10 @@ use std::net::Ipv4Addr;
 
 use seine_tests::{
     bin,
-    cni::{plugin_config, standalone_conflist, standalone_node, CniDirs, Containerd},
+    cni::{
+        allocated, plugin_config, seine_veths, standalone_conflist, standalone_node, CniDirs,
+        Containerd,
+    },
 };
 
 #[test]
@@ -57,15 +60,10 @@ fn containerd_runs_a_container_on_the_seine_network() {
         "{stdout}\n{stderr}"
     );
     // --rm ran DEL: the address is free again and the container's veth is gone.
-    let store = dirs.data().join("seine");
-    let held: Vec<String> = std::fs::read_dir(&store)
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .filter(|n| n.parse::<Ipv4Addr>().is_ok())
-        .collect();
-    assert_eq!(held, vec![web.to_string()]);
-    let links = node.ns.ip(&["-o", "link", "show"]).unwrap();
-    let veths = links.lines().filter(|l| l.contains(": lxc")).count();
-    assert_eq!(veths, 1, "only the web pod's veth is left:\n{links}");
+    assert_eq!(allocated(&dirs.data()), vec![web]);
+    assert_eq!(
+        seine_veths(&node.ns).unwrap(),
+        vec![node.pod("web").host_if.clone()],
+        "only the web pod's veth is left"
+    );
 }

@@ -3,10 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use kube::{
-    config::{KubeConfigOptions, Kubeconfig},
-    Client, Config,
-};
 use seine_dns::{
     cluster::{Data, Options, Qtype, Rcode},
     corefile::PodsMode,
@@ -14,14 +10,6 @@ use seine_dns::{
 };
 use seine_tests::{apiserver::ApiServer, etcd::Etcd};
 use serde_json::json;
-
-async fn client(server: &ApiServer) -> Client {
-    let kubeconfig = Kubeconfig::read_from(&server.kubeconfig).unwrap();
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
-}
 
 fn options() -> Options {
     Options {
@@ -59,7 +47,7 @@ async fn until(
 async fn objects_made_through_the_api_are_answered_and_follow_changes() {
     let etcd = Etcd::start().unwrap();
     let api = ApiServer::start(&etcd).unwrap();
-    let view = sync::spawn(client(&api).await, Duration::from_millis(20));
+    let view = sync::spawn(api.kube_client().await, Duration::from_millis(20));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !view.synced() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -121,6 +121,18 @@ pub async fn link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, Ne
     }
 }
 
+/// A link that must be there (just created, or configured): its absence is an error saying `what`.
+pub async fn existing_link(
+    handle: &Handle,
+    name: &str,
+    what: &str,
+) -> Result<LinkMessage, NetError> {
+    link(handle, name).await?.ok_or_else(|| NetError::Io {
+        context: format!("looking up {name}"),
+        source: std::io::Error::other(what.to_string()),
+    })
+}
+
 pub async fn links(handle: &Handle) -> Result<Vec<LinkMessage>, NetError> {
     handle
         .link()
@@ -237,6 +249,14 @@ pub async fn del_link(handle: &Handle, index: u32) -> Result<(), NetError> {
         Ok(()) => Ok(()),
         Err(rtnetlink::Error::NetlinkError(m)) if -m.raw_code() == libc::ENODEV => Ok(()),
         Err(e) => Err(nl(format!("deleting link {index}"))(e)),
+    }
+}
+
+/// Deletes the link named `name`, if there is one (a veth takes its peer with it).
+pub async fn del_link_named(handle: &Handle, name: &str) -> Result<(), NetError> {
+    match link(handle, name).await? {
+        Some(l) => del_link(handle, l.header.index).await,
+        None => Ok(()),
     }
 }
 

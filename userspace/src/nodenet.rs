@@ -30,6 +30,10 @@ use crate::{
     overlay::{self, Cidr, Device},
 };
 
+/// What install-cni writes: the plugin binary and the conflist, by these names.
+pub const PLUGIN_FILE: &str = "seine-cni";
+pub const CONFLIST_FILE: &str = "10-seine.conflist";
+
 /// The CNI versions the plugin speaks (its conflist offers them all).
 pub const CNI_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 
@@ -160,10 +164,23 @@ pub fn install_cni(opts: &Options, pod_cidr: Cidr, mtu: u32) -> Result<(), NodeN
         "reading the plugin {}",
         opts.cni_plugin.display()
     )))?;
-    write_atomically(&bin_dir.join("seine-cni"), &binary, 0o755)?;
+    write_atomically(&bin_dir.join(PLUGIN_FILE), &binary, 0o755)?;
     let text = serde_json::to_vec_pretty(&conflist(opts, pod_cidr, mtu)).unwrap_or_default();
-    write_atomically(&conf_dir.join("10-seine.conflist"), &text, 0o644)?;
+    write_atomically(&conf_dir.join(CONFLIST_FILE), &text, 0o644)?;
     info!(bin = %bin_dir.display(), conf = %conf_dir.display(), "CNI plugin and conflist installed");
+    Ok(())
+}
+
+/// Undoes `install_cni` (the conflist first: runtimes stop using the network before the plugin
+/// goes); files already gone are fine.
+pub fn uninstall_cni(bin_dir: &Path, conf_dir: &Path) -> Result<(), NodeNetError> {
+    for path in [conf_dir.join(CONFLIST_FILE), bin_dir.join(PLUGIN_FILE)] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("removing {}", path.display()))(e)),
+        }
+    }
     Ok(())
 }
 

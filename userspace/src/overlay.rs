@@ -169,12 +169,7 @@ pub async fn ensure_device(
             .await
             .map_err(nl(format!("creating the VXLAN device {}", device.name)))?;
     }
-    let link = net::link(handle, &device.name)
-        .await?
-        .ok_or_else(|| NetError::Io {
-            context: format!("looking up {}", device.name),
-            source: std::io::Error::other("the new VXLAN device vanished"),
-        })?;
+    let link = net::existing_link(handle, &device.name, "the new VXLAN device vanished").await?;
     let index = link.header.index;
     if net::link_mtu(&link) != Some(device.mtu) {
         handle
@@ -205,12 +200,7 @@ pub struct Changes {
 
 /// Makes the device's forwarding entries, neighbours and routes exactly those of `peers`.
 pub async fn reconcile(handle: &Handle, device: &str, peers: &[Peer]) -> Result<Changes, NetError> {
-    let link = net::link(handle, device)
-        .await?
-        .ok_or_else(|| NetError::Io {
-            context: format!("reconciling {device}"),
-            source: std::io::Error::other("the VXLAN device is missing"),
-        })?;
+    let link = net::existing_link(handle, device, "the VXLAN device is missing").await?;
     let index = link.header.index;
     let mut changes = Changes::default();
 

@@ -253,10 +253,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     // The pod network's inputs are checked before anything is touched, like the services file.
+    let plugin = cni_plugin(&args)?;
     let client = match &args.node_name {
         None => None,
         Some(_) => {
-            let plugin = cni_plugin(&args)?;
             if !args.no_cni_install && !plugin.is_file() {
                 eprintln!(
                     "seine-agent: the CNI plugin to install, {}, does not exist (--cni-plugin)",
@@ -347,7 +347,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             vtep_address: args.vtep_address,
             cni_bin_dir: (!args.no_cni_install).then(|| args.cni_bin_dir.clone()),
             cni_conf_dir: (!args.no_cni_install).then(|| args.cni_conf_dir.clone()),
-            cni_plugin: cni_plugin(&args)?,
+            cni_plugin: plugin,
             cni_data_dir: args.cni_data_dir.clone(),
             cni_network: args.cni_network.clone(),
             bpffs_dir: args.bpffs_dir.clone(),
@@ -498,22 +498,10 @@ fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
         // install-cni put in place, so that runtimes stop using the network.
         let device = args.vxlan_device.clone();
         seine::net::with_netlink(|handle| async move {
-            if let Some(link) = seine::net::link(&handle, &device).await? {
-                seine::net::del_link(&handle, link.header.index).await?;
-            }
-            Ok(())
+            seine::net::del_link_named(&handle, &device).await
         })?;
         if !args.no_cni_install {
-            for path in [
-                args.cni_conf_dir.join("10-seine.conflist"),
-                args.cni_bin_dir.join("seine-cni"),
-            ] {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(anyhow::anyhow!("removing {}: {e}", path.display())),
-                }
-            }
+            nodenet::uninstall_cni(&args.cni_bin_dir, &args.cni_conf_dir)?;
         }
         info!(device = %args.vxlan_device, "VXLAN device, conflist and plugin removed");
     }
