@@ -4,7 +4,12 @@
 //! plugin from a view of the cluster (`cluster`), independent of the wire format, and that view
 //! built from the Kubernetes objects (`view`) and kept current by watches (`sync`).
 
+pub mod app;
+pub mod cache;
 pub mod cluster;
 pub mod corefile;
+pub mod forward;
+pub mod metrics;
+pub mod server;
 pub mod sync;
 pub mod view;

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, RwLock,
     },
     time::Duration,
@@ -29,6 +29,7 @@ use crate::{cluster::ClusterView, view};
 pub struct ViewHandle {
     view: Arc<RwLock<Arc<ClusterView>>>,
     synced: Arc<AtomicBool>,
+    serial: Arc<AtomicU32>,
 }
 
 impl ViewHandle {
@@ -45,7 +46,17 @@ impl ViewHandle {
         self.synced.load(Ordering::SeqCst)
     }
 
+    /// The SOA serial: when the view last changed (Unix seconds).
+    pub fn serial(&self) -> u32 {
+        self.serial.load(Ordering::Relaxed)
+    }
+
     fn set(&self, view: ClusterView) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as u32)
+            .unwrap_or(0);
+        self.serial.store(now, Ordering::Relaxed);
         match self.view.write() {
             Ok(mut v) => *v = Arc::new(view),
             Err(e) => *e.into_inner() = Arc::new(view),
@@ -124,19 +135,26 @@ where
 }
 
 /// Starts keeping a view current on the running tokio runtime; `settle` is how long changes are
-/// gathered before a new view is built.
-pub fn spawn(client: Client, settle: Duration) -> ViewHandle {
+/// gathered before a new view is built. Pods are watched only when `pods` is set (`pods verified`
+/// needs them; CoreDNS does not watch them otherwise). The watches stop once every clone of the
+/// returned handle is gone.
+pub fn spawn(client: Client, settle: Duration, watch_pods: bool) -> ViewHandle {
     let handle = ViewHandle::default();
     let out = handle.clone();
     tokio::spawn(async move {
-        let mut changes = futures::stream::select_all([
+        let mut streams = vec![
             watch::<Namespace>(&client, Change::Namespace),
             watch::<Service>(&client, Change::Service),
             watch::<EndpointSlice>(&client, Change::Slice),
-            watch::<Pod>(&client, Change::Pod),
-        ]);
+        ];
         let (mut namespaces, mut services, mut slices, mut pods) =
             (Mirror::new(), Mirror::new(), Mirror::new(), Mirror::new());
+        if watch_pods {
+            streams.push(watch::<Pod>(&client, Change::Pod));
+        } else {
+            pods.listed = true;
+        }
+        let mut changes = futures::stream::select_all(streams);
         let mut tick = tokio::time::interval(settle);
         let mut dirty = false;
         loop {
@@ -155,6 +173,9 @@ pub fn spawn(client: Client, settle: Duration) -> ViewHandle {
                     None => return,
                 },
                 _ = tick.tick() => {
+                    if Arc::strong_count(&out.view) == 1 {
+                        return;
+                    }
                     let listed = namespaces.listed && services.listed && slices.listed && pods.listed;
                     if dirty && listed {
                         dirty = false;

@@ -9,6 +9,7 @@ pub mod apiserver;
 pub mod apiserver_bench;
 pub mod cni;
 pub mod cni_bench;
+pub mod dns;
 pub mod etcd;
 pub mod objects;
 pub mod stats;

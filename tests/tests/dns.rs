@@ -47,7 +47,7 @@ async fn until(
 async fn objects_made_through_the_api_are_answered_and_follow_changes() {
     let etcd = Etcd::start().unwrap();
     let api = ApiServer::start(&etcd).unwrap();
-    let view = sync::spawn(api.kube_client().await, Duration::from_millis(20));
+    let view = sync::spawn(api.kube_client().await, Duration::from_millis(20), true);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !view.synced() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

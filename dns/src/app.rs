@@ -1,0 +1,485 @@
+//! Turning a Corefile into running servers: a pipeline per port (server blocks with their plugins),
+//! the kubernetes plugin's API client (`endpoint`, `tls`, `kubeconfig`, else in-cluster), the HTTP
+//! endpoints of `health`, `ready` and `prometheus`, and `reload`, which rebuilds the pipelines from a
+//! changed Corefile and swaps them in while queries keep being answered.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{atomic::AtomicU32, Arc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Context as _};
+use axum::{extract::State, http::StatusCode, routing::get, Router};
+use hickory_server::Server as DnsServer;
+use kube::Client;
+use tokio::net::{TcpListener, UdpSocket};
+use tracing::{info, warn};
+
+use crate::{
+    cache::Cache,
+    cluster,
+    corefile::{self, CorefileError},
+    forward::Forwarder,
+    metrics::{intern, BuildLabels, Metrics, PluginLabels},
+    server::{loop_probe_name, Block, Handler, Kubernetes, LoopProbe, Pipeline},
+    sync::{self, ViewHandle},
+};
+
+/// How long changes from the watches are gathered before a new view is built.
+pub const VIEW_SETTLE: Duration = Duration::from_millis(50);
+
+/// Reads and parses a Corefile; errors name the file and line.
+pub fn load(path: &Path, default_port: u16) -> anyhow::Result<(Vec<corefile::Server>, String)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading Corefile {}", path.display()))?;
+    let servers = corefile::parse(&text, default_port, &|k| std::env::var(k).ok())
+        .map_err(|e: CorefileError| anyhow!("{}:{}: {}", path.display(), e.line, e.message))?;
+    Ok((servers, text))
+}
+
+/// The API client the kubernetes block asks for, as CoreDNS picks it: `kubeconfig` (with its
+/// context), else `endpoint` (with `tls` client certificates when given), else in-cluster.
+pub async fn kube_client(k: &corefile::Kubernetes) -> anyhow::Result<Client> {
+    let config = if let Some((path, context)) = &k.kubeconfig {
+        let file = kube::config::Kubeconfig::read_from(path)
+            .with_context(|| format!("kubernetes: reading kubeconfig {}", path.display()))?;
+        let options = kube::config::KubeConfigOptions {
+            context: context.clone(),
+            ..Default::default()
+        };
+        kube::Config::from_custom_kubeconfig(file, &options)
+            .await
+            .with_context(|| format!("kubernetes: kubeconfig {}", path.display()))?
+    } else if let Some(endpoint) = &k.endpoint {
+        match &k.tls {
+            Some((cert, key, ca)) => {
+                let q = |p: &PathBuf| serde_json::to_string(&p.display().to_string());
+                let yaml = format!(
+                    "{{\"apiVersion\":\"v1\",\"kind\":\"Config\",\"current-context\":\"c\",\
+                     \"clusters\":[{{\"name\":\"c\",\"cluster\":{{\"server\":{},\"certificate-authority\":{}}}}}],\
+                     \"users\":[{{\"name\":\"u\",\"user\":{{\"client-certificate\":{},\"client-key\":{}}}}}],\
+                     \"contexts\":[{{\"name\":\"c\",\"context\":{{\"cluster\":\"c\",\"user\":\"u\"}}}}]}}",
+                    serde_json::to_string(endpoint)?,
+                    q(ca)?,
+                    q(cert)?,
+                    q(key)?
+                );
+                let file = kube::config::Kubeconfig::from_yaml(&yaml)?;
+                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .context("kubernetes: endpoint with tls")?
+            }
+            None => kube::Config::new(
+                endpoint
+                    .parse()
+                    .with_context(|| format!("kubernetes: endpoint {endpoint:?} is not a URL"))?,
+            ),
+        }
+    } else {
+        kube::Config::incluster().context(
+            "kubernetes: not running in a cluster (no KUBERNETES_SERVICE_HOST or service account); \
+             give the kubernetes block `kubeconfig` or `endpoint`",
+        )?
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Views by the kubernetes configuration they were started from, kept across reloads.
+#[derive(Default)]
+pub struct Views {
+    views: Vec<(corefile::Kubernetes, ViewHandle)>,
+}
+
+impl Views {
+    async fn get(&mut self, k: &corefile::Kubernetes) -> anyhow::Result<ViewHandle> {
+        let same = |a: &corefile::Kubernetes| {
+            a.endpoint == k.endpoint
+                && a.tls == k.tls
+                && a.kubeconfig == k.kubeconfig
+                && (a.pods == corefile::PodsMode::Verified)
+                    == (k.pods == corefile::PodsMode::Verified)
+        };
+        if let Some((_, v)) = self.views.iter().find(|(c, _)| same(c)) {
+            return Ok(v.clone());
+        }
+        let client = kube_client(k).await?;
+        let view = sync::spawn(client, VIEW_SETTLE, k.pods == corefile::PodsMode::Verified);
+        self.views.push((k.clone(), view.clone()));
+        Ok(view)
+    }
+
+    /// Forgets views no pipeline uses any more (their watches stop).
+    fn keep_only(&mut self, used: &[corefile::Kubernetes]) {
+        self.views.retain(|(c, _)| used.contains(c));
+    }
+}
+
+/// The label CoreDNS gives a server: `dns://:53`.
+fn server_label(port: u16) -> &'static str {
+    intern(&format!("dns://:{port}"))
+}
+
+/// Builds the pipelines (one per port) for `servers`.
+pub async fn build(
+    servers: &[corefile::Server],
+    views: &mut Views,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<BTreeMap<u16, Pipeline>> {
+    let mut pipelines: BTreeMap<u16, Pipeline> = BTreeMap::new();
+    let mut used = Vec::new();
+    for s in servers {
+        let port = s.listen.port;
+        let server = server_label(port);
+        let zone_labels: Vec<&'static str> = s.listen.zones.iter().map(|z| intern(z)).collect();
+        let kubernetes = match &s.kubernetes {
+            Some(k) => {
+                let view = views.get(k).await?;
+                used.push(k.clone());
+                Some(Kubernetes {
+                    options: cluster::Options {
+                        zones: k.zones.clone(),
+                        ttl: k.ttl,
+                        pods: k.pods,
+                        endpoint_pod_names: k.endpoint_pod_names,
+                        ignore_empty_service: k.ignore_empty_service,
+                        noendpoints: k.noendpoints,
+                    },
+                    fallthrough: k.fallthrough.clone(),
+                    view,
+                    config: k.clone(),
+                })
+            }
+            None => None,
+        };
+        let forward = match &s.forward {
+            Some(f) => {
+                let forwarder = Forwarder::new(f, metrics.forward.clone())
+                    .with_context(|| format!("forward (line {})", s.line))?;
+                // Ends by itself when the forwarder is dropped (a reload replaces it).
+                forwarder.spawn_health_checks();
+                Some(forwarder)
+            }
+            None => None,
+        };
+        let cache = s.cache.clone().map(|c| {
+            let named = if c.zones.is_empty() {
+                &s.listen.zones
+            } else {
+                &c.zones
+            };
+            let zones = intern(&named.join(" "));
+            Cache::new(c, metrics.clone(), server, zones)
+        });
+        let loop_probe = (s.loop_detect && forward.is_some()).then(|| LoopProbe {
+            name: loop_probe_name(s.listen.zones.first().map(String::as_str).unwrap_or(".")),
+            seen: AtomicU32::new(0),
+        });
+        for (zone, label) in s.listen.zones.iter().zip(&zone_labels) {
+            let _ = zone;
+            for (on, name) in [
+                (s.errors, "errors"),
+                (s.log, "log"),
+                (s.health.is_some(), "health"),
+                (s.ready.is_some(), "ready"),
+                (s.prometheus.is_some(), "prometheus"),
+                (s.kubernetes.is_some(), "kubernetes"),
+                (s.forward.is_some(), "forward"),
+                (s.cache.is_some(), "cache"),
+                (s.loop_detect, "loop"),
+                (s.reload.is_some(), "reload"),
+                (s.loadbalance, "loadbalance"),
+            ] {
+                if on {
+                    metrics
+                        .plugin_enabled
+                        .get_or_create(&PluginLabels {
+                            server,
+                            zone: label,
+                            view: "",
+                            name,
+                        })
+                        .set(1);
+                }
+            }
+        }
+        let block = Block {
+            zones: s.listen.zones.clone(),
+            server_label: server,
+            zone_labels,
+            log: s.log,
+            errors: s.errors,
+            kubernetes,
+            cache,
+            forward,
+            loadbalance: s.loadbalance,
+            loop_probe,
+        };
+        pipelines
+            .entry(port)
+            .or_insert_with(|| Pipeline { blocks: Vec::new() })
+            .blocks
+            .push(Arc::new(block));
+    }
+    views.keep_only(&used);
+    Ok(pipelines)
+}
+
+/// Whether every kubernetes plugin in `pipelines` has synced.
+pub fn all_synced(pipelines: &BTreeMap<u16, Pipeline>) -> bool {
+    pipelines
+        .values()
+        .flat_map(|p| &p.blocks)
+        .filter_map(|b| b.kubernetes.as_ref())
+        .all(|k| k.view.synced())
+}
+
+/// Waits for the kubernetes plugins to sync, at most the longest `startup_timeout` (CoreDNS holds
+/// the server's start the same way; after that, cluster names are SERVFAIL until synced).
+pub async fn wait_synced(pipelines: &BTreeMap<u16, Pipeline>) {
+    let limit = pipelines
+        .values()
+        .flat_map(|p| &p.blocks)
+        .filter_map(|b| b.kubernetes.as_ref())
+        .map(|k| k.config.startup_timeout)
+        .max();
+    let Some(limit) = limit else { return };
+    let deadline = Instant::now() + limit;
+    while !all_synced(pipelines) {
+        if Instant::now() >= deadline {
+            warn!(
+                timeout = ?limit,
+                "kubernetes: starting before the first sync; cluster names are SERVFAIL until it \
+                 completes"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    info!("kubernetes: synced");
+}
+
+/// One port's listeners and the handler they share.
+pub struct Listener {
+    pub handler: Handler,
+    pub server: DnsServer<Handler>,
+    pub udp: SocketAddr,
+}
+
+/// Binds UDP and TCP on `port` (all addresses, as CoreDNS does without `bind`).
+pub async fn listen(
+    port: u16,
+    pipeline: Pipeline,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Listener> {
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    let udp = UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("listen udp {addr}"))?;
+    let tcp = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen tcp {addr}"))?;
+    let udp_addr = udp.local_addr()?;
+    let handler = Handler::new(pipeline, metrics.clone());
+    let mut server = DnsServer::new(handler.clone());
+    server.register_socket(udp);
+    server.register_listener(tcp, Duration::from_secs(10), 64 * 1024);
+    Ok(Listener {
+        handler,
+        server,
+        udp: udp_addr,
+    })
+}
+
+/// Sends the `loop` plugin's probe (`<random>.<random>.<zone> HINFO`) to this server a few times;
+/// the handler exits the process if the probe comes back around more than twice.
+pub fn spawn_loop_probes(listeners: &BTreeMap<u16, Listener>) {
+    for l in listeners.values() {
+        for block in &l.handler.current().blocks {
+            let Some(probe) = &block.loop_probe else {
+                continue;
+            };
+            let name = probe.name.clone();
+            let target = SocketAddr::from(([127, 0, 0, 1], l.udp.port()));
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    if probe_once(&name, target).await {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+        }
+    }
+}
+
+async fn probe_once(name: &str, target: SocketAddr) -> bool {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RecordType},
+    };
+    let Ok(qname) = Name::from_ascii(name) else {
+        return true;
+    };
+    let mut m = Message::query();
+    m.metadata.id = rand::random();
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(qname, RecordType::HINFO));
+    let Ok(bytes) = m.to_vec() else { return true };
+    let Ok(sock) = UdpSocket::bind("127.0.0.1:0").await else {
+        return false;
+    };
+    if sock.send_to(&bytes, target).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), sock.recv(&mut buf)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// What the HTTP endpoints need.
+#[derive(Clone)]
+pub struct HttpState {
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<prometheus_client::registry::Registry>,
+    pub handlers: Arc<std::sync::RwLock<Vec<Handler>>>,
+}
+
+async fn health() -> &'static str {
+    "OK"
+}
+
+/// Whether a kubernetes plugin has yet to sync (also kept in `seine_dns_kubernetes_synced`).
+fn waiting(s: &HttpState) -> bool {
+    let handlers = match s.handlers.read() {
+        Ok(h) => h.clone(),
+        Err(e) => e.into_inner().clone(),
+    };
+    // Before the listeners exist (the first sync is awaited before them) nothing is ready.
+    let waiting = handlers.is_empty()
+        || handlers
+            .iter()
+            .flat_map(|h| h.current().blocks.clone())
+            .any(|b| b.kubernetes.as_ref().is_some_and(|k| !k.view.synced()));
+    s.metrics.kubernetes_sync.set(i64::from(!waiting));
+    waiting
+}
+
+async fn ready(State(s): State<HttpState>) -> (StatusCode, String) {
+    if waiting(&s) {
+        (StatusCode::SERVICE_UNAVAILABLE, "kubernetes\n".into())
+    } else {
+        (StatusCode::OK, "OK".into())
+    }
+}
+
+async fn metrics(
+    State(s): State<HttpState>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    waiting(&s);
+    let mut out = String::new();
+    let status = match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
+        Ok(()) => StatusCode::OK,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (
+        status,
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+}
+
+/// Serves `/health`, `/ready` and `/metrics` on the addresses the Corefile gives each (several on
+/// one address share a listener).
+pub async fn serve_http(
+    servers: &[corefile::Server],
+    state: HttpState,
+    shutdown: shutdown::Shutdown,
+) -> anyhow::Result<()> {
+    let mut routes: BTreeMap<SocketAddr, BTreeSet<&'static str>> = BTreeMap::new();
+    for s in servers {
+        if let Some((addr, _)) = s.health {
+            routes.entry(addr).or_default().insert("/health");
+        }
+        if let Some(addr) = s.ready {
+            routes.entry(addr).or_default().insert("/ready");
+        }
+        if let Some(addr) = s.prometheus {
+            routes.entry(addr).or_default().insert("/metrics");
+        }
+    }
+    for (addr, paths) in routes {
+        let mut router = Router::new();
+        for p in &paths {
+            router = match *p {
+                "/health" => router.route("/health", get(health)),
+                "/ready" => router.route("/ready", get(ready)),
+                _ => router.route("/metrics", get(metrics)),
+            };
+        }
+        let router = router.with_state(state.clone());
+        let listener = TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "listen http {addr} ({})",
+                paths.iter().copied().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        info!(%addr, paths = ?paths, "serving");
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.wait().await })
+                .await;
+            if let Err(e) = served {
+                warn!(%addr, error = %e, "http server stopped");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// A one-shot shutdown signal shared by tasks.
+pub mod shutdown {
+    use tokio::sync::watch;
+
+    #[derive(Clone)]
+    pub struct Shutdown(watch::Receiver<bool>);
+
+    pub struct Trigger(watch::Sender<bool>);
+
+    pub fn channel() -> (Trigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (Trigger(tx), Shutdown(rx))
+    }
+
+    impl Trigger {
+        pub fn fire(&self) {
+            let _ = self.0.send(true);
+        }
+    }
+
+    impl Shutdown {
+        pub async fn wait(mut self) {
+            let _ = self.0.wait_for(|v| *v).await;
+        }
+    }
+}
+
+/// Sets `coredns_build_info`.
+pub fn build_info(metrics: &Metrics) {
+    metrics
+        .build_info
+        .get_or_create(&BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            revision: "",
+            goversion: "",
+        })
+        .set(1);
+}
