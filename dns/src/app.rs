@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{atomic::AtomicU32, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,12 +19,10 @@ use tokio::net::{TcpListener, UdpSocket};
 use tracing::{info, warn};
 
 use crate::{
-    cache::Cache,
-    cluster,
     corefile::{self, CorefileError},
     forward::Forwarder,
-    metrics::{intern, BuildLabels, Metrics, PluginLabels},
-    server::{loop_probe_name, Block, Handler, Kubernetes, LoopProbe, Pipeline},
+    metrics::{BuildLabels, Metrics},
+    server::{Block, Handler, Pipeline},
     sync::{self, ViewHandle},
 };
 
@@ -117,11 +115,6 @@ impl Views {
     }
 }
 
-/// The label CoreDNS gives a server: `dns://:53`.
-fn server_label(port: u16) -> &'static str {
-    intern(&format!("dns://:{port}"))
-}
-
 /// Builds the pipelines (one per port) for `servers`.
 pub async fn build(
     servers: &[corefile::Server],
@@ -131,26 +124,10 @@ pub async fn build(
     let mut pipelines: BTreeMap<u16, Pipeline> = BTreeMap::new();
     let mut used = Vec::new();
     for s in servers {
-        let port = s.listen.port;
-        let server = server_label(port);
-        let zone_labels: Vec<&'static str> = s.listen.zones.iter().map(|z| intern(z)).collect();
-        let kubernetes = match &s.kubernetes {
+        let view = match &s.kubernetes {
             Some(k) => {
-                let view = views.get(k).await?;
                 used.push(k.clone());
-                Some(Kubernetes {
-                    options: cluster::Options {
-                        zones: k.zones.clone(),
-                        ttl: k.ttl,
-                        pods: k.pods,
-                        endpoint_pod_names: k.endpoint_pod_names,
-                        ignore_empty_service: k.ignore_empty_service,
-                        noendpoints: k.noendpoints,
-                    },
-                    fallthrough: k.fallthrough.clone(),
-                    view,
-                    config: k.clone(),
-                })
+                Some(views.get(k).await?)
             }
             None => None,
         };
@@ -164,64 +141,11 @@ pub async fn build(
             }
             None => None,
         };
-        let cache = s.cache.clone().map(|c| {
-            let named = if c.zones.is_empty() {
-                &s.listen.zones
-            } else {
-                &c.zones
-            };
-            let zones = intern(&named.join(" "));
-            Cache::new(c, metrics.clone(), server, zones)
-        });
-        let loop_probe = (s.loop_detect && forward.is_some()).then(|| LoopProbe {
-            name: loop_probe_name(s.listen.zones.first().map(String::as_str).unwrap_or(".")),
-            seen: AtomicU32::new(0),
-        });
-        for (zone, label) in s.listen.zones.iter().zip(&zone_labels) {
-            let _ = zone;
-            for (on, name) in [
-                (s.errors, "errors"),
-                (s.log, "log"),
-                (s.health.is_some(), "health"),
-                (s.ready.is_some(), "ready"),
-                (s.prometheus.is_some(), "prometheus"),
-                (s.kubernetes.is_some(), "kubernetes"),
-                (s.forward.is_some(), "forward"),
-                (s.cache.is_some(), "cache"),
-                (s.loop_detect, "loop"),
-                (s.reload.is_some(), "reload"),
-                (s.loadbalance, "loadbalance"),
-            ] {
-                if on {
-                    metrics
-                        .plugin_enabled
-                        .get_or_create(&PluginLabels {
-                            server,
-                            zone: label,
-                            view: "",
-                            name,
-                        })
-                        .set(1);
-                }
-            }
-        }
-        let block = Block {
-            zones: s.listen.zones.clone(),
-            server_label: server,
-            zone_labels,
-            log: s.log,
-            errors: s.errors,
-            kubernetes,
-            cache,
-            forward,
-            loadbalance: s.loadbalance,
-            loop_probe,
-        };
         pipelines
-            .entry(port)
+            .entry(s.listen.port)
             .or_insert_with(|| Pipeline { blocks: Vec::new() })
             .blocks
-            .push(Arc::new(block));
+            .push(Arc::new(Block::new(s, view, forward, metrics)));
     }
     views.keep_only(&used);
     Ok(pipelines)

@@ -18,11 +18,12 @@ use hickory_proto::{
         rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT},
         Name, RData, Record, RecordType,
     },
+    serialize::binary::BinDecoder,
 };
 use hickory_server::{
     net::{runtime::Time, xfer::Protocol},
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
-    zone_handler::MessageResponseBuilder,
+    zone_handler::{MessageResponseBuilder, Queries},
 };
 use rand::seq::SliceRandom as _;
 use tracing::{debug, error, info, warn};
@@ -32,8 +33,10 @@ use crate::{
     cluster::{self, ClusterView, Data, Qtype, Rcode},
     corefile,
     forward::{ForwardError, Forwarder},
-    metrics::{DurationLabels, Metrics, RequestLabels, ResponseLabels, SizeLabels},
-    sync::ViewHandle,
+    handle::ViewHandle,
+    metrics::{
+        intern, DurationLabels, Metrics, PluginLabels, RequestLabels, ResponseLabels, SizeLabels,
+    },
 };
 
 /// The EDNS0 buffer seine-dns advertises (the DNS flag day 2020 value).
@@ -301,7 +304,90 @@ impl Kubernetes {
     }
 }
 
+/// The label CoreDNS gives a server: `dns://:53`.
+pub fn server_label(port: u16) -> &'static str {
+    intern(&format!("dns://:{port}"))
+}
+
 impl Block {
+    /// The block a Corefile server block describes: `view` for its kubernetes plugin (if it has
+    /// one) and `forward` already made (if it has one). Marks its plugins in
+    /// `coredns_plugin_enabled`.
+    pub fn new(
+        s: &corefile::Server,
+        view: Option<ViewHandle>,
+        forward: Option<Arc<Forwarder>>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let server = server_label(s.listen.port);
+        let zone_labels: Vec<&'static str> = s.listen.zones.iter().map(|z| intern(z)).collect();
+        let kubernetes = s.kubernetes.as_ref().zip(view).map(|(k, view)| Kubernetes {
+            options: cluster::Options {
+                zones: k.zones.clone(),
+                ttl: k.ttl,
+                pods: k.pods,
+                endpoint_pod_names: k.endpoint_pod_names,
+                ignore_empty_service: k.ignore_empty_service,
+                noendpoints: k.noendpoints,
+            },
+            fallthrough: k.fallthrough.clone(),
+            view,
+            config: k.clone(),
+        });
+        let cache = s.cache.clone().map(|c| {
+            let named = if c.zones.is_empty() {
+                &s.listen.zones
+            } else {
+                &c.zones
+            };
+            let zones = intern(&named.join(" "));
+            Cache::new(c, metrics.clone(), server, zones)
+        });
+        let loop_probe = (s.loop_detect && forward.is_some()).then(|| LoopProbe {
+            name: loop_probe_name(s.listen.zones.first().map(String::as_str).unwrap_or(".")),
+            seen: AtomicU32::new(0),
+        });
+        for zone in &zone_labels {
+            for (on, name) in [
+                (s.errors, "errors"),
+                (s.log, "log"),
+                (s.health.is_some(), "health"),
+                (s.ready.is_some(), "ready"),
+                (s.prometheus.is_some(), "prometheus"),
+                (kubernetes.is_some(), "kubernetes"),
+                (forward.is_some(), "forward"),
+                (cache.is_some(), "cache"),
+                (s.loop_detect, "loop"),
+                (s.reload.is_some(), "reload"),
+                (s.loadbalance, "loadbalance"),
+            ] {
+                if on {
+                    metrics
+                        .plugin_enabled
+                        .get_or_create(&PluginLabels {
+                            server,
+                            zone,
+                            view: "",
+                            name,
+                        })
+                        .set(1);
+                }
+            }
+        }
+        Block {
+            zones: s.listen.zones.clone(),
+            server_label: server,
+            zone_labels,
+            log: s.log,
+            errors: s.errors,
+            kubernetes,
+            cache,
+            forward,
+            loadbalance: s.loadbalance,
+            loop_probe,
+        }
+    }
+
     /// Whether this block's zones hold `name`, and how specific the match is.
     fn zone_match(&self, name: &str) -> Option<(usize, usize)> {
         self.zones
@@ -467,6 +553,33 @@ fn type_label(t: RecordType) -> &'static str {
     }
 }
 
+/// Whether the question section's names are written out in full (no compression pointers).
+fn questions_uncompressed(mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        loop {
+            let Some((&len, rest)) = bytes.split_first() else {
+                return false;
+            };
+            if len & 0xc0 != 0 {
+                return false;
+            }
+            let Some(rest) = rest.get(usize::from(len)..) else {
+                return false;
+            };
+            bytes = rest;
+            if len == 0 {
+                break;
+            }
+        }
+        // Type and class.
+        let Some(rest) = bytes.get(4..) else {
+            return false;
+        };
+        bytes = rest;
+    }
+    true
+}
+
 /// CoreDNS's `loadbalance` (round_robin): the A and AAAA records of an answer in random order.
 fn shuffle_addresses(answers: &mut [Record]) {
     let positions: Vec<usize> = answers
@@ -507,6 +620,26 @@ impl RequestHandler for Handler {
             m.response_code = code;
             m
         };
+        if !questions_uncompressed(request.queries.as_bytes()) {
+            // The question is echoed as it came; a compression pointer in it can only point at
+            // the header (nothing precedes it), which no client sends and no answer can carry.
+            let Ok(none) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
+                return send(
+                    &mut response_handle,
+                    builder.build_no_records(fail(ResponseCode::FormErr)),
+                )
+                .await;
+            };
+            let mut b = MessageResponseBuilder::new(&none, None);
+            if let Some(e) = edns {
+                b.edns(e);
+            }
+            return send(
+                &mut response_handle,
+                b.build_no_records(fail(ResponseCode::FormErr)),
+            )
+            .await;
+        }
         if request.metadata.message_type != MessageType::Query {
             return send(
                 &mut response_handle,
@@ -675,5 +808,72 @@ pub fn loop_probe_name(zone: &str) -> String {
         format!("{a}.{b}.")
     } else {
         format!("{a}.{b}.{zone}")
+    }
+}
+
+/// Keeps the encoded response instead of sending it (for `answer_raw`).
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for Capture {
+    async fn send_response<'a>(
+        &mut self,
+        response: hickory_server::zone_handler::MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, hickory_server::net::NetError> {
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = hickory_proto::serialize::binary::BinEncoder::new(&mut bytes);
+        // As the UDP listener encodes: the EDNS0 buffer, else 512 bytes.
+        encoder.set_max_size(response.edns().map_or(512, |e| e.max_payload()));
+        let info = response.destructive_emit(&mut encoder)?;
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(bytes);
+        }
+        Ok(info)
+    }
+}
+
+/// Answers one DNS message as the UDP listener does: None when it is dropped (shorter than a
+/// header), FORMERR when the rest does not parse, else the handler's answer, truncated to what a
+/// UDP client can take. For the fuzz target and tests of the query path without sockets.
+pub async fn answer_raw(handler: &Handler, bytes: &[u8]) -> Option<Vec<u8>> {
+    use hickory_proto::{
+        op::Header,
+        serialize::binary::{BinDecodable as _, BinDecoder, BinEncodable as _, BinEncoder},
+    };
+    let mut decoder = BinDecoder::new(bytes);
+    let header = Header::read(&mut decoder).ok()?;
+    let src = std::net::SocketAddr::from(([127, 0, 0, 1], 53000));
+    match Request::from_bytes(bytes.to_vec(), src, Protocol::Udp) {
+        Ok(request) => {
+            let capture = Capture::default();
+            let _ = handler
+                .handle_request::<_, hickory_server::net::runtime::TokioTime>(
+                    &request,
+                    capture.clone(),
+                )
+                .await;
+            let out = capture.0.lock().ok()?.take();
+            out
+        }
+        Err(_) => {
+            let mut metadata = Metadata::response_from_request(&header.metadata);
+            metadata.response_code = ResponseCode::FormErr;
+            let header = Header {
+                metadata,
+                counts: Default::default(),
+            };
+            let mut out = Vec::with_capacity(12);
+            let mut encoder = BinEncoder::new(&mut out);
+            header.emit(&mut encoder).ok()?;
+            Some(out)
+        }
     }
 }

@@ -5,10 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{
-        atomic::{AtomicBool, AtomicU32, Ordering},
-        Arc, RwLock,
-    },
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
@@ -22,47 +19,8 @@ use kube::{
     Api, Client, Resource, ResourceExt as _,
 };
 
-use crate::{cluster::ClusterView, view};
-
-/// The current view, shared with the query path.
-#[derive(Clone, Default)]
-pub struct ViewHandle {
-    view: Arc<RwLock<Arc<ClusterView>>>,
-    synced: Arc<AtomicBool>,
-    serial: Arc<AtomicU32>,
-}
-
-impl ViewHandle {
-    /// The view answers come from (a cheap clone of a shared pointer).
-    pub fn current(&self) -> Arc<ClusterView> {
-        self.view
-            .read()
-            .map(|v| v.clone())
-            .unwrap_or_else(|e| e.into_inner().clone())
-    }
-
-    /// Whether every watch has listed once (CoreDNS answers SERVFAIL until then).
-    pub fn synced(&self) -> bool {
-        self.synced.load(Ordering::SeqCst)
-    }
-
-    /// The SOA serial: when the view last changed (Unix seconds).
-    pub fn serial(&self) -> u32 {
-        self.serial.load(Ordering::Relaxed)
-    }
-
-    fn set(&self, view: ClusterView) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as u32)
-            .unwrap_or(0);
-        self.serial.store(now, Ordering::Relaxed);
-        match self.view.write() {
-            Ok(mut v) => *v = Arc::new(view),
-            Err(e) => *e.into_inner() = Arc::new(view),
-        }
-    }
-}
+pub use crate::handle::ViewHandle;
+use crate::view;
 
 /// The objects of one kind as the watch reports them.
 struct Mirror<K> {

@@ -246,7 +246,7 @@ fn every_record_type_follows_the_objects_in_the_api() {
     let ip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
     let name = "cart.shop.svc.cluster.local.";
     let a = until(p, &[name, "A"], |d| !d.answer.is_empty());
-    assert_eq!(a.data("A"), [ip.clone()]);
+    assert_eq!(a.data("A"), [ip.as_str()]);
     assert_eq!(a.answer[0].1, 5, "ttl 5 from the Corefile");
     let srv = dig(p, &["_http._tcp.cart.shop.svc.cluster.local", "SRV"]).unwrap();
     assert_eq!(srv.data("SRV"), [format!("0 100 80 {name}")]);
@@ -708,4 +708,102 @@ fn a_forwarding_loop_is_detected_and_lameduck_keeps_answering_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "{status}: {}", dns.log_text());
+}
+
+/// A query for `name`/`qtype` in wire format, with an EDNS0 OPT of `edns` (version, size).
+fn wire_query(id: u16, opcode: u8, name: &str, qtype: u16, edns: Option<(u8, u16)>) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend(id.to_be_bytes());
+    q.extend([(opcode << 3) | 1, 0]);
+    q.extend(1u16.to_be_bytes());
+    q.extend([0, 0, 0, 0]);
+    q.extend(u16::from(edns.is_some()).to_be_bytes());
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend(label.as_bytes());
+    }
+    q.push(0);
+    q.extend(qtype.to_be_bytes());
+    q.extend(1u16.to_be_bytes());
+    if let Some((version, size)) = edns {
+        q.push(0);
+        q.extend(41u16.to_be_bytes());
+        q.extend(size.to_be_bytes());
+        q.extend([0, version, 0, 0]);
+        q.extend(0u16.to_be_bytes());
+    }
+    q
+}
+
+/// Sends `packet` over UDP; the answer's (id, rcode including EDNS's upper bits, question count),
+/// or None when nothing comes back within 500 ms.
+fn exchange(port: u16, packet: &[u8]) -> Option<(u16, u16, u16)> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    sock.send_to(packet, ("127.0.0.1", port)).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).ok()?;
+    assert!(n >= 12, "a whole header");
+    let id = u16::from_be_bytes([buf[0], buf[1]]);
+    let mut rcode = u16::from(buf[3] & 0x0f);
+    // The OPT record's extended rcode, when the answer has one (BADVERS = 16).
+    if let Some(i) = buf[..n].windows(3).position(|w| w == [0, 0, 41]) {
+        if i + 5 < n {
+            rcode |= u16::from(buf[i + 5]) << 4;
+        }
+    }
+    Some((id, rcode, u16::from_be_bytes([buf[4], buf[5]])))
+}
+
+#[test]
+fn malformed_queries_get_formerr_or_are_dropped_and_the_server_carries_on() {
+    let ports = DnsPorts::pick().unwrap();
+    let corefile = format!(
+        ".:{dns} {{\n    health 127.0.0.1:{health}\n    kubernetes cluster.local {{\n        \
+         endpoint http://127.0.0.1:1\n        startup_timeout 0s\n    }}\n}}\n",
+        dns = ports.dns,
+        health = ports.health
+    );
+    let dns = SeineDns::start(ports, &corefile).unwrap();
+    let p = ports.dns;
+    let good = wire_query(7, 0, "a.cluster.local", 1, None);
+    // No API server here: SERVFAIL, but an answer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while exchange(p, &good).is_none() && Instant::now() < deadline {}
+    assert_eq!(exchange(p, &good), Some((7, 2, 1)));
+
+    // Shorter than a header: dropped.
+    assert_eq!(exchange(p, &[0x12, 0x34, 1]), None);
+    // A header that promises a question that is not there: FORMERR.
+    let mut cut = good.clone();
+    cut.truncate(20);
+    assert_eq!(exchange(p, &cut).map(|a| (a.0, a.1)), Some((7, 1)));
+    // A compression pointer in the question: FORMERR, without echoing it.
+    let mut pointer = wire_query(8, 0, "a.cluster.local", 1, None);
+    pointer.splice(12..14, [0xc0, 0x02]);
+    assert_eq!(exchange(p, &pointer), Some((8, 1, 0)));
+    // Random bytes after a valid header.
+    let mut noise = good.clone();
+    noise[0..2].copy_from_slice(&9u16.to_be_bytes());
+    noise.extend((0..300).map(|i| (i * 37 % 251) as u8));
+    noise[5] = 3;
+    assert!(matches!(exchange(p, &noise), Some((9, 1, _))));
+    // An opcode it does not do (UPDATE): NOTIMP.
+    assert_eq!(
+        exchange(p, &wire_query(10, 5, "a.cluster.local", 1, None)).map(|a| (a.0, a.1)),
+        Some((10, 4))
+    );
+    // EDNS version 1: BADVERS.
+    assert_eq!(
+        exchange(p, &wire_query(11, 0, "a.cluster.local", 1, Some((1, 1232)))).map(|a| (a.0, a.1)),
+        Some((11, 16))
+    );
+    // Still answering, and still alive.
+    assert_eq!(exchange(p, &good), Some((7, 2, 1)));
+    assert!(
+        http_get(&format!("http://127.0.0.1:{}/health", ports.health)).is_ok(),
+        "{}",
+        dns.log_text()
+    );
 }
