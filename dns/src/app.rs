@@ -188,8 +188,21 @@ pub async fn wait_synced(pipelines: &BTreeMap<u16, Pipeline>) {
 /// One port's listeners and the handler they share.
 pub struct Listener {
     pub handler: Handler,
+    /// TCP, on hickory-server.
     pub server: DnsServer<Handler>,
     pub udp: SocketAddr,
+    /// UDP (`udp::serve`); aborted to stop.
+    pub udp_task: tokio::task::JoinHandle<()>,
+}
+
+impl Listener {
+    /// Stops taking queries: UDP at once, TCP once its connections are done.
+    pub async fn stop(mut self) {
+        self.udp_task.abort();
+        if let Err(e) = self.server.shutdown_gracefully().await {
+            warn!(error = %e, "stopping the tcp listener");
+        }
+    }
 }
 
 /// Binds UDP and TCP on `port` (all addresses, as CoreDNS does without `bind`).
@@ -208,12 +221,13 @@ pub async fn listen(
     let udp_addr = udp.local_addr()?;
     let handler = Handler::new(pipeline, metrics.clone());
     let mut server = DnsServer::new(handler.clone());
-    server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(10), 64 * 1024);
+    let udp_task = tokio::spawn(crate::udp::serve(udp, handler.clone()));
     Ok(Listener {
         handler,
         server,
         udp: udp_addr,
+        udp_task,
     })
 }
 

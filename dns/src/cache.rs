@@ -47,6 +47,66 @@ pub enum Hit {
     Miss,
 }
 
+/// Entries by key, in a dense list so that evicting a random one is O(1) (a hash map's
+/// "first" entry is not: finding it scans past every slot emptied before it).
+#[derive(Default)]
+struct Store {
+    index: HashMap<CacheKey, usize>,
+    slots: Vec<(CacheKey, Entry)>,
+}
+
+impl Store {
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn contains_key(&self, key: &CacheKey) -> bool {
+        self.index.contains_key(key)
+    }
+
+    fn get_mut(&mut self, key: &CacheKey) -> Option<&mut Entry> {
+        let i = *self.index.get(key)?;
+        self.slots.get_mut(i).map(|(_, e)| e)
+    }
+
+    fn insert(&mut self, key: CacheKey, entry: Entry) {
+        match self.index.get(&key) {
+            Some(&i) => self.slots[i].1 = entry,
+            None => {
+                self.index.insert(key.clone(), self.slots.len());
+                self.slots.push((key, entry));
+            }
+        }
+    }
+
+    fn remove_at(&mut self, i: usize) {
+        let (key, _) = self.slots.swap_remove(i);
+        self.index.remove(&key);
+        if let Some((moved, _)) = self.slots.get(i) {
+            self.index.insert(moved.clone(), i);
+        }
+    }
+
+    fn remove(&mut self, key: &CacheKey) -> bool {
+        match self.index.get(key) {
+            Some(&i) => {
+                self.remove_at(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops a random entry, as CoreDNS's cache does when it is full.
+    fn evict_random(&mut self) -> bool {
+        if self.slots.is_empty() {
+            return false;
+        }
+        self.remove_at(rand::random_range(0..self.slots.len()));
+        true
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Half {
     Success,
@@ -55,8 +115,8 @@ enum Half {
 
 pub struct Cache {
     config: corefile::Cache,
-    success: Mutex<HashMap<CacheKey, Entry>>,
-    denial: Mutex<HashMap<CacheKey, Entry>>,
+    success: Mutex<Store>,
+    denial: Mutex<Store>,
     metrics: std::sync::Arc<Metrics>,
     labels: CacheLabels,
 }
@@ -104,7 +164,7 @@ impl Cache {
         }
     }
 
-    fn half(&self, half: Half) -> (&Mutex<HashMap<CacheKey, Entry>>, CacheBucket) {
+    fn half(&self, half: Half) -> (&Mutex<Store>, CacheBucket) {
         match half {
             Half::Success => (&self.success, self.config.success),
             Half::Denial => (&self.denial, self.config.denial),
@@ -195,9 +255,8 @@ impl Cache {
         let (map, bucket) = self.half(half);
         let mut map = lock(map);
         if !map.contains_key(&key) && map.len() >= bucket.capacity.max(1) {
-            // Full: drop some entry, as CoreDNS does (its cache evicts at random).
-            if let Some(victim) = map.keys().next().cloned() {
-                map.remove(&victim);
+            // Full: drop a random entry, as CoreDNS does.
+            if map.evict_random() {
                 self.metrics
                     .cache_evictions
                     .get_or_create(&self.type_labels(half))
@@ -230,7 +289,7 @@ impl Cache {
         };
         let (other_map, _) = self.half(other);
         let mut other_map = lock(other_map);
-        if other_map.remove(&key).is_some() {
+        if other_map.remove(&key) {
             self.metrics
                 .cache_entries
                 .get_or_create(&self.type_labels(other))

@@ -251,7 +251,13 @@ impl ClusterView {
         options
             .zones
             .iter()
-            .filter(|z| *z == "." || name == z.as_str() || name.ends_with(&format!(".{z}")))
+            .filter(|z| {
+                *z == "."
+                    || name == z.as_str()
+                    || (name.len() > z.len()
+                        && name.ends_with(z.as_str())
+                        && name.as_bytes()[name.len() - z.len() - 1] == b'.')
+            })
             .max_by_key(|z| z.len())
             .map(String::as_str)
     }
@@ -290,7 +296,11 @@ impl ClusterView {
             // The zone apex: SOA (and NS) are the server's; everything else has no data.
             return Some(Answer::records(&zone, Vec::new(), Vec::new()));
         }
-        let relative = name.strip_suffix(&format!(".{zone}")).unwrap_or_default();
+        let relative = if zone == "." {
+            name.strip_suffix('.').unwrap_or_default()
+        } else {
+            name.get(..name.len() - zone.len() - 1).unwrap_or_default()
+        };
         let labels: Vec<&str> = relative.split('.').collect();
         if labels == ["dns-version"] {
             let answers = match qtype {

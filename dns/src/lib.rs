@@ -19,5 +19,6 @@ pub mod metrics;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod sync;
+pub mod udp;
 #[cfg(feature = "server")]
 pub mod view;

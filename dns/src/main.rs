@@ -192,10 +192,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!(?lameduck, "shutting down after lameduck; still answering");
         tokio::time::sleep(lameduck).await;
     }
-    for (_, mut l) in listeners {
-        if let Err(e) = l.server.shutdown_gracefully().await {
-            warn!(error = %e, "stopping a listener");
-        }
+    for (_, l) in listeners {
+        l.stop().await;
     }
     trigger.fire();
     info!("stopped");
@@ -251,8 +249,8 @@ async fn reload_into(
         .filter(|p| !keep.contains(p))
         .collect();
     for port in gone {
-        if let Some(mut l) = listeners.remove(&port) {
-            let _ = l.server.shutdown_gracefully().await;
+        if let Some(l) = listeners.remove(&port) {
+            l.stop().await;
         }
     }
     listeners.extend(opened);

@@ -811,9 +811,18 @@ pub fn loop_probe_name(zone: &str) -> String {
     }
 }
 
-/// Keeps the encoded response instead of sending it (for `answer_raw`).
+/// Keeps the encoded response instead of sending it: the UDP listener sends answers in batches.
 #[derive(Clone, Default)]
-struct Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+pub struct Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+impl Capture {
+    pub fn take(&self) -> Option<Vec<u8>> {
+        match self.0.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(e) => e.into_inner().take(),
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl ResponseHandler for Capture {
@@ -830,50 +839,47 @@ impl ResponseHandler for Capture {
     ) -> Result<ResponseInfo, hickory_server::net::NetError> {
         let mut bytes = Vec::with_capacity(512);
         let mut encoder = hickory_proto::serialize::binary::BinEncoder::new(&mut bytes);
-        // As the UDP listener encodes: the EDNS0 buffer, else 512 bytes.
+        // As hickory's UDP handle encodes: the EDNS0 buffer, else 512 bytes.
         encoder.set_max_size(response.edns().map_or(512, |e| e.max_payload()));
         let info = response.destructive_emit(&mut encoder)?;
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(bytes);
+        match self.0.lock() {
+            Ok(mut slot) => *slot = Some(bytes),
+            Err(e) => *e.into_inner() = Some(bytes),
         }
         Ok(info)
     }
+}
+
+/// The answer to a message whose header reads but whose rest does not: FORMERR with no sections.
+/// None for a message shorter than a header (dropped, as hickory-server does).
+pub fn formerr_for(bytes: &[u8]) -> Option<Vec<u8>> {
+    use hickory_proto::{
+        op::Header,
+        serialize::binary::{BinDecodable as _, BinEncodable as _, BinEncoder},
+    };
+    let header = Header::read(&mut BinDecoder::new(bytes)).ok()?;
+    let mut metadata = Metadata::response_from_request(&header.metadata);
+    metadata.response_code = ResponseCode::FormErr;
+    let header = Header {
+        metadata,
+        counts: Default::default(),
+    };
+    let mut out = Vec::with_capacity(12);
+    header.emit(&mut BinEncoder::new(&mut out)).ok()?;
+    Some(out)
 }
 
 /// Answers one DNS message as the UDP listener does: None when it is dropped (shorter than a
 /// header), FORMERR when the rest does not parse, else the handler's answer, truncated to what a
 /// UDP client can take. For the fuzz target and tests of the query path without sockets.
 pub async fn answer_raw(handler: &Handler, bytes: &[u8]) -> Option<Vec<u8>> {
-    use hickory_proto::{
-        op::Header,
-        serialize::binary::{BinDecodable as _, BinDecoder, BinEncodable as _, BinEncoder},
-    };
-    let mut decoder = BinDecoder::new(bytes);
-    let header = Header::read(&mut decoder).ok()?;
     let src = std::net::SocketAddr::from(([127, 0, 0, 1], 53000));
-    match Request::from_bytes(bytes.to_vec(), src, Protocol::Udp) {
-        Ok(request) => {
-            let capture = Capture::default();
-            let _ = handler
-                .handle_request::<_, hickory_server::net::runtime::TokioTime>(
-                    &request,
-                    capture.clone(),
-                )
-                .await;
-            let out = capture.0.lock().ok()?.take();
-            out
-        }
-        Err(_) => {
-            let mut metadata = Metadata::response_from_request(&header.metadata);
-            metadata.response_code = ResponseCode::FormErr;
-            let header = Header {
-                metadata,
-                counts: Default::default(),
-            };
-            let mut out = Vec::with_capacity(12);
-            let mut encoder = BinEncoder::new(&mut out);
-            header.emit(&mut encoder).ok()?;
-            Some(out)
-        }
-    }
+    let Some(request) = crate::udp::parse(bytes, src) else {
+        return formerr_for(bytes);
+    };
+    let capture = Capture::default();
+    let _ = handler
+        .handle_request::<_, hickory_server::net::runtime::TokioTime>(&request, capture.clone())
+        .await;
+    capture.take()
 }

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     sync::{atomic::Ordering, Arc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{stream::BoxStream, StreamExt as _};
@@ -22,14 +22,16 @@ use kube::{
 pub use crate::handle::ViewHandle;
 use crate::view;
 
-/// The objects of one kind as the watch reports them.
-struct Mirror<K> {
-    known: BTreeMap<(String, String), K>,
-    relisting: BTreeMap<(String, String), K>,
+/// What the objects of one kind contribute to the view, as the watch reports them: each object is
+/// converted as it arrives (a Pod becomes its namespace and addresses), so the watches keep only
+/// what answers need.
+struct Mirror<T> {
+    known: BTreeMap<(String, String), T>,
+    relisting: BTreeMap<(String, String), T>,
     listed: bool,
 }
 
-impl<K: Resource + Clone> Mirror<K> {
+impl<T> Mirror<T> {
     fn new() -> Self {
         Mirror {
             known: BTreeMap::new(),
@@ -38,31 +40,31 @@ impl<K: Resource + Clone> Mirror<K> {
         }
     }
 
-    fn key(object: &K) -> (String, String) {
-        (object.namespace().unwrap_or_default(), object.name_any())
-    }
-
-    fn apply(&mut self, event: watcher::Event<K>) {
+    fn apply<K: Resource>(&mut self, event: watcher::Event<K>, convert: fn(&K) -> Option<T>) {
+        let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         match event {
-            watcher::Event::Apply(o) => {
-                self.known.insert(Self::key(&o), o);
-            }
+            watcher::Event::Apply(o) => match convert(&o) {
+                Some(t) => {
+                    self.known.insert(key(&o), t);
+                }
+                None => {
+                    self.known.remove(&key(&o));
+                }
+            },
             watcher::Event::Delete(o) => {
-                self.known.remove(&Self::key(&o));
+                self.known.remove(&key(&o));
             }
             watcher::Event::Init => self.relisting.clear(),
             watcher::Event::InitApply(o) => {
-                self.relisting.insert(Self::key(&o), o);
+                if let Some(t) = convert(&o) {
+                    self.relisting.insert(key(&o), t);
+                }
             }
             watcher::Event::InitDone => {
                 self.known = std::mem::take(&mut self.relisting);
                 self.listed = true;
             }
         }
-    }
-
-    fn objects(&self) -> Vec<K> {
-        self.known.values().cloned().collect()
     }
 }
 
@@ -115,15 +117,16 @@ pub fn spawn(client: Client, settle: Duration, watch_pods: bool) -> ViewHandle {
         let mut changes = futures::stream::select_all(streams);
         let mut tick = tokio::time::interval(settle);
         let mut dirty = false;
+        let mut next_build = Instant::now();
         loop {
             tokio::select! {
                 change = changes.next() => match change {
                     Some(Ok(change)) => {
                         match change {
-                            Change::Namespace(e) => namespaces.apply(*e),
-                            Change::Service(e) => services.apply(*e),
-                            Change::Slice(e) => slices.apply(*e),
-                            Change::Pod(e) => pods.apply(*e),
+                            Change::Namespace(e) => namespaces.apply(*e, view::namespace),
+                            Change::Service(e) => services.apply(*e, view::service),
+                            Change::Slice(e) => slices.apply(*e, view::slice),
+                            Change::Pod(e) => pods.apply(*e, view::pod),
                         }
                         dirty = true;
                     }
@@ -135,15 +138,29 @@ pub fn spawn(client: Client, settle: Duration, watch_pods: bool) -> ViewHandle {
                         return;
                     }
                     let listed = namespaces.listed && services.listed && slices.listed && pods.listed;
-                    if dirty && listed {
+                    if dirty && listed && Instant::now() >= next_build {
                         dirty = false;
-                        out.set(view::build(
-                            &namespaces.objects(),
-                            &services.objects(),
-                            &slices.objects(),
-                            &pods.objects(),
-                        ));
+                        let started = Instant::now();
+                        // Off the runtime's worker, so queries keep being answered meanwhile.
+                        let assemble = || {
+                            view::assemble(
+                                namespaces.known.values(),
+                                services.known.values(),
+                                slices.known.values(),
+                                pods.known.values(),
+                            )
+                        };
+                        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+                            == tokio::runtime::RuntimeFlavor::MultiThread;
+                        let view = if multi_thread {
+                            tokio::task::block_in_place(assemble)
+                        } else {
+                            assemble()
+                        };
+                        out.set(view);
                         out.synced.store(true, Ordering::SeqCst);
+                        // A big cluster under churn: build at most a fifth of the time.
+                        next_build = Instant::now() + started.elapsed() * 4;
                     }
                 }
             }

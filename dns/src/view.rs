@@ -24,7 +24,7 @@ fn port(name: &Option<String>, protocol: &Option<String>, number: i32) -> Option
     })
 }
 
-fn service(s: &K8sService) -> Option<Service> {
+pub fn service(s: &K8sService) -> Option<Service> {
     let namespace = s
         .metadata
         .namespace
@@ -65,84 +65,112 @@ fn service(s: &K8sService) -> Option<Service> {
     })
 }
 
-/// Builds the view. Endpoints come only from EndpointSlices labelled with their Service's name.
+/// What one EndpointSlice contributes: its Service (namespace, name) and endpoints. Only slices
+/// labelled with their Service's name count.
+pub type SliceEndpoints = ((String, String), Vec<Endpoint>);
+
+pub fn namespace(n: &Namespace) -> Option<String> {
+    n.metadata.name.clone()
+}
+
+pub fn slice(slice: &EndpointSlice) -> Option<SliceEndpoints> {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))?;
+    let namespace = slice
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let ports: Vec<Port> = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| port(&p.name, &p.protocol, p.port?))
+        .collect();
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .map(|e| Endpoint {
+            addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+            hostname: e.hostname.clone(),
+            pod_name: e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.clone()),
+            // The API's rule: a missing ready condition means ready.
+            ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+            ports: ports.clone(),
+        })
+        .collect();
+    Some(((namespace, service.clone()), endpoints))
+}
+
+/// A Pod's namespace and addresses (`podIP` and `podIPs`), when it has any.
+pub fn pod(pod: &Pod) -> Option<(String, Vec<IpAddr>)> {
+    let namespace = pod.metadata.namespace.clone()?;
+    let status = pod.status.as_ref()?;
+    let mut ips: Vec<IpAddr> = status
+        .pod_ip
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .chain(
+            status
+                .pod_ips
+                .iter()
+                .flatten()
+                .filter_map(|ip| ip.ip.parse().ok()),
+        )
+        .collect();
+    ips.sort();
+    ips.dedup();
+    (!ips.is_empty()).then_some((namespace, ips))
+}
+
+/// The view from what the objects contribute (what the watches keep, already converted).
+pub fn assemble<'a>(
+    namespaces: impl IntoIterator<Item = &'a String>,
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a SliceEndpoints>,
+    pods: impl IntoIterator<Item = &'a (String, Vec<IpAddr>)>,
+) -> ClusterView {
+    let mut view = ClusterView::default();
+    view.namespaces.extend(namespaces.into_iter().cloned());
+    for s in services {
+        view.services
+            .insert((s.namespace.clone(), s.name.clone()), s.clone());
+    }
+    for (key, endpoints) in slices {
+        view.endpoints
+            .entry(key.clone())
+            .or_default()
+            .extend(endpoints.iter().cloned());
+    }
+    for (namespace, ips) in pods {
+        view.pod_ips
+            .entry(namespace.clone())
+            .or_default()
+            .extend(ips.iter().copied());
+    }
+    view.index_addresses();
+    view
+}
+
+/// Builds the view from the objects as the API serves them.
 pub fn build(
     namespaces: &[Namespace],
     services: &[K8sService],
     slices: &[EndpointSlice],
     pods: &[Pod],
 ) -> ClusterView {
-    let mut view = ClusterView::default();
-    view.namespaces
-        .extend(namespaces.iter().filter_map(|n| n.metadata.name.clone()));
-    for s in services.iter().filter_map(service) {
-        view.services
-            .insert((s.namespace.clone(), s.name.clone()), s);
-    }
-    for slice in slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        let namespace = slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let ports: Vec<Port> = slice
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| port(&p.name, &p.protocol, p.port?))
-            .collect();
-        let entry = view
-            .endpoints
-            .entry((namespace, service.clone()))
-            .or_default();
-        for e in &slice.endpoints {
-            let pod_name = e
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| r.name.clone());
-            entry.push(Endpoint {
-                addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
-                hostname: e.hostname.clone(),
-                pod_name,
-                // The API's rule: a missing ready condition means ready.
-                ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
-                ports: ports.clone(),
-            });
-        }
-    }
-    for pod in pods {
-        let Some(namespace) = pod.metadata.namespace.clone() else {
-            continue;
-        };
-        let Some(status) = &pod.status else {
-            continue;
-        };
-        let ips = view.pod_ips.entry(namespace).or_default();
-        ips.extend(
-            status
-                .pod_ip
-                .iter()
-                .filter_map(|ip| ip.parse::<IpAddr>().ok()),
-        );
-        ips.extend(
-            status
-                .pod_ips
-                .iter()
-                .flatten()
-                .filter_map(|ip| ip.ip.parse::<IpAddr>().ok()),
-        );
-    }
-    view.index_addresses();
-    view
+    let namespaces: Vec<String> = namespaces.iter().filter_map(namespace).collect();
+    let services: Vec<Service> = services.iter().filter_map(service).collect();
+    let slices: Vec<SliceEndpoints> = slices.iter().filter_map(slice).collect();
+    let pods: Vec<(String, Vec<IpAddr>)> = pods.iter().filter_map(pod).collect();
+    assemble(&namespaces, &services, &slices, &pods)
 }
 
 #[cfg(test)]

@@ -96,13 +96,30 @@ impl SeineDns {
     }
 
     pub fn start_with(ports: DnsPorts, corefile: &str, extra: &[&str]) -> Result<Self> {
+        Self::spawn(ports, corefile, extra, None)
+    }
+
+    /// Starts it pinned to one CPU (`taskset`), for benches.
+    pub fn start_on_cpu(ports: DnsPorts, corefile: &str, cpu: Option<usize>) -> Result<Self> {
+        Self::spawn(ports, corefile, &[], cpu)
+    }
+
+    fn spawn(ports: DnsPorts, corefile: &str, extra: &[&str], cpu: Option<usize>) -> Result<Self> {
         let name = unique_prefix("seine-dns");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir)?;
         let conf = dir.join("Corefile");
         std::fs::write(&conf, corefile)?;
         let log = dir.join("log");
-        let child = Command::new(bin("seine-dns")?)
+        let mut cmd = match cpu {
+            Some(c) => {
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", &c.to_string()]).arg(bin("seine-dns")?);
+                cmd
+            }
+            None => Command::new(bin("seine-dns")?),
+        };
+        let child = cmd
             .arg("-conf")
             .arg(&conf)
             .args(["-dns.port", &ports.dns.to_string()])

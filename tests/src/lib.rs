@@ -10,6 +10,7 @@ pub mod apiserver_bench;
 pub mod cni;
 pub mod cni_bench;
 pub mod dns;
+pub mod dns_bench;
 pub mod etcd;
 pub mod objects;
 pub mod stats;

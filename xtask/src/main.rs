@@ -83,6 +83,14 @@ enum Bench {
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
     },
+    /// seine-dns: dnsperf qps and p50/p99 for cluster names over 10,000 services and for cached
+    /// external names, against knotd serving the same names, both on one CPU; memory with
+    /// 10,000 services and 50,000 pods.
+    Dns {
+        /// Where to write the results [default: target/bench/dns.json in the workspace].
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
 }
 
 /// The apt packages the build, the tests and the lab use.
@@ -111,6 +119,10 @@ const APT_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "busybox-static",
+    // seine-dns: dig in its tests, knotd as upstream and as the bench's ceiling, dnsperf.
+    "bind9-dnsutils",
+    "knot",
+    "dnsperf",
     "python3",
     "procps",
     "util-linux",
@@ -121,6 +133,11 @@ const APT_PACKAGES: &[&str] = &[
 /// 0.10.4 bundles its own LLVM, so it needs no system LLVM; newer releases default to an LLVM that does not
 /// match the preinstalled nightly (see /work/shared/TOOLCHAIN.md).
 const BPF_LINKER: &str = "bpf-linker@0.10.4";
+
+/// The fuzzing front end for the DNS query path's fuzz target (built with nightly).
+const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";
+/// How long the fuzz target runs in `cargo xtask test` (a smoke run; fuzz longer by hand).
+const FUZZ_SMOKE_SECONDS: u32 = 30;
 
 const BPFFS: &str = "/sys/fs/bpf";
 /// Written when Seine mounted bpffs, so that it unmounts what it mounted once nothing of its own is
@@ -152,6 +169,13 @@ fn run(cli: Cli) -> Result<()> {
                 iptables_backend,
             } => bench_lb(&root, json, &iptables_backend),
             Bench::Apiserver { json } => bench_apiserver(&root, json),
+            Bench::Dns { json } => run_bench(
+                &root,
+                "dns",
+                json,
+                &["seine-dns", "seine-controlplane", "seine-tests"],
+                &[],
+            ),
             Bench::Cni { json } => run_bench(
                 &root,
                 "cni",
@@ -177,6 +201,7 @@ fn setup() -> Result<()> {
     setup_apt()?;
     setup_rust()?;
     setup_bpf_linker()?;
+    setup_cargo_fuzz()?;
     setup_bpffs()?;
     check_kubectl()?;
     println!("setup: done");
@@ -347,6 +372,56 @@ fn setup_bpf_linker() -> Result<()> {
     Ok(())
 }
 
+fn setup_cargo_fuzz() -> Result<()> {
+    let present = Command::new(cargo())
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        println!("setup: cargo-fuzz ... ok (already installed)");
+        return Ok(());
+    }
+    println!("setup: cargo-fuzz ... installing {CARGO_FUZZ} (a minute or two)");
+    check(Command::new(cargo()).args(["install", CARGO_FUZZ, "--locked"]))?;
+    println!("setup: cargo-fuzz ... ok (installed)");
+    Ok(())
+}
+
+/// Runs the DNS query path's fuzz target briefly from its seeds (a fresh corpus each time, so
+/// the run does not depend on earlier ones); a crash fails the run and leaves its input under
+/// dns/fuzz/artifacts.
+fn fuzz_smoke(root: &Path) -> Result<()> {
+    let corpus = env::temp_dir().join(format!("seine-dns-fuzz-{}", std::process::id()));
+    fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+    println!("xtask: fuzzing the DNS query path for {FUZZ_SMOKE_SECONDS} s");
+    let ran = check(
+        Command::new("rustup")
+            .current_dir(root)
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                "dns/fuzz",
+                "query",
+            ])
+            .arg(&corpus)
+            .arg("dns/fuzz/seeds")
+            .args([
+                "--",
+                &format!("-max_total_time={FUZZ_SMOKE_SECONDS}"),
+                "-max_len=1500",
+                "-print_final_stats=1",
+            ]),
+    );
+    let _ = fs::remove_dir_all(&corpus);
+    ran.context("the DNS fuzz target found a crash (input under dns/fuzz/artifacts/query)")
+}
+
 fn setup_bpffs() -> Result<()> {
     // Not mounted at boot on these machines, and the datapath pins its maps there.
     let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
@@ -430,6 +505,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             "warnings",
         ]))?;
     }
+    fuzz_smoke(root)?;
     // The integration tests create network namespaces and bpffs pins: run them one at a time.
     let mut cmd = cargo_in(root);
     cmd.arg("test")

@@ -69,9 +69,10 @@ fn main() -> ExitCode {
         }
         "apiserver" => seine_tests::apiserver_bench::run(&json),
         "cni" => seine_tests::cni_bench::run(&json),
+        "dns" => seine_tests::dns_bench::run(&json),
         _ => {
             eprintln!(
-                "usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]\n       seine-bench apiserver [--json PATH]\n       seine-bench cni [--json PATH]"
+                "usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]\n       seine-bench apiserver [--json PATH]\n       seine-bench cni [--json PATH]\n       seine-bench dns [--json PATH]"
             );
             return ExitCode::from(2);
         }
