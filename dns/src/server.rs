@@ -117,7 +117,48 @@ pub struct Kubernetes {
     pub config: corefile::Kubernetes,
 }
 
+/// The namespace a cluster name is in (`x.NS.svc.zone`, `x.y.NS.svc.zone`, `ip.NS.pod.zone`).
+fn namespace_of<'a>(name: &'a str, zone: &str) -> Option<&'a str> {
+    let relative = name.strip_suffix(zone)?.strip_suffix('.')?;
+    let mut labels = relative.rsplit('.');
+    match labels.next()? {
+        "svc" | "pod" => labels.next(),
+        _ => None,
+    }
+}
+
 impl Kubernetes {
+    /// `namespaces NS...`: names in other namespaces do not exist (reverse answers pointing
+    /// there are left out).
+    fn only_exposed(&self, answer: &mut cluster::Answer, name: &str, zone: &str) {
+        let exposed = |n: &str| {
+            let Some(cluster_zone) = ClusterView::zone_of(n, &self.options) else {
+                return true;
+            };
+            namespace_of(n, cluster_zone)
+                .is_none_or(|ns| self.config.namespaces.iter().any(|e| e == ns))
+        };
+        if !exposed(name) {
+            *answer = cluster::Answer {
+                rcode: Rcode::NxDomain,
+                answers: Vec::new(),
+                additionals: Vec::new(),
+                soa_zone: Some(zone.to_string()),
+            };
+            return;
+        }
+        let before = answer.answers.len();
+        answer.answers.retain(|r| match &r.data {
+            Data::Ptr(target) => exposed(target),
+            _ => true,
+        });
+        if before > 0 && answer.answers.is_empty() {
+            answer.rcode = Rcode::NxDomain;
+            answer.additionals.clear();
+            answer.soa_zone = Some(zone.to_string());
+        }
+    }
+
     fn falls_through(&self, name: &str) -> bool {
         match &self.fallthrough {
             None => false,
@@ -287,7 +328,10 @@ impl Kubernetes {
                 return Some(reply);
             }
         }
-        let answer = view.lookup(&q.name, qtype, &self.options)?;
+        let mut answer = view.lookup(&q.name, qtype, &self.options)?;
+        if !self.config.namespaces.is_empty() {
+            self.only_exposed(&mut answer, &q.name, &zone);
+        }
         if answer.rcode == Rcode::NxDomain && self.falls_through(&q.name) {
             return None;
         }

@@ -535,6 +535,30 @@ fn fallthrough_noendpoints_ignore_empty_service_and_endpoint_pod_names() {
     dns.wait_serving().unwrap();
     let ss = dig(ports.dns, &["ss.default.svc.cluster.local", "A"]).unwrap();
     assert!(ss.answer.is_empty(), "{}", ss.text);
+    drop(dns);
+
+    // namespaces: only the listed ones exist, forwards and backwards.
+    let ports = DnsPorts::pick().unwrap();
+    let dns = SeineDns::start(
+        ports,
+        &live_corefile(ports, &kubeconfig, "namespaces kube-system"),
+    )
+    .unwrap();
+    dns.wait_serving().unwrap();
+    let p = ports.dns;
+    let hidden = dig(p, &["kubernetes.default.svc.cluster.local", "A"]).unwrap();
+    assert_eq!(hidden.status, "NXDOMAIN", "{}", hidden.text);
+    assert_eq!(hidden.authority[0].2, "SOA");
+    assert_eq!(
+        dig(p, &[&reverse("10.96.0.1"), "PTR"]).unwrap().status,
+        "NXDOMAIN"
+    );
+    assert_eq!(
+        dig(p, &["kube-system.svc.cluster.local", "A"])
+            .unwrap()
+            .status,
+        "NOERROR"
+    );
 }
 
 #[test]
