@@ -256,12 +256,29 @@ fn setup_apt() -> Result<()> {
     println!("setup: apt packages ... installing {}", missing.join(" "));
     // A fresh machine has empty package lists, but updating costs time, so only when needed.
     check(Command::new("apt-get").arg("update"))?;
-    check(
+    // Packages such as knot and containerd start their daemons on install where systemd runs;
+    // Seine's tests start their own on free ports, so the host's are kept from starting (Debian's
+    // policy-rc.d: 101 = action forbidden) unless a policy is already in place.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        fs::write(
+            policy,
+            "#!/bin/sh\n# Written by Seine's setup while it installs packages.\nexit 101\n",
+        )
+        .context("writing /usr/sbin/policy-rc.d")?;
+        fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = check(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing),
-    )?;
+    );
+    if own_policy {
+        let _ = fs::remove_file(policy);
+    }
+    installed?;
     println!("setup: apt packages ... ok (installed)");
     Ok(())
 }
