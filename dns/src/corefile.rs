@@ -360,6 +360,24 @@ pub struct Forward {
     pub max_concurrent: Option<u32>,
 }
 
+impl Forward {
+    /// `forward FROM TO...` with CoreDNS's defaults for every option.
+    pub fn defaults(from: String, to: Vec<String>) -> Self {
+        Forward {
+            from,
+            to,
+            except: Vec::new(),
+            max_fails: 2,
+            health_check: Duration::from_millis(500),
+            expire: Duration::from_secs(10),
+            policy: Policy::Random,
+            force_tcp: false,
+            prefer_udp: false,
+            max_concurrent: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
     Random,
@@ -538,18 +556,7 @@ fn forward(d: &Directive) -> Result<Forward, CorefileError> {
     if to.is_empty() {
         return err(d.line, "forward needs at least one upstream");
     }
-    let mut f = Forward {
-        from: fqdn(from),
-        to: to.to_vec(),
-        except: Vec::new(),
-        max_fails: 2,
-        health_check: Duration::from_millis(500),
-        expire: Duration::from_secs(10),
-        policy: Policy::Random,
-        force_tcp: false,
-        prefer_udp: false,
-        max_concurrent: None,
-    };
+    let mut f = Forward::defaults(fqdn(from), to.to_vec());
     for o in &d.block {
         no_block(o)?;
         match o.name.as_str() {

@@ -1346,18 +1346,7 @@ mod tests {
     }
 
     fn config(to: Vec<String>) -> Forward {
-        Forward {
-            from: ".".into(),
-            to,
-            except: Vec::new(),
-            max_fails: 2,
-            health_check: Duration::from_millis(500),
-            expire: Duration::from_secs(10),
-            policy: Policy::Random,
-            force_tcp: false,
-            prefer_udp: false,
-            max_concurrent: None,
-        }
+        Forward::defaults(".".into(), to)
     }
 
     fn counter(f: &Family<ToLabels, Counter>, to: SocketAddr) -> u64 {

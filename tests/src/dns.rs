@@ -158,6 +158,11 @@ impl SeineDns {
         self.process.log_text()
     }
 
+    /// What it keeps on disk (its Corefile and log).
+    pub fn files(&self) -> Vec<PathBuf> {
+        vec![self.dir.clone()]
+    }
+
     pub fn metrics(&self) -> Result<String> {
         http_get(&format!("http://127.0.0.1:{}/metrics", self.ports.metrics)).map(|(_, b)| b)
     }

@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 
 use crate::{
     apiserver::ApiServer,
-    dns::{dig, DnsPorts, Knot, SeineDns},
+    dns::{dig, kubeadm_corefile, DnsPorts, Knot, SeineDns},
     etcd::Etcd,
     stats::quantile,
 };
@@ -195,37 +195,6 @@ fn ns_of(i: usize) -> String {
     format!("bench-{}", i % NAMESPACES)
 }
 
-fn corefile(ports: DnsPorts, kubeconfig: &Path, upstream: u16) -> String {
-    format!(
-        ".:{dns} {{
-    errors
-    health 127.0.0.1:{health} {{
-        lameduck 1s
-    }}
-    ready 127.0.0.1:{ready}
-    kubernetes cluster.local in-addr.arpa ip6.arpa {{
-        kubeconfig {kubeconfig}
-        pods verified
-        fallthrough in-addr.arpa ip6.arpa
-        ttl 30
-    }}
-    prometheus 127.0.0.1:{metrics}
-    forward . 127.0.0.1:{upstream} {{
-        max_concurrent 1000
-    }}
-    cache 30
-    loop
-    loadbalance
-}}
-",
-        dns = ports.dns,
-        health = ports.health,
-        ready = ports.ready,
-        metrics = ports.metrics,
-        kubeconfig = kubeconfig.display(),
-    )
-}
-
 pub fn run(json_path: &Path) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -253,7 +222,13 @@ async fn bench(api: &ApiServer, dir: &Path, json_path: &Path) -> Result<()> {
     let ports = DnsPorts::pick()?;
     let dns = SeineDns::start_on_cpu(
         ports,
-        &corefile(ports, &api.kubeconfig, upstream.port),
+        // kubeadm's Corefile, with the Pods watched (`pods verified`) for the memory figure.
+        &kubeadm_corefile(
+            ports,
+            &api.kubeconfig,
+            &format!("127.0.0.1:{}", upstream.port),
+        )
+        .replace("pods insecure", "pods verified"),
         Some(SERVER_CPU),
     )?;
     dns.wait_serving()?;

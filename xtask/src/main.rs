@@ -599,6 +599,8 @@ fn lab(root: &Path, action: LabAction) -> Result<()> {
         "-p",
         "seine-controlplane",
         "-p",
+        "seine-dns",
+        "-p",
         "seine-tests",
     ]))?;
     let lab = target_dir(root).join("debug/seine-lab");

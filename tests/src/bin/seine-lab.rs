@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use seine_tests::{
     apiserver::ApiServer,
     cni::{plugin_config, Underlay},
+    dns::{DnsPorts, SeineDns},
     etcd::Etcd,
     sh, Node,
 };
@@ -123,6 +124,27 @@ fn up() -> Result<()> {
     )?;
     pids.push(relay);
     files.push(state_dir.join("relay.log"));
+
+    // Cluster DNS on the host's loopback, from the API server, with kubeadm's plugins (no forward:
+    // the lab sends nothing outside its own addresses).
+    let dns_ports = DnsPorts::pick()?;
+    let corefile = format!(
+        ".:{dns} {{\n    errors\n    health 127.0.0.1:{health}\n    ready 127.0.0.1:{ready}\n    \
+         kubernetes cluster.local in-addr.arpa ip6.arpa {{\n        kubeconfig {kubeconfig}\n        \
+         pods insecure\n        ttl 30\n    }}\n    prometheus 127.0.0.1:{metrics}\n    \
+         cache 30\n    reload\n    loadbalance\n}}\n",
+        dns = dns_ports.dns,
+        health = dns_ports.health,
+        ready = dns_ports.ready,
+        metrics = dns_ports.metrics,
+        kubeconfig = kubeconfig.display(),
+    );
+    println!("lab: seine-dns on 127.0.0.1:{}", dns_ports.dns);
+    let dns = SeineDns::start(dns_ports, &corefile)?;
+    dns.wait_serving()?;
+    pids.push(dns.process.pid());
+    files.extend(dns.files());
+    let dns_corefile = dns.corefile.display().to_string();
 
     let underlay = Underlay::create(PREFIX)?;
     namespaces.push(underlay.ns.name.clone());
@@ -238,10 +260,12 @@ fn up() -> Result<()> {
     std::mem::forget(underlay);
     std::mem::forget(apiserver);
     std::mem::forget(etcd);
+    std::mem::forget(dns);
     let kubeconfig = kubeconfig.display();
     let answers = answers.into_iter().collect::<Vec<_>>().join(", ");
 
     let seinectl = seine_tests::bin("seinectl")?.display().to_string();
+    let (dns_port, dns_metrics) = (dns_ports.dns, dns_ports.metrics);
     println!(
         "\nThe lab is up: two nodes joined by a VXLAN overlay, pods added by seine-cni, and Service web\n\
          {VIP}:80 with backends on both nodes. The client on node-1 just got answers from {answers}.\n\
@@ -255,6 +279,11 @@ fn up() -> Result<()> {
          \x20 $EDITOR {STATE_DIR}/services.yaml                  # drop an endpoint; the agents apply it\n\
          \x20 ip netns exec seinelab1-node curl -s 127.0.0.1:9962/metrics | grep ^seine_\n\
          \x20 tail -f {agent_log}                                # node-1's agent\n\
+         \nCluster DNS (seine-dns, from the API server; Corefile {dns_corefile}):\n\
+         \x20 dig @127.0.0.1 -p {dns_port} kubernetes.default.svc.cluster.local\n\
+         \x20 dig @127.0.0.1 -p {dns_port} _https._tcp.kubernetes.default.svc.cluster.local SRV\n\
+         \x20 dig @127.0.0.1 -p {dns_port} -x 10.96.0.1\n\
+         \x20 curl -s 127.0.0.1:{dns_metrics}/metrics | grep ^coredns_dns_requests\n\
          \nThe API server listens on https://{apiserver_addr}, with etcd behind it:\n\
          \x20 export KUBECONFIG={kubeconfig}\n\
          \x20 kubectl get nodes -o custom-columns=NAME:.metadata.name,POD-CIDR:.spec.podCIDR,VTEP:.metadata.annotations.seine\\.io/vtep-ip\n\
@@ -310,6 +339,7 @@ fn down(verbose: bool) -> Result<()> {
             "seine-agent",
             "seine-echo",
             "seine-apiserver",
+            "seine-dns",
             "etcd",
             STATE_DIR,
         ];
