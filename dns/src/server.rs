@@ -189,6 +189,22 @@ pub struct Block {
     pub loop_probe: Option<LoopProbe>,
 }
 
+/// A cached reply with the question's name written as this question wrote it (the cache is keyed
+/// case-insensitively; clients that randomise case check it).
+fn in_case_of(mut reply: Reply, q: &Question) -> Reply {
+    for r in reply
+        .answers
+        .iter_mut()
+        .chain(reply.authorities.iter_mut())
+        .chain(reply.additionals.iter_mut())
+    {
+        if r.name == q.owner {
+            r.name = q.owner.clone();
+        }
+    }
+    reply
+}
+
 /// Whether `name` (lowercase fqdn) is `zone` or below it.
 pub fn in_zone(name: &str, zone: &str) -> bool {
     zone == "."
@@ -447,8 +463,9 @@ impl Block {
         if let Some(cache) = self.cache.as_ref().filter(|c| c.matches(&q.name)) {
             let key = q.cache_key();
             match cache.get(&key, Instant::now()) {
-                Hit::Fresh(reply) => return reply,
+                Hit::Fresh(reply) => return in_case_of(reply, q),
                 Hit::Refresh(reply) => {
+                    let reply = in_case_of(reply, q);
                     // Prefetch, or an expired entry served stale: answer now, refresh behind.
                     let block = self.clone();
                     let q = q.clone();
