@@ -129,16 +129,32 @@ impl Elector {
             .is_some_and(|o| now.duration_since(o.at) > duration)
     }
 
+    async fn get(&self) -> Result<Option<Lease>, LeaderError> {
+        self.api
+            .get_opt(&self.config.name)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Writes `lease` back (at the resourceVersion it was read with): false when another
+    /// candidate wrote first.
+    async fn replace(&self, lease: &Lease) -> Result<bool, LeaderError> {
+        match self
+            .api
+            .replace(&self.config.name, &PostParams::default(), lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if conflict(&e) => Ok(false),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
     /// One round: creates, renews or takes the Lease. True when this candidate holds it now.
     pub async fn try_acquire_or_renew(&self) -> Result<bool, LeaderError> {
         let now = MicroTime(Timestamp::now());
         let me = Some(self.config.identity.clone());
-        let Some(mut lease) = self
-            .api
-            .get_opt(&self.config.name)
-            .await
-            .map_err(|e| self.err(e))?
-        else {
+        let Some(mut lease) = self.get().await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.config.name.clone()),
@@ -177,20 +193,11 @@ impl Elector {
         spec.renew_time = Some(now);
         spec.lease_duration_seconds = Some(self.duration_seconds());
         lease.spec = Some(spec);
-        match self
-            .api
-            .replace(&self.config.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => {
-                if !ours {
-                    info!(lease = %self.config.name, identity = %self.config.identity, previous = ?holder, "became the leader");
-                }
-                Ok(true)
-            }
-            Err(e) if conflict(&e) => Ok(false),
-            Err(e) => Err(self.err(e)),
+        let written = self.replace(&lease).await?;
+        if written && !ours {
+            info!(lease = %self.config.name, identity = %self.config.identity, previous = ?holder, "became the leader");
         }
+        Ok(written)
     }
 
     /// Waits until this candidate leads (errors talking to the API are retried).
@@ -238,12 +245,7 @@ impl Elector {
 
     /// Gives the Lease up so that another replica takes over at once (on graceful shutdown).
     pub async fn release(&self) -> Result<(), LeaderError> {
-        let Some(mut lease) = self
-            .api
-            .get_opt(&self.config.name)
-            .await
-            .map_err(|e| self.err(e))?
-        else {
+        let Some(mut lease) = self.get().await? else {
             return Ok(());
         };
         let mut spec = lease.spec.clone().unwrap_or_default();
@@ -254,14 +256,7 @@ impl Elector {
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
         lease.spec = Some(spec);
-        match self
-            .api
-            .replace(&self.config.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if conflict(&e) => Ok(()),
-            Err(e) => Err(self.err(e)),
-        }
+        // A conflict means another candidate has written it meanwhile: nothing left to give up.
+        self.replace(&lease).await.map(|_| ())
     }
 }

@@ -16,6 +16,7 @@ use axum::{extract::State, http::StatusCode, routing::get, Router};
 use hickory_server::Server as DnsServer;
 use kube::Client;
 use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
@@ -33,9 +34,13 @@ pub const VIEW_SETTLE: Duration = Duration::from_millis(50);
 pub fn load(path: &Path, default_port: u16) -> anyhow::Result<(Vec<corefile::Server>, String)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading Corefile {}", path.display()))?;
-    let servers = corefile::parse(&text, default_port, &|k| std::env::var(k).ok())
-        .map_err(|e: CorefileError| anyhow!("{}:{}: {}", path.display(), e.line, e.message))?;
-    Ok((servers, text))
+    Ok((parse(&text, path, default_port)?, text))
+}
+
+/// Parses the text of the Corefile at `path` (`{$ENV}` from the environment).
+pub fn parse(text: &str, path: &Path, default_port: u16) -> anyhow::Result<Vec<corefile::Server>> {
+    corefile::parse(text, default_port, &|k| std::env::var(k).ok())
+        .map_err(|e: CorefileError| anyhow!("{}:{}: {}", path.display(), e.line, e.message))
 }
 
 /// The API client the kubernetes block asks for, as CoreDNS picks it: `kubeconfig` (with its
@@ -91,16 +96,16 @@ pub struct Views {
     views: Vec<(corefile::Kubernetes, ViewHandle)>,
 }
 
+/// Whether two kubernetes blocks watch the same thing (the same API server, the same kinds), so
+/// that they can share one view whatever else differs (zones, ttl, fallthrough...).
+fn same_watches(a: &corefile::Kubernetes, b: &corefile::Kubernetes) -> bool {
+    let pods = |k: &corefile::Kubernetes| k.pods == corefile::PodsMode::Verified;
+    a.endpoint == b.endpoint && a.tls == b.tls && a.kubeconfig == b.kubeconfig && pods(a) == pods(b)
+}
+
 impl Views {
     async fn get(&mut self, k: &corefile::Kubernetes) -> anyhow::Result<ViewHandle> {
-        let same = |a: &corefile::Kubernetes| {
-            a.endpoint == k.endpoint
-                && a.tls == k.tls
-                && a.kubeconfig == k.kubeconfig
-                && (a.pods == corefile::PodsMode::Verified)
-                    == (k.pods == corefile::PodsMode::Verified)
-        };
-        if let Some((_, v)) = self.views.iter().find(|(c, _)| same(c)) {
+        if let Some((_, v)) = self.views.iter().find(|(c, _)| same_watches(c, k)) {
             return Ok(v.clone());
         }
         let client = kube_client(k).await?;
@@ -111,7 +116,8 @@ impl Views {
 
     /// Forgets views no pipeline uses any more (their watches stop).
     fn keep_only(&mut self, used: &[corefile::Kubernetes]) {
-        self.views.retain(|(c, _)| used.contains(c));
+        self.views
+            .retain(|(c, _)| used.iter().any(|u| same_watches(c, u)));
     }
 }
 
@@ -152,9 +158,9 @@ pub async fn build(
 }
 
 /// Whether every kubernetes plugin in `pipelines` has synced.
-pub fn all_synced(pipelines: &BTreeMap<u16, Pipeline>) -> bool {
+pub fn all_synced<'a>(pipelines: impl IntoIterator<Item = &'a Pipeline>) -> bool {
     pipelines
-        .values()
+        .into_iter()
         .flat_map(|p| &p.blocks)
         .filter_map(|b| b.kubernetes.as_ref())
         .all(|k| k.view.synced())
@@ -171,7 +177,7 @@ pub async fn wait_synced(pipelines: &BTreeMap<u16, Pipeline>) {
         .max();
     let Some(limit) = limit else { return };
     let deadline = Instant::now() + limit;
-    while !all_synced(pipelines) {
+    while !all_synced(pipelines.values()) {
         if Instant::now() >= deadline {
             warn!(
                 timeout = ?limit,
@@ -298,11 +304,8 @@ fn waiting(s: &HttpState) -> bool {
         Err(e) => e.into_inner().clone(),
     };
     // Before the listeners exist (the first sync is awaited before them) nothing is ready.
-    let waiting = handlers.is_empty()
-        || handlers
-            .iter()
-            .flat_map(|h| h.current().blocks.clone())
-            .any(|b| b.kubernetes.as_ref().is_some_and(|k| !k.view.synced()));
+    let pipelines: Vec<_> = handlers.iter().map(Handler::current).collect();
+    let waiting = pipelines.is_empty() || !all_synced(pipelines.iter().map(|p| &**p));
     s.metrics.kubernetes_sync.set(i64::from(!waiting));
     waiting
 }
@@ -339,7 +342,7 @@ async fn metrics(
 pub async fn serve_http(
     servers: &[corefile::Server],
     state: HttpState,
-    shutdown: shutdown::Shutdown,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut routes: BTreeMap<SocketAddr, BTreeSet<&'static str>> = BTreeMap::new();
     for s in servers {
@@ -373,7 +376,7 @@ pub async fn serve_http(
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.wait().await })
+                .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
             if let Err(e) = served {
                 warn!(%addr, error = %e, "http server stopped");
@@ -381,33 +384,6 @@ pub async fn serve_http(
         });
     }
     Ok(())
-}
-
-/// A one-shot shutdown signal shared by tasks.
-pub mod shutdown {
-    use tokio::sync::watch;
-
-    #[derive(Clone)]
-    pub struct Shutdown(watch::Receiver<bool>);
-
-    pub struct Trigger(watch::Sender<bool>);
-
-    pub fn channel() -> (Trigger, Shutdown) {
-        let (tx, rx) = watch::channel(false);
-        (Trigger(tx), Shutdown(rx))
-    }
-
-    impl Trigger {
-        pub fn fire(&self) {
-            let _ = self.0.send(true);
-        }
-    }
-
-    impl Shutdown {
-        pub async fn wait(mut self) {
-            let _ = self.0.wait_for(|v| *v).await;
-        }
-    }
 }
 
 /// Sets `coredns_build_info`.

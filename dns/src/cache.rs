@@ -16,9 +16,9 @@ use hickory_proto::{
 };
 
 use crate::{
-    corefile::{self, CacheBucket},
+    corefile::{self, in_zone, CacheBucket},
     metrics::{CacheLabels, CacheTypeLabels, Metrics},
-    server::{in_zone, Reply},
+    server::Reply,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -309,6 +309,9 @@ impl Cache {
                 })
                 .unwrap_or(self.config.denial.min_ttl)
         };
+        if reply.truncated {
+            return None;
+        }
         match reply.rcode {
             ResponseCode::NXDomain => Some((Half::Denial, denial_ttl())),
             ResponseCode::NoError if reply.answers.is_empty() => Some((Half::Denial, denial_ttl())),
@@ -425,6 +428,10 @@ mod tests {
             t0,
         );
         assert!(matches!(c.get(&key("x."), t0), Hit::Miss));
+        let mut cut = a_reply(60);
+        cut.truncated = true;
+        c.put(key("cut."), &cut, t0);
+        assert!(matches!(c.get(&key("cut."), t0), Hit::Miss), "a truncated answer");
         for n in ["1.", "2.", "3."] {
             c.put(key(n), &a_reply(60), t0);
         }

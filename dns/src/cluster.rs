@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::corefile::{fqdn, PodsMode};
+use crate::corefile::{fqdn, in_zone, PodsMode};
 
 pub const SCHEMA_VERSION: &str = "1.1.0";
 
@@ -251,13 +251,7 @@ impl ClusterView {
         options
             .zones
             .iter()
-            .filter(|z| {
-                *z == "."
-                    || name == z.as_str()
-                    || (name.len() > z.len()
-                        && name.ends_with(z.as_str())
-                        && name.as_bytes()[name.len() - z.len() - 1] == b'.')
-            })
+            .filter(|z| in_zone(name, z))
             .max_by_key(|z| z.len())
             .map(String::as_str)
     }

@@ -268,6 +268,15 @@ pub struct Listen {
 }
 
 /// A zone as a fully qualified, lower-case name.
+/// Whether `name` is `zone` or below it (both lowercase fqdns).
+pub fn in_zone(name: &str, zone: &str) -> bool {
+    zone == "."
+        || name == zone
+        || (name.len() > zone.len()
+            && name.ends_with(zone)
+            && name.as_bytes()[name.len() - zone.len() - 1] == b'.')
+}
+
 pub fn fqdn(zone: &str) -> String {
     let zone = zone.trim().to_ascii_lowercase();
     if zone == "." || zone.is_empty() {

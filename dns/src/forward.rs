@@ -53,7 +53,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::corefile::{fqdn, Forward, Policy};
+use crate::corefile::{fqdn, in_zone, Forward, Policy};
 
 /// How long one attempt waits for an upstream's answer (CoreDNS's static read timeout).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -755,16 +755,6 @@ fn resolve_upstreams(to: &[String]) -> Result<Vec<SocketAddr>, ForwardError> {
         return Err(ForwardError::TooManyUpstreams(out.len()));
     }
     Ok(out)
-}
-
-/// Whether `name` is `zone` or below it (both lowercase fqdns).
-fn in_zone(name: &str, zone: &str) -> bool {
-    if zone == "." || name == zone {
-        return true;
-    }
-    name.len() > zone.len()
-        && name.ends_with(zone)
-        && name.as_bytes()[name.len() - zone.len() - 1] == b'.'
 }
 
 // ---------------------------------------------------------------------------------------------

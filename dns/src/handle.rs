@@ -46,9 +46,7 @@ impl ViewHandle {
             Err(e) => *e.into_inner() = Arc::new(view),
         }
     }
-}
 
-impl ViewHandle {
     /// A view that never changes, already synced (the fuzz target and benches answer from one).
     pub fn fixed(mut view: ClusterView) -> Self {
         view.index_addresses();

@@ -14,12 +14,11 @@ use std::{
 
 use clap::Parser;
 use seine_dns::{
-    app::{self, shutdown, HttpState, Listener, Views},
-    corefile,
+    app::{self, HttpState, Listener, Views},
     metrics::Metrics,
 };
-use sha2::{Digest as _, Sha512};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -97,10 +96,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn digest(text: &str) -> Vec<u8> {
-    Sha512::digest(text.as_bytes()).to_vec()
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     let (servers, text) = app::load(&args.conf, args.dns_port)?;
     if let Some(p) = &args.pidfile {
@@ -108,12 +103,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let metrics = Arc::new(Metrics::new());
     app::build_info(&metrics);
+    // coredns_panics_total: a panic in a query's task ends that task, not the server.
+    let panics = metrics.panics.clone();
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        panics.inc();
+        report(info);
+    }));
     let registry = Arc::new(metrics.registry());
     let mut views = Views::default();
     let pipelines = app::build(&servers, &mut views, &metrics).await?;
 
     let handlers = Arc::new(RwLock::new(Vec::new()));
-    let (trigger, stop) = shutdown::channel();
+    let stop = CancellationToken::new();
     let state = HttpState {
         metrics: metrics.clone(),
         registry,
@@ -138,7 +140,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .filter_map(|s| s.health.map(|(_, d)| d))
         .max()
         .unwrap_or_default();
-    let mut hash = digest(&text);
+    // CoreDNS compares a hash of the file; keeping the text it ran is as good.
+    let mut running = text;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -171,13 +174,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let new_hash = digest(&text);
-        if new_hash == hash {
+        if text == running {
             continue;
         }
         match reload_into(&text, &args, &mut views, &metrics, &mut listeners).await {
             Ok(()) => {
-                hash = new_hash;
+                running = text;
                 set_handlers(&handlers, &listeners);
                 info!(path = %args.conf.display(), "reload: running the changed Corefile");
             }
@@ -195,7 +197,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for (_, l) in listeners {
         l.stop().await;
     }
-    trigger.fire();
+    stop.cancel();
     info!("stopped");
     Ok(())
 }
@@ -221,8 +223,7 @@ async fn reload_into(
     metrics: &Arc<Metrics>,
     listeners: &mut BTreeMap<u16, Listener>,
 ) -> anyhow::Result<()> {
-    let servers = corefile::parse(text, args.dns_port, &|k| std::env::var(k).ok())
-        .map_err(|e| anyhow::anyhow!("{}:{}: {}", args.conf.display(), e.line, e.message))?;
+    let servers = app::parse(text, &args.conf, args.dns_port)?;
     let pipelines = app::build(&servers, views, metrics).await?;
     let mut opened = BTreeMap::new();
     let mut swaps = Vec::new();

@@ -4,7 +4,7 @@
 //! or to the client's EDNS0 buffer, and sets TC so the client retries over TCP).
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU32, Ordering},
         Arc, RwLock,
@@ -31,7 +31,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     cache::{Cache, CacheKey, Hit},
     cluster::{self, ClusterView, Data, Qtype, Rcode},
-    corefile,
+    corefile::{self, in_zone},
     forward::{ForwardError, Forwarder},
     handle::ViewHandle,
     metrics::{
@@ -39,15 +39,14 @@ use crate::{
     },
 };
 
-/// The EDNS0 buffer seine-dns advertises (the DNS flag day 2020 value).
-pub const EDNS_BUFFER: u16 = 1232;
-
 /// A reply before encoding: what the plugins produce and the cache keeps.
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub rcode: ResponseCode,
     pub authoritative: bool,
     pub recursion_available: bool,
+    /// An upstream's answer cut short (its TCP retry failed): passed on with TC, not cached.
+    pub truncated: bool,
     pub answers: Vec<Record>,
     pub authorities: Vec<Record>,
     pub additionals: Vec<Record>,
@@ -61,6 +60,7 @@ impl Reply {
             rcode,
             authoritative: false,
             recursion_available: false,
+            truncated: false,
             answers: Vec::new(),
             authorities: Vec::new(),
             additionals: Vec::new(),
@@ -74,6 +74,7 @@ impl Reply {
             rcode: message.metadata.response_code,
             authoritative: message.metadata.authoritative,
             recursion_available: message.metadata.recursion_available,
+            truncated: message.metadata.truncation,
             answers: message.answers,
             authorities: message.authorities,
             additionals: message.additionals,
@@ -111,7 +112,6 @@ impl Question {
 /// The kubernetes plugin of one server block.
 pub struct Kubernetes {
     pub options: cluster::Options,
-    pub fallthrough: Option<Vec<String>>,
     pub view: ViewHandle,
     /// The configuration it was started from (a reload keeps the watches when it is unchanged).
     pub config: corefile::Kubernetes,
@@ -160,7 +160,7 @@ impl Kubernetes {
     }
 
     fn falls_through(&self, name: &str) -> bool {
-        match &self.fallthrough {
+        match &self.config.fallthrough {
             None => false,
             Some(zones) if zones.is_empty() => true,
             Some(zones) => zones.iter().any(|z| in_zone(name, z)),
@@ -203,15 +203,6 @@ fn in_case_of(mut reply: Reply, q: &Question) -> Reply {
         }
     }
     reply
-}
-
-/// Whether `name` (lowercase fqdn) is `zone` or below it.
-pub fn in_zone(name: &str, zone: &str) -> bool {
-    zone == "."
-        || name == zone
-        || (name.len() > zone.len()
-            && name.ends_with(zone)
-            && name.as_bytes()[name.len() - zone.len() - 1] == b'.')
 }
 
 fn qtype_of(t: RecordType) -> Qtype {
@@ -390,7 +381,6 @@ impl Block {
                 ignore_empty_service: k.ignore_empty_service,
                 noendpoints: k.noendpoints,
             },
-            fallthrough: k.fallthrough.clone(),
             view,
             config: k.clone(),
         });
@@ -790,6 +780,7 @@ impl RequestHandler for Handler {
         metadata.response_code = reply.rcode;
         metadata.authoritative = reply.authoritative;
         metadata.recursion_available = reply.recursion_available;
+        metadata.truncation = reply.truncated;
         let response = builder.build(
             metadata,
             reply.answers.iter(),
@@ -874,10 +865,10 @@ pub fn loop_probe_name(zone: &str) -> String {
 
 /// Keeps the encoded response instead of sending it: the UDP listener sends answers in batches.
 #[derive(Clone, Default)]
-pub struct Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+struct Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
 
 impl Capture {
-    pub fn take(&self) -> Option<Vec<u8>> {
+    fn take(&self) -> Option<Vec<u8>> {
         match self.0.lock() {
             Ok(mut slot) => slot.take(),
             Err(e) => e.into_inner().take(),
@@ -912,8 +903,7 @@ impl ResponseHandler for Capture {
 }
 
 /// The answer to a message whose header reads but whose rest does not: FORMERR with no sections.
-/// None for a message shorter than a header (dropped, as hickory-server does).
-pub fn formerr_for(bytes: &[u8]) -> Option<Vec<u8>> {
+fn formerr_for(bytes: &[u8]) -> Option<Vec<u8>> {
     use hickory_proto::{
         op::Header,
         serialize::binary::{BinDecodable as _, BinEncodable as _, BinEncoder},
@@ -930,13 +920,13 @@ pub fn formerr_for(bytes: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Answers one DNS message as the UDP listener does: None when it is dropped (shorter than a
+/// The answer to one DNS message from `src` over UDP: None when it is dropped (shorter than a
 /// header), FORMERR when the rest does not parse, else the handler's answer, truncated to what a
-/// UDP client can take. For the fuzz target and tests of the query path without sockets.
-pub async fn answer_raw(handler: &Handler, bytes: &[u8]) -> Option<Vec<u8>> {
-    let src = std::net::SocketAddr::from(([127, 0, 0, 1], 53000));
-    let Some(request) = crate::udp::parse(bytes, src) else {
-        return formerr_for(bytes);
+/// UDP client can take. The UDP listener and the fuzz target both answer through it.
+pub async fn answer_udp(handler: Handler, bytes: Vec<u8>, src: SocketAddr) -> Option<Vec<u8>> {
+    let header: [u8; 12] = bytes.get(..12)?.try_into().ok()?;
+    let Ok(request) = Request::from_bytes(bytes, src, Protocol::Udp) else {
+        return formerr_for(&header);
     };
     let capture = Capture::default();
     let _ = handler

@@ -95,7 +95,7 @@ where
 }
 
 /// Starts keeping a view current on the running tokio runtime; `settle` is how long changes are
-/// gathered before a new view is built. Pods are watched only when `pods` is set (`pods verified`
+/// gathered before a new view is built. Pods are watched only with `watch_pods` (`pods verified`
 /// needs them; CoreDNS does not watch them otherwise). The watches stop once every clone of the
 /// returned handle is gone.
 pub fn spawn(client: Client, settle: Duration, watch_pods: bool) -> ViewHandle {

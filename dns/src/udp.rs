@@ -13,14 +13,10 @@ use std::{
 };
 
 use futures::FutureExt as _;
-use hickory_server::{
-    net::{runtime::TokioTime, xfer::Protocol},
-    server::{Request, RequestHandler as _},
-};
 use tokio::{io::Interest, net::UdpSocket};
 use tracing::{debug, warn};
 
-use crate::server::{formerr_for, Capture, Handler};
+use crate::server::{answer_udp, Handler};
 
 /// Datagrams read (and answers sent) per system call.
 pub const BATCH: usize = 32;
@@ -47,51 +43,28 @@ pub async fn serve(socket: UdpSocket, handler: Handler) {
         };
         let mut answers: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(received.len());
         for (i, (len, src)) in received.into_iter().enumerate() {
-            let bytes = &bufs[i][..len];
             if src.port() == 0 {
                 continue;
             }
-            let Some(request) = parse(bytes, src) else {
-                if let Some(formerr) = formerr_for(bytes) {
-                    answers.push((formerr, src));
-                }
-                continue;
-            };
-            let capture = Capture::default();
-            let mut pending = {
-                let handler = handler.clone();
-                let capture = capture.clone();
-                async move {
-                    let _ = handler
-                        .handle_request::<_, TokioTime>(&request, capture)
-                        .await;
-                }
-                .boxed()
-            };
+            let mut pending = answer_udp(handler.clone(), bufs[i][..len].to_vec(), src).boxed();
             // Most answers need no waiting: take them now, batch them.
-            if (&mut pending).now_or_never().is_some() {
-                if let Some(answer) = capture.take() {
-                    answers.push((answer, src));
-                }
-            } else {
-                // Waiting on an upstream: finish on its own task.
-                let socket = socket.clone();
-                tokio::spawn(async move {
-                    pending.await;
-                    if let Some(answer) = capture.take() {
-                        if let Err(e) = socket.send_to(&answer, src).await {
-                            debug!(error = %e, dst = %src, "udp send");
+            match (&mut pending).now_or_never() {
+                Some(answer) => answers.extend(answer.map(|a| (a, src))),
+                None => {
+                    // Waiting on an upstream: finish on its own task.
+                    let socket = socket.clone();
+                    tokio::spawn(async move {
+                        if let Some(answer) = pending.await {
+                            if let Err(e) = socket.send_to(&answer, src).await {
+                                debug!(error = %e, dst = %src, "udp send");
+                            }
                         }
-                    }
-                });
+                    });
+                }
             }
         }
         send_all(&socket, &answers).await;
     }
-}
-
-pub(crate) fn parse(bytes: &[u8], src: SocketAddr) -> Option<Request> {
-    Request::from_bytes(bytes.to_vec(), src, Protocol::Udp).ok()
 }
 
 /// Sends the batch with `sendmmsg`, and whatever it could not take one by one.

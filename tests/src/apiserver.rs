@@ -5,7 +5,7 @@
 use std::{
     fs::File,
     io::{BufRead as _, BufReader},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
@@ -37,7 +37,7 @@ impl ApiServer {
     /// Starts on the given etcd endpoints (several for a cluster).
     pub fn start_on(endpoints: &[String], extra: &[&str]) -> Result<Self> {
         let name = unique_prefix("apiserver");
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = crate::free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let cert_dir = std::env::temp_dir().join(format!("{name}.pki"));
         let kubeconfig = std::env::temp_dir().join(format!("{name}.kubeconfig"));
@@ -201,6 +201,20 @@ impl ApiServer {
         let value = serde_json::from_str(&text)
             .with_context(|| format!("{method} {path}: the answer is not JSON: {text:?}"))?;
         Ok((status, value))
+    }
+
+    /// Sets a Pod's address through the status subresource, as a kubelet reports it.
+    pub fn set_pod_ip(&self, namespace: &str, name: &str, ip: &str) -> Result<()> {
+        let (code, out) = self.call(
+            "PATCH",
+            &format!("/api/v1/namespaces/{namespace}/pods/{name}/status"),
+            "application/merge-patch+json",
+            Some(&serde_json::json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}]}})),
+        )?;
+        if code != 200 {
+            bail!("setting the address of pod {namespace}/{name}: {code} {out}");
+        }
+        Ok(())
     }
 
     pub fn get(&self, path: &str) -> Result<(u16, Value)> {

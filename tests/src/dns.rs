@@ -3,7 +3,6 @@
 //! listens on free loopback ports, is stopped by PID and has its files removed on drop.
 
 use std::{
-    net::{TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -11,20 +10,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{bin, unique_prefix, wait_until, Process};
-
-/// A port free on loopback for both UDP and TCP (best effort: another process may take it before
-/// the server binds; servers here report that as a start failure).
-pub fn free_port() -> Result<u16> {
-    for _ in 0..50 {
-        let udp = UdpSocket::bind("127.0.0.1:0")?;
-        let port = udp.local_addr()?.port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no port free for both UDP and TCP")
-}
+use crate::{bin, free_port, unique_prefix, wait_until, Process};
 
 /// The ports a seine-dns under test uses.
 #[derive(Debug, Clone, Copy)]

@@ -3,7 +3,7 @@
 
 use std::{
     fs::File,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::{unique_prefix, wait_until, Process};
+use crate::{free_port, unique_prefix, wait_until, Process};
 
 pub struct Etcd {
     pub client_url: String,
@@ -35,11 +35,6 @@ fn retry_on_port_clash<T>(mut start: impl FnMut() -> Result<T>) -> Result<T> {
             other => return other,
         }
     }
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Etcd {

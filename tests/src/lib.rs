@@ -18,7 +18,7 @@ pub mod stats;
 use std::{
     fs::File,
     io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -43,6 +43,19 @@ pub fn unique_prefix(tag: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     // Interface names are limited to 15 bytes, so keep prefixes short.
     format!("{tag}{}{n}", std::process::id() % 100_000)
+}
+
+/// A port free on loopback for both UDP and TCP (best effort: another process may take it before
+/// the server binds; servers here report that as a start failure).
+pub fn free_port() -> Result<u16> {
+    for _ in 0..50 {
+        let udp = UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both UDP and TCP")
 }
 
 /// Runs a command and fails with its output when it fails.

@@ -147,15 +147,7 @@ async fn objects_made_through_the_api_are_answered_and_follow_changes() {
                "spec": {"containers": [{"name": "c", "image": "busybox"}]}}),
     );
     assert_eq!(pod["metadata"]["name"], "web");
-    let (code, out) = api
-        .call(
-            "PATCH",
-            "/api/v1/namespaces/shop/pods/web/status",
-            "application/merge-patch+json",
-            Some(&json!({"status": {"podIP": "10.244.3.9", "podIPs": [{"ip": "10.244.3.9"}]}})),
-        )
-        .unwrap();
-    assert_eq!(code, 200, "{out}");
+    api.set_pod_ip("shop", "web", "10.244.3.9").unwrap();
     let verified = until(&view, "10-244-3-9.shop.pod.cluster.local.", Qtype::A, |a| {
         !a.answers.is_empty()
     })

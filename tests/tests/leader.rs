@@ -16,6 +16,22 @@ fn config(identity: &str) -> LeaderConfig {
     }
 }
 
+/// The Lease's holder and transitions as kubectl shows them.
+fn holder(api: &ApiServer) -> String {
+    api.kubectl_ok(&[
+        "get",
+        "lease",
+        "-n",
+        "kube-system",
+        "seine-test-manager",
+        "-o",
+        "jsonpath={.spec.holderIdentity} {.spec.leaseTransitions}",
+    ])
+    .unwrap()
+    .trim()
+    .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_at_a_time_and_a_replica_takes_over() {
     let etcd = Etcd::start().unwrap();
@@ -50,18 +66,7 @@ async fn one_leader_at_a_time_and_a_replica_takes_over() {
         took >= Duration::from_secs(1),
         "not before the lease ran out: {took:?}"
     );
-    let lease = api
-        .kubectl_ok(&[
-            "get",
-            "lease",
-            "-n",
-            "kube-system",
-            "seine-test-manager",
-            "-o",
-            "jsonpath={.spec.holderIdentity} {.spec.leaseTransitions}",
-        ])
-        .unwrap();
-    assert_eq!(lease.trim(), "replica-b 1");
+    assert_eq!(holder(&api), "replica-b 1");
     assert!(
         !a.try_acquire_or_renew().await.unwrap(),
         "A, back, is a follower"
@@ -70,18 +75,7 @@ async fn one_leader_at_a_time_and_a_replica_takes_over() {
     // B stops gracefully: it gives the lease up and A leads at once.
     b.release().await.unwrap();
     assert!(a.try_acquire_or_renew().await.unwrap());
-    let lease = api
-        .kubectl_ok(&[
-            "get",
-            "lease",
-            "-n",
-            "kube-system",
-            "seine-test-manager",
-            "-o",
-            "jsonpath={.spec.holderIdentity} {.spec.leaseTransitions}",
-        ])
-        .unwrap();
-    assert_eq!(lease.trim(), "replica-a 2");
+    assert_eq!(holder(&api), "replica-a 2");
 
     // A leader whose renewals fail (the API server frozen) gives leadership up within the
     // renew deadline instead of acting on a lease it may have lost.

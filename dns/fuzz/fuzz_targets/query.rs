@@ -19,7 +19,7 @@ use seine_dns::{
     corefile,
     handle::ViewHandle,
     metrics::Metrics,
-    server::{answer_raw, Block, Handler, Pipeline},
+    server::{answer_udp, Block, Handler, Pipeline},
 };
 
 const COREFILE: &str = ".:53 {
@@ -119,7 +119,8 @@ fn state() -> &'static (tokio::runtime::Runtime, Handler) {
 
 fuzz_target!(|data: &[u8]| {
     let (runtime, handler) = state();
-    let Some(answer) = runtime.block_on(answer_raw(handler, data)) else {
+    let src = ([127, 0, 0, 1], 53000).into();
+    let Some(answer) = runtime.block_on(answer_udp(handler.clone(), data.to_vec(), src)) else {
         assert!(data.len() < 12, "only a message without a whole header is dropped");
         return;
     };
