@@ -431,7 +431,10 @@ mod tests {
         let mut cut = a_reply(60);
         cut.truncated = true;
         c.put(key("cut."), &cut, t0);
-        assert!(matches!(c.get(&key("cut."), t0), Hit::Miss), "a truncated answer");
+        assert!(
+            matches!(c.get(&key("cut."), t0), Hit::Miss),
+            "a truncated answer"
+        );
         for n in ["1.", "2.", "3."] {
             c.put(key(n), &a_reply(60), t0);
         }
