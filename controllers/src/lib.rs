@@ -1,6 +1,7 @@
-//! Seine's controller manager and scheduler (issue 7, in progress): so far the leader election
-//! every replica of them runs on a `coordination.k8s.io/v1` Lease (`leader`) and the node IPAM
-//! controller (`ipam`).
+//! Seine's controller manager and scheduler: API clients (they never touch etcd), each safe to
+//! run as several replicas through leader election on a `coordination.k8s.io/v1` Lease.
 
+pub mod daemon;
 pub mod ipam;
 pub mod leader;
+pub mod metrics;

@@ -9,6 +9,7 @@ pub mod apiserver;
 pub mod apiserver_bench;
 pub mod cni;
 pub mod cni_bench;
+pub mod controllers;
 pub mod dns;
 pub mod dns_bench;
 pub mod etcd;

@@ -1,0 +1,132 @@
+//! seine-controller-manager: Kubernetes' controllers as tasks of one process, an API client
+//! like kube-controller-manager (it never touches etcd), safe as several replicas through
+//! leader election on the `kube-system/kube-controller-manager` Lease.
+
+use std::{collections::BTreeSet, process::ExitCode, time::Duration};
+
+use anyhow::bail;
+use clap::Parser;
+use futures::future::BoxFuture;
+use kube::Client;
+use seine_controllers::{
+    daemon::{self, parse_duration, DaemonArgs},
+    ipam,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Every controller this binary runs, by the name `--controllers` takes (kube's names).
+const CONTROLLERS: &[&str] = &["nodeipam"];
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "seine-controller-manager",
+    version,
+    about = "Kubernetes' controllers (endpoints, node lifecycle, node IPAM, service accounts and tokens, jobs, namespaces, garbage collection) as API clients"
+)]
+struct Args {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    /// Controllers to run: `*` for all, a name to add one, `-name` to leave one out
+    /// (as kube-controller-manager's `--controllers`).
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    controllers: Vec<String>,
+    /// The range Node podCIDRs are taken from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: String,
+    /// The prefix length of each Node's podCIDR.
+    #[arg(long, default_value_t = 24)]
+    node_cidr_mask_size: u8,
+    /// Whether Nodes get podCIDRs (the node IPAM controller runs only then).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    allocate_node_cidrs: bool,
+    /// How long a Node may go without a heartbeat before it is marked Unknown.
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    node_monitor_grace_period: Duration,
+    /// How often Node heartbeats are checked.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    node_monitor_period: Duration,
+}
+
+/// The controllers `--controllers` selects, or an error naming an unknown one.
+fn selected(list: &[String]) -> anyhow::Result<BTreeSet<&'static str>> {
+    let mut on = BTreeSet::new();
+    let mut off = BTreeSet::new();
+    for item in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        if item == "*" {
+            on.extend(CONTROLLERS.iter().copied());
+            continue;
+        }
+        let (name, add) = match item.strip_prefix('-') {
+            Some(n) => (n, false),
+            None => (item, true),
+        };
+        let Some(known) = CONTROLLERS.iter().copied().find(|c| *c == name) else {
+            bail!(
+                "--controllers: unknown controller {name:?} (known: {})",
+                CONTROLLERS.join(", ")
+            );
+        };
+        if add {
+            on.insert(known);
+        } else {
+            off.insert(known);
+        }
+    }
+    Ok(on.difference(&off).copied().collect())
+}
+
+fn start(
+    name: &'static str,
+    args: &Args,
+    client: Client,
+    _shutdown: CancellationToken,
+) -> anyhow::Result<Option<BoxFuture<'static, anyhow::Result<()>>>> {
+    Ok(match name {
+        "nodeipam" => {
+            if !args.allocate_node_cidrs {
+                return Ok(None);
+            }
+            let set = ipam::CidrSet::new(&args.cluster_cidr, args.node_cidr_mask_size)?;
+            Some(Box::pin(async move {
+                ipam::run(client, set).await;
+                Ok(())
+            }))
+        }
+        other => bail!("controller {other} is not wired"),
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let names = match selected(&args.controllers) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("seine-controller-manager: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let daemon_args = args.daemon.clone();
+    daemon::main(
+        "kube-controller-manager",
+        &daemon_args,
+        10257,
+        |client, shutdown| async move {
+            let mut tasks = JoinSet::new();
+            for name in names {
+                if let Some(task) = start(name, &args, client.clone(), shutdown.clone())? {
+                    info!(controller = name, "starting");
+                    tasks.spawn(async move { (name, task.await) });
+                }
+            }
+            // A controller that stops is an error: the process exits and is restarted.
+            match tasks.join_next().await {
+                Some(Ok((name, Ok(())))) => bail!("controller {name} stopped"),
+                Some(Ok((name, Err(e)))) => Err(e.context(format!("controller {name}"))),
+                Some(Err(e)) => bail!("a controller panicked: {e}"),
+                None => std::future::pending().await,
+            }
+        },
+    )
+}

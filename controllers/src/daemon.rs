@@ -1,0 +1,331 @@
+//! What seine-controller-manager and seine-scheduler share as daemons: the API client from
+//! `--kubeconfig` (or the in-cluster configuration), structured logs, `/healthz`, `/livez`,
+//! `/readyz` and `/metrics`, leader election on a Lease (`--leader-elect`, on by default as in
+//! Kubernetes), and a graceful stop on SIGTERM or SIGINT that gives the Lease up.
+
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use axum::{extract::State, http::StatusCode, routing::get, Router};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    Client, Config,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{
+    leader::{Elector, LeaderConfig},
+    metrics,
+};
+
+/// A duration as Kubernetes flags write it: `40s`, `5m`, `1h30m`, `500ms` (a bare number is
+/// seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"));
+    }
+    let mut total = 0f64;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{text:?}: a number needs a unit (ms, s, m, h)"))?;
+        let (number, tail) = rest.split_at(digits);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?}: not a duration"))?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        total += value
+            * match unit {
+                "ms" => 0.001,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                _ => return Err(format!("{text:?}: unknown unit {unit:?}")),
+            };
+        rest = next;
+    }
+    if text.is_empty() {
+        return Err("an empty duration".into());
+    }
+    Duration::try_from_secs_f64(total).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// The flags both daemons take, with kube-controller-manager's and kube-scheduler's names.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArgs {
+    /// The kubeconfig to reach the API server with (default: the in-cluster configuration, then
+    /// $KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Run only while holding the leader Lease, so that several replicas are safe.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub leader_elect: bool,
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub leader_elect_lease_duration: Duration,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub leader_elect_renew_deadline: Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub leader_elect_retry_period: Duration,
+    /// The Lease's name (default: the daemon's, as in Kubernetes).
+    #[arg(long)]
+    pub leader_elect_resource_name: Option<String>,
+    #[arg(long, default_value = "kube-system")]
+    pub leader_elect_resource_namespace: String,
+    /// Where /healthz, /livez, /readyz and /metrics are served (plain HTTP).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind_address: IpAddr,
+    /// The port of the health and metrics endpoints (0 picks a free one).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Logs as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The API client: `--kubeconfig` when given, else what kube infers.
+pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("the kubeconfig {}", path.display()))?
+        }
+        None => Config::infer()
+            .await
+            .context("no --kubeconfig and no in-cluster or default configuration")?,
+    };
+    Client::try_from(config).context("building the API client")
+}
+
+fn identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "seine".into());
+    format!("{host}_{:016x}", rand::random::<u64>())
+}
+
+#[derive(Clone)]
+struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+async fn ok() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(h): State<Health>) -> (StatusCode, &'static str) {
+    if h.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics_text() -> ([(&'static str, &'static str); 1], String) {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics::text(),
+    )
+}
+
+async fn serve_health(
+    addr: SocketAddr,
+    health: Health,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let router = Router::new()
+        .route("/healthz", get(ok))
+        .route("/livez", get(ok))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(health);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} for /healthz and /metrics"))?;
+    info!(addr = %listener.local_addr().unwrap_or(addr), "serving /healthz, /livez, /readyz, /metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            warn!(error = %e, "the health server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+fn stop_on_signals(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+/// Runs a daemon: logs, health and metrics on `default_port` (unless `--port`), then `work`
+/// (given the client and the shutdown token) while this replica leads. Exits 0 on SIGTERM after
+/// giving the Lease up, 1 when `work` fails or leadership is lost (as Kubernetes' components
+/// do, so that a supervisor restarts them as candidates).
+pub fn main<F, Fut>(name: &str, args: &DaemonArgs, default_port: u16, work: F) -> ExitCode
+where
+    F: FnOnce(Client, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    init_logging(args.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(name, args, default_port, work)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run<F, Fut>(
+    name: &str,
+    args: &DaemonArgs,
+    default_port: u16,
+    work: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(Client, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    if args.leader_elect && args.leader_elect_renew_deadline >= args.leader_elect_lease_duration
+    {
+        bail!("--leader-elect-renew-deadline must be shorter than --leader-elect-lease-duration");
+    }
+    let shutdown = CancellationToken::new();
+    stop_on_signals(shutdown.clone())?;
+    let health = Health {
+        ready: Arc::new(AtomicBool::new(false)),
+    };
+    let addr = SocketAddr::new(args.bind_address, args.port.unwrap_or(default_port));
+    serve_health(addr, health.clone(), shutdown.clone()).await?;
+    let client = client(args.kubeconfig.as_ref()).await?;
+
+    let lease_name = args
+        .leader_elect_resource_name
+        .clone()
+        .unwrap_or_else(|| name.to_string());
+    let gauge = metrics::global()
+        .leader
+        .get_or_create(&metrics::LeaseLabels {
+            name: lease_name.clone(),
+        })
+        .clone();
+    let elector = if args.leader_elect {
+        let mut config = LeaderConfig::new(&lease_name, &identity());
+        config.namespace = args.leader_elect_resource_namespace.clone();
+        config.lease_duration = args.leader_elect_lease_duration;
+        config.renew_deadline = args.leader_elect_renew_deadline;
+        config.retry_period = args.leader_elect_retry_period;
+        info!(lease = %format!("{}/{}", config.namespace, config.name), identity = %config.identity, "waiting to lead");
+        let elector = Elector::new(client.clone(), config);
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        gauge.set(1);
+        Some(elector)
+    } else {
+        None
+    };
+    health.ready.store(true, Ordering::Relaxed);
+    info!(component = name, "running");
+
+    let stop = shutdown.clone();
+    let work = work(client, shutdown.clone());
+    let lost = async {
+        match &elector {
+            Some(e) => e.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        result = work => result.context("stopped"),
+        _ = lost => Err(anyhow::anyhow!("leader election lost")),
+        _ = stop.cancelled() => Ok(()),
+    };
+    gauge.set(0);
+    health.ready.store(false, Ordering::Relaxed);
+    shutdown.cancel();
+    if let Some(elector) = &elector {
+        if outcome.is_ok() {
+            match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
+                Ok(Ok(())) => info!("gave the lease up"),
+                Ok(Err(e)) => warn!("giving the lease up: {e}"),
+                Err(_) => warn!("giving the lease up timed out"),
+            }
+        }
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_as_kubernetes_writes_them() {
+        assert_eq!(parse_duration("40s"), Ok(Duration::from_secs(40)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("4x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}
