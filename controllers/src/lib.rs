@@ -2,6 +2,8 @@
 //! run as several replicas through leader election on a `coordination.k8s.io/v1` Lease.
 
 pub mod daemon;
+pub mod endpointslice;
 pub mod ipam;
 pub mod leader;
 pub mod metrics;
+pub mod queue;

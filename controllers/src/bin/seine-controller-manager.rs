@@ -10,14 +10,14 @@ use futures::future::BoxFuture;
 use kube::Client;
 use seine_controllers::{
     daemon::{self, parse_duration, DaemonArgs},
-    ipam,
+    endpointslice, ipam,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Every controller this binary runs, by the name `--controllers` takes (kube's names).
-const CONTROLLERS: &[&str] = &["nodeipam"];
+const CONTROLLERS: &[&str] = &["endpointslice", "endpoint", "nodeipam"];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +44,12 @@ struct Args {
     /// How long a Node may go without a heartbeat before it is marked Unknown.
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
     node_monitor_grace_period: Duration,
+    /// Endpoints per EndpointSlice at most.
+    #[arg(long, default_value_t = 100)]
+    max_endpoints_per_slice: usize,
+    /// Services synced at once by the endpoints controller.
+    #[arg(long, default_value_t = 5)]
+    concurrent_service_endpoint_syncs: usize,
     /// How often Node heartbeats are checked.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     node_monitor_period: Duration,
@@ -74,7 +80,11 @@ fn selected(list: &[String]) -> anyhow::Result<BTreeSet<&'static str>> {
             off.insert(known);
         }
     }
-    Ok(on.difference(&off).copied().collect())
+    let mut names: BTreeSet<&'static str> = on.difference(&off).copied().collect();
+    if names.contains("endpointslice") {
+        names.remove("endpoint");
+    }
+    Ok(names)
 }
 
 fn start(
@@ -84,6 +94,15 @@ fn start(
     _shutdown: CancellationToken,
 ) -> anyhow::Result<Option<BoxFuture<'static, anyhow::Result<()>>>> {
     Ok(match name {
+        // One task writes both (the Endpoints follow the same Pods); `endpoint`, kube's name for
+        // the legacy half, runs the same task (once, see `selected`).
+        "endpointslice" | "endpoint" => {
+            let config = endpointslice::Config {
+                max_endpoints_per_slice: args.max_endpoints_per_slice,
+                workers: args.concurrent_service_endpoint_syncs,
+            };
+            Some(Box::pin(endpointslice::run(client, config)))
+        }
         "nodeipam" => {
             if !args.allocate_node_cidrs {
                 return Ok(None);
