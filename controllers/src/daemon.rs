@@ -242,8 +242,7 @@ where
     F: FnOnce(Client, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    if args.leader_elect && args.leader_elect_renew_deadline >= args.leader_elect_lease_duration
-    {
+    if args.leader_elect && args.leader_elect_renew_deadline >= args.leader_elect_lease_duration {
         bail!("--leader-elect-renew-deadline must be shorter than --leader-elect-lease-duration");
     }
     let shutdown = CancellationToken::new();

@@ -10,7 +10,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{apiserver::ApiServer, bin, dns::http_get, free_port, unique_prefix, wait_until, Process};
+use crate::{
+    apiserver::ApiServer, bin, dns::http_get, free_port, unique_prefix, wait_until, Process,
+};
 
 /// One daemon process (controller manager or scheduler).
 pub struct Daemon {
@@ -58,10 +60,16 @@ impl Daemon {
                 || daemon.http("/healthz").is_ok_and(|(code, _)| code == 200)
         });
         if let Ok(Some(status)) = daemon.process.child.try_wait() {
-            bail!("{program} exited ({status}):\n{}", daemon.process.log_text());
+            bail!(
+                "{program} exited ({status}):\n{}",
+                daemon.process.log_text()
+            );
         }
         if up.is_err() {
-            bail!("{program} did not serve /healthz:\n{}", daemon.process.log_text());
+            bail!(
+                "{program} did not serve /healthz:\n{}",
+                daemon.process.log_text()
+            );
         }
         Ok(daemon)
     }

@@ -164,11 +164,23 @@ fn default_pod_spec(spec: &mut Value) {
     set_default(spec, "enableServiceLinks", true.into());
     set_default(spec, "priority", 0.into());
     set_default(spec, "preemptionPolicy", "PreemptLowerPriority".into());
-    if spec["tolerations"].is_null() {
-        spec["tolerations"] = json!([
-            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
-            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
-        ]);
+    // DefaultTolerationSeconds: 300 s for each of not-ready and unreachable that the Pod does
+    // not tolerate already (with NoExecute or any effect).
+    if !spec["tolerations"].is_array() {
+        spec["tolerations"] = json!([]);
+    }
+    for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+        let Some(list) = spec["tolerations"].as_array_mut() else {
+            break;
+        };
+        let tolerated = list.iter().any(|t| {
+            t["key"].as_str() == Some(key)
+                && matches!(t["effect"].as_str(), None | Some("") | Some("NoExecute"))
+        });
+        if !tolerated {
+            list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute",
+                "tolerationSeconds": 300}));
+        }
     }
     for list in ["containers", "initContainers"] {
         if let Some(containers) = spec[list].as_array_mut() {
