@@ -142,8 +142,8 @@ pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
     });
 
     enum Change {
-        Service(watcher::Event<Service>),
-        Pod(watcher::Event<Pod>),
+        Service(Box<watcher::Event<Service>>),
+        Pod(Box<watcher::Event<Pod>>),
         Slice(watcher::Event<EndpointSlice>),
         Endpoints(watcher::Event<Endpoints>),
     }
@@ -153,13 +153,13 @@ pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
             services_w,
             watcher(Api::<Service>::all(client.clone()), Default::default()).default_backoff(),
         )
-        .map(|e| e.map(Change::Service))
+        .map(|e| e.map(|e| Change::Service(Box::new(e))))
         .boxed(),
         reflector::reflector(
             pods_w,
             watcher(Api::<Pod>::all(client.clone()), Default::default()).default_backoff(),
         )
-        .map(|e| e.map(Change::Pod))
+        .map(|e| e.map(|e| Change::Pod(Box::new(e))))
         .boxed(),
         reflector::reflector(
             slices_w,
@@ -221,7 +221,7 @@ pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
             }
         };
         match change {
-            Change::Service(event) => match event {
+            Change::Service(event) => match *event {
                 watcher::Event::Apply(s)
                 | watcher::Event::InitApply(s)
                 | watcher::Event::Delete(s) => ctx.queue.add(key_of(&s.metadata)),
@@ -230,7 +230,7 @@ pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
                 }
                 watcher::Event::Init => {}
             },
-            Change::Pod(event) => match event {
+            Change::Pod(event) => match *event {
                 watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
                     pod_changed(&ctx, &p, false)
                 }
@@ -653,6 +653,9 @@ fn new_slice(
     }
 }
 
+/// A slice group's address type, ports and endpoints by address.
+type Group = (String, Vec<EndpointPort>, BTreeMap<String, Endpoint>);
+
 /// What to write so that the slices hold `desired`, moving as few endpoints as possible.
 fn plan_slices(
     service: &Service,
@@ -664,7 +667,7 @@ fn plan_slices(
     let labels = slice_labels(service);
     let owners = vec![owner(service)];
     // Desired endpoints by group, then by address.
-    let mut groups: BTreeMap<String, (String, Vec<EndpointPort>, BTreeMap<String, Endpoint>)> =
+    let mut groups: BTreeMap<String, Group> =
         BTreeMap::new();
     for d in desired {
         let kind = address_type(&d.ip);
@@ -774,6 +777,13 @@ fn plan_slices(
     plan
 }
 
+/// A legacy subset's ports, ready and not-ready addresses (by address, for sorting).
+type Subset = (
+    Vec<CorePort>,
+    Vec<(IpAddr, EndpointAddress)>,
+    Vec<(IpAddr, EndpointAddress)>,
+);
+
 /// The legacy Endpoints: ready addresses, not-ready ones, per port set, sorted by address.
 fn legacy_endpoints(service: &Service, desired: &[Desired], publish_not_ready: bool) -> Endpoints {
     let mut labels = service.labels().clone();
@@ -782,14 +792,7 @@ fn legacy_endpoints(service: &Service, desired: &[Desired], publish_not_ready: b
     } else {
         labels.remove(HEADLESS_LABEL);
     }
-    let mut subsets: BTreeMap<
-        String,
-        (
-            Vec<CorePort>,
-            Vec<(IpAddr, EndpointAddress)>,
-            Vec<(IpAddr, EndpointAddress)>,
-        ),
-    > = BTreeMap::new();
+    let mut subsets: BTreeMap<String, Subset> = BTreeMap::new();
     let mut total = 0;
     for d in desired {
         if d.terminating && !publish_not_ready {

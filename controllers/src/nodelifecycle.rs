@@ -17,7 +17,9 @@ use futures::{stream, StreamExt as _};
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
-        core::v1::{Event, EventSource, Node, NodeCondition, ObjectReference, Pod, Taint, Toleration},
+        core::v1::{
+            Event, EventSource, Node, NodeCondition, ObjectReference, Pod, Taint, Toleration,
+        },
     },
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
@@ -183,15 +185,13 @@ fn eviction_time(pod: &Pod, taints: &[&Taint]) -> Option<Option<Timestamp>> {
         .unwrap_or_default();
     let mut at: Option<Timestamp> = None;
     for taint in taints {
-        let matching: Vec<&Toleration> = tolerations.iter().filter(|t| tolerates(t, taint)).collect();
+        let matching: Vec<&Toleration> =
+            tolerations.iter().filter(|t| tolerates(t, taint)).collect();
         if matching.is_empty() {
             return Some(None);
         }
         // The shortest limit of the tolerations that match (none: tolerated for good).
-        let limit = matching
-            .iter()
-            .filter_map(|t| t.toleration_seconds)
-            .min();
+        let limit = matching.iter().filter_map(|t| t.toleration_seconds).min();
         if let Some(seconds) = limit {
             let added = taint
                 .time_added
@@ -212,12 +212,22 @@ fn jiff_seconds(seconds: i64) -> k8s_openapi::jiff::SignedDuration {
 }
 
 impl Ctx {
-    async fn monitor(&self, node: &Node, probes: &mut HashMap<String, Probe>) -> anyhow::Result<()> {
+    async fn monitor(
+        &self,
+        node: &Node,
+        probes: &mut HashMap<String, Probe>,
+    ) -> anyhow::Result<()> {
         let name = node.name_any();
         let lease = self
             .leases
             .get(&reflector::ObjectRef::new(&name).within(LEASE_NAMESPACE))
-            .and_then(|l| l.spec.as_ref()?.renew_time.as_ref().map(|t| t.0.to_string()));
+            .and_then(|l| {
+                l.spec
+                    .as_ref()?
+                    .renew_time
+                    .as_ref()
+                    .map(|t| t.0.to_string())
+            });
         let heartbeat = condition(node, "Ready")
             .and_then(|c| c.last_heartbeat_time.as_ref().map(|t| t.0.to_string()));
         let probe = probes.entry(name.clone()).or_insert_with(|| Probe {
@@ -307,13 +317,18 @@ impl Ctx {
         }
         ready.status = "False".into();
         ready.last_transition_time = Some(now());
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
         let patch = json!({
             "metadata": {"resourceVersion": pod.metadata.resource_version},
             "status": {"conditions": conditions},
         });
         match api
-            .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await
         {
             Ok(_) => {
@@ -374,8 +389,12 @@ impl Ctx {
             "metadata": {"resourceVersion": node.metadata.resource_version},
             "spec": {"taints": next},
         });
-        api.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+        api.patch(
+            &node.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
         info!(node = %node.name_any(), taints = ?next.iter().map(|t| format!("{}:{}", t.key, t.effect)).collect::<Vec<_>>(), "taints updated");
         Ok(())
     }
@@ -502,9 +521,12 @@ mod tests {
     fn tolerations_decide_when_a_pod_is_evicted() {
         let t = taint(UNREACHABLE, "NoExecute");
         assert_eq!(eviction_time(&pod(json!([])), &[&t]), Some(None));
-        let forever = pod(json!([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute"}]));
+        let forever =
+            pod(json!([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute"}]));
         assert_eq!(eviction_time(&forever, &[&t]), None);
-        let limited = pod(json!([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]));
+        let limited = pod(
+            json!([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]),
+        );
         let at = eviction_time(&limited, &[&t]).unwrap().unwrap();
         assert!(at > Timestamp::now());
         // An empty key with Exists tolerates every taint.

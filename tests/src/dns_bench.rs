@@ -136,8 +136,15 @@ fn reverse(ip: Ipv4Addr) -> String {
     format!("{d}.{c}.{b}.{a}.in-addr.arpa.")
 }
 
-/// Creates `count` objects with `make(i)` on `CREATORS` tasks; a progress line every 10,000.
-async fn create_all<K, F>(client: &Client, what: &str, count: usize, make: F) -> Result<Vec<K>>
+/// Creates `count` objects with `make(i)` on `CREATORS` tasks; a progress line every 10,000
+/// (prefixed `bench NAME:`).
+pub async fn create_all<K, F>(
+    client: &Client,
+    bench: &str,
+    what: &str,
+    count: usize,
+    make: F,
+) -> Result<Vec<K>>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -155,7 +162,7 @@ where
     let mut tasks = Vec::new();
     for worker in 0..CREATORS {
         let (client, make) = (client.clone(), make.clone());
-        let what = what.to_string();
+        let (what, bench) = (what.to_string(), bench.to_string());
         tasks.push(tokio::spawn(async move {
             let mut made = Vec::new();
             let mut i = worker;
@@ -168,7 +175,7 @@ where
                     .with_context(|| format!("creating {what} {i}"))?;
                 made.push((i, created));
                 if worker == 0 && i % 10_000 < CREATORS {
-                    println!("bench dns: {what}: {i}/{count}");
+                    println!("bench {bench}: {what}: {i}/{count}");
                 }
                 i += CREATORS;
             }
@@ -181,7 +188,7 @@ where
     }
     all.sort_by_key(|(i, _)| *i);
     println!(
-        "bench dns: {count} {what} created in {:.1} s",
+        "bench {bench}: {count} {what} created in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(all.into_iter().map(|(_, o)| o).collect())
@@ -241,7 +248,7 @@ async fn bench(api: &ApiServer, dir: &Path, json_path: &Path) -> Result<()> {
         let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": ns_of(n)}}))?;
         namespaces.create(&PostParams::default(), &ns).await?;
     }
-    let services: Vec<Service> = create_all(&client, "services", SERVICES, |i| {
+    let services: Vec<Service> = create_all(&client, "dns", "services", SERVICES, |i| {
         let svc = serde_json::from_value(json!({
             "metadata": {"name": format!("svc-{i}")},
             "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
@@ -250,7 +257,7 @@ async fn bench(api: &ApiServer, dir: &Path, json_path: &Path) -> Result<()> {
         (ns_of(i), svc)
     })
     .await?;
-    let _pods: Vec<Pod> = create_all(&client, "pods", PODS, |i| {
+    let _pods: Vec<Pod> = create_all(&client, "dns", "pods", PODS, |i| {
         let pod = serde_json::from_value(json!({
             "metadata": {"name": format!("pod-{i}"), "labels": {"app": format!("svc-{}", i % SERVICES)}},
             "spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}

@@ -78,8 +78,10 @@ fn pod(api: &ApiServer, name: &str, node: &str, ip: &str, tolerations: Value) {
             "PATCH",
             &format!("/api/v1/namespaces/default/pods/{name}/status"),
             "application/merge-patch+json",
-            Some(&json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                "conditions": [{"type": "Ready", "status": "True"}]}})),
+            Some(
+                &json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True"}]}}),
+            ),
         )
         .unwrap();
     assert_eq!(code, 200, "{out}");
@@ -103,7 +105,13 @@ fn taints(n: &Value) -> Vec<String> {
         .cloned()
         .unwrap_or_default()
         .iter()
-        .map(|t| format!("{}:{}", t["key"].as_str().unwrap(), t["effect"].as_str().unwrap()))
+        .map(|t| {
+            format!(
+                "{}:{}",
+                t["key"].as_str().unwrap(),
+                t["effect"].as_str().unwrap()
+            )
+        })
         .collect();
     t.sort();
     t
@@ -198,9 +206,8 @@ fn a_silent_node_turns_unknown_its_endpoints_not_ready_and_its_pods_are_evicted(
 }
 
 fn checks(api: &ApiServer) {
-    let api = api;
     let cm = Daemon::controller_manager(
-        &api,
+        api,
         &[
             "--leader-elect=false",
             "--controllers",
@@ -218,14 +225,23 @@ fn checks(api: &ApiServer) {
         "10.244.1.11".into(),
         "10.244.1.12".into(),
     ];
-    wait_until(Duration::from_secs(10), || ready_endpoints(&api) == all)
-        .unwrap_or_else(|_| panic!("all endpoints ready: {:?}\n{}", ready_endpoints(&api), cm.log_text()));
+    wait_until(Duration::from_secs(10), || ready_endpoints(api) == all).unwrap_or_else(|_| {
+        panic!(
+            "all endpoints ready: {:?}\n{}",
+            ready_endpoints(api),
+            cm.log_text()
+        )
+    });
 
     let unknown = wait_until(Duration::from_secs(20), || {
-        ready_status(&node(&api, "silent")) == "Unknown"
+        ready_status(&node(api, "silent")) == "Unknown"
     });
-    assert!(unknown.is_ok(), "silent never turned Unknown:\n{}", cm.log_text());
-    let silent = node(&api, "silent");
+    assert!(
+        unknown.is_ok(),
+        "silent never turned Unknown:\n{}",
+        cm.log_text()
+    );
+    let silent = node(api, "silent");
     let ready = silent["status"]["conditions"]
         .as_array()
         .unwrap()
@@ -236,45 +252,59 @@ fn checks(api: &ApiServer) {
     assert_eq!(ready["reason"], "NodeStatusUnknown");
     assert_eq!(ready["message"], "Kubelet stopped posting node status.");
     wait_until(Duration::from_secs(10), || {
-        taints(&node(&api, "silent"))
+        taints(&node(api, "silent"))
             == [
                 "node.kubernetes.io/unreachable:NoExecute",
                 "node.kubernetes.io/unreachable:NoSchedule",
             ]
     })
-    .unwrap_or_else(|_| panic!("taints: {:?}", taints(&node(&api, "silent"))));
+    .unwrap_or_else(|_| panic!("taints: {:?}", taints(&node(api, "silent"))));
     // The heartbeating Node is left alone.
-    let alive = node(&api, "alive");
+    let alive = node(api, "alive");
     assert_eq!(ready_status(&alive), "True");
     assert!(taints(&alive).is_empty());
 
     // Its Pods turn not ready and so leave the Service's ready endpoints.
     wait_until(Duration::from_secs(10), || {
-        ready_endpoints(&api) == ["10.244.0.10".to_string()]
+        ready_endpoints(api) == ["10.244.0.10".to_string()]
     })
-    .unwrap_or_else(|_| panic!("ready endpoints: {:?}", ready_endpoints(&api)));
+    .unwrap_or_else(|_| panic!("ready endpoints: {:?}", ready_endpoints(api)));
     let (_, p) = api
         .get("/api/v1/namespaces/default/pods/silent-web")
         .unwrap();
-    assert!(p.to_string().contains(r#""status":"False","type":"Ready""#) || {
-        let c = p["status"]["conditions"].as_array().unwrap();
-        c.iter().any(|c| c["type"] == "Ready" && c["status"] == "False")
-    });
+    assert!(
+        p.to_string().contains(r#""status":"False","type":"Ready""#) || {
+            let c = p["status"]["conditions"].as_array().unwrap();
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "False")
+        }
+    );
 
     // Evictions: a 1 s toleration runs out; 300 s and no limit do not (within this test).
-    wait_until(Duration::from_secs(10), || terminating(&api, "silent-short"))
-        .unwrap_or_else(|_| panic!("silent-short not evicted:\n{}", cm.log_text()));
-    assert!(!terminating(&api, "silent-web"));
-    assert!(!terminating(&api, "silent-forever"));
-    assert!(!terminating(&api, "alive-web"));
+    wait_until(Duration::from_secs(10), || {
+        terminating(api, "silent-short")
+    })
+    .unwrap_or_else(|_| panic!("silent-short not evicted:\n{}", cm.log_text()));
+    assert!(!terminating(api, "silent-web"));
+    assert!(!terminating(api, "silent-forever"));
+    assert!(!terminating(api, "alive-web"));
     let events = api
-        .kubectl_ok(&["get", "events", "--field-selector", "reason=TaintManagerEviction", "-o", "name"])
+        .kubectl_ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=TaintManagerEviction",
+            "-o",
+            "name",
+        ])
         .unwrap();
     assert!(!events.trim().is_empty(), "an eviction event");
 
     // The kubelet is back: the taints go.
-    renew(&api, "silent");
-    report_ready(&api, "silent");
-    wait_until(Duration::from_secs(10), || taints(&node(&api, "silent")).is_empty())
-        .unwrap_or_else(|_| panic!("taints left: {:?}", taints(&node(&api, "silent"))));
+    renew(api, "silent");
+    report_ready(api, "silent");
+    wait_until(Duration::from_secs(10), || {
+        taints(&node(api, "silent")).is_empty()
+    })
+    .unwrap_or_else(|_| panic!("taints left: {:?}", taints(&node(api, "silent"))));
 }

@@ -91,6 +91,20 @@ enum Bench {
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
     },
+    /// seine-controller-manager: time from a Pod turning Ready to its EndpointSlice showing it,
+    /// p50/p99, with 1,000 Services; the API server's own watch delivery as the baseline.
+    Endpoints {
+        /// Where to write the results [default: target/bench/endpoints.json in the workspace].
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+    /// seine-scheduler: pods bound per second for 1,000 pods on 100 Nodes, against the API
+    /// server's raw bind rate (the bench binding them itself) in the same run.
+    Scheduler {
+        /// Where to write the results [default: target/bench/scheduler.json in the workspace].
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
 }
 
 /// The apt packages the build, the tests and the lab use.
@@ -174,6 +188,20 @@ fn run(cli: Cli) -> Result<()> {
                 "dns",
                 json,
                 &["seine-dns", "seine-controlplane", "seine-tests"],
+                &[],
+            ),
+            Bench::Endpoints { json } => run_bench(
+                &root,
+                "endpoints",
+                json,
+                &["seine-controllers", "seine-controlplane", "seine-tests"],
+                &[],
+            ),
+            Bench::Scheduler { json } => run_bench(
+                &root,
+                "scheduler",
+                json,
+                &["seine-controllers", "seine-controlplane", "seine-tests"],
                 &[],
             ),
             Bench::Cni { json } => run_bench(

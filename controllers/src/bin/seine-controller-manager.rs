@@ -8,16 +8,29 @@ use anyhow::bail;
 use clap::Parser;
 use futures::future::BoxFuture;
 use kube::Client;
+use seine_controllers::serviceaccount::{self, root_ca, token};
 use seine_controllers::{
     daemon::{self, parse_duration, DaemonArgs},
-    endpointslice, ipam,
+    endpointslice, ipam, nodelifecycle,
 };
+use seine_controllers::{gc, job, namespace};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Every controller this binary runs, by the name `--controllers` takes (kube's names).
-const CONTROLLERS: &[&str] = &["endpointslice", "endpoint", "nodeipam"];
+const CONTROLLERS: &[&str] = &[
+    "garbagecollector",
+    "job",
+    "namespace",
+    "endpointslice",
+    "endpoint",
+    "nodeipam",
+    "nodelifecycle",
+    "serviceaccount",
+    "serviceaccount-token",
+    "root-ca-cert-publisher",
+];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +66,15 @@ struct Args {
     /// How often Node heartbeats are checked.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     node_monitor_period: Duration,
+    /// The PKCS#8 P-256 key (PEM) legacy service account tokens are signed with: the file the
+    /// API server's `--service-account-signing-key-file` names. Without it the
+    /// serviceaccount-token controller does not run.
+    #[arg(long)]
+    service_account_private_key_file: Option<std::path::PathBuf>,
+    /// The cluster's root CA (PEM): `ca.crt` of token Secrets and of every namespace's
+    /// `kube-root-ca.crt` ConfigMap. Without it the root-ca-cert-publisher does not run.
+    #[arg(long)]
+    root_ca_file: Option<std::path::PathBuf>,
 }
 
 /// The controllers `--controllers` selects, or an error naming an unknown one.
@@ -103,6 +125,13 @@ fn start(
             };
             Some(Box::pin(endpointslice::run(client, config)))
         }
+        "nodelifecycle" => Some(Box::pin(nodelifecycle::run(
+            client,
+            nodelifecycle::Config {
+                grace_period: args.node_monitor_grace_period,
+                monitor_period: args.node_monitor_period,
+            },
+        ))),
         "nodeipam" => {
             if !args.allocate_node_cidrs {
                 return Ok(None);
@@ -113,6 +142,57 @@ fn start(
                 Ok(())
             }))
         }
+        "serviceaccount" => Some(Box::pin(async move {
+            serviceaccount::run(client).await;
+            Ok(())
+        })),
+        "serviceaccount-token" => {
+            let Some(key) = &args.service_account_private_key_file else {
+                info!(
+                    controller = name,
+                    "not started: no --service-account-private-key-file to sign tokens with"
+                );
+                return Ok(None);
+            };
+            let config = token::TokenConfig {
+                generator: token::TokenGenerator::from_file(key)?,
+                root_ca: args
+                    .root_ca_file
+                    .as_deref()
+                    .map(root_ca::read)
+                    .transpose()?,
+            };
+            Some(Box::pin(async move {
+                token::run(client, config).await;
+                Ok(())
+            }))
+        }
+        "root-ca-cert-publisher" => {
+            let Some(path) = &args.root_ca_file else {
+                info!(
+                    controller = name,
+                    "not started: no --root-ca-file to publish"
+                );
+                return Ok(None);
+            };
+            let ca = root_ca::read(path)?;
+            Some(Box::pin(async move {
+                root_ca::run(client, ca).await;
+                Ok(())
+            }))
+        }
+        "garbagecollector" => Some(Box::pin(async move {
+            gc::run(client).await;
+            Ok(())
+        })),
+        "job" => Some(Box::pin(async move {
+            job::run(client).await;
+            Ok(())
+        })),
+        "namespace" => Some(Box::pin(async move {
+            namespace::run(client).await;
+            Ok(())
+        })),
         other => bail!("controller {other} is not wired"),
     })
 }

@@ -1,14 +1,15 @@
 //! Authentication, in kube-apiserver's order: client certificates signed by the client CA (user =
 //! CN, groups = O), bearer tokens from `--token-auth-file` (kube-apiserver's CSV format:
 //! `token,user,uid[,"group1,group2"]`) and the admin token kept in the cert directory, and service
-//! account tokens (JWTs this server signed, for service accounts that still exist). Every
-//! authenticated user is in `system:authenticated`.
+//! account tokens (JWTs this server's key signed, for service accounts that still exist: bound
+//! tokens from the TokenRequest API, and legacy tokens that live in Secrets, good while their Secret
+//! still holds them). Every authenticated user is in `system:authenticated`.
 
 use std::{collections::HashMap, path::Path};
 
 use axum::http::HeaderMap;
 
-use super::sa_token::TokenSigner;
+use super::sa_token::{LegacyClaims, TokenSigner, VerifiedToken};
 use crate::storage::{ObjectKey, Storage, StorageError};
 
 /// The identity a verified client certificate carries (set on the request by the TLS acceptor).
@@ -54,10 +55,11 @@ impl Authenticator {
     /// bound to one) that exists with the uid in the token.
     async fn service_account(&self, token: &str, storage: &Storage) -> Result<User, AuthError> {
         let now = chrono::Utc::now().timestamp();
-        let claims = self
-            .signer
-            .verify(token, now)
-            .map_err(|_| AuthError::Unauthorized)?;
+        let claims = match self.signer.verify_any(token, now) {
+            Ok(VerifiedToken::Bound(claims)) => claims,
+            Ok(VerifiedToken::Legacy(claims)) => return legacy(token, &claims, storage).await,
+            Err(_) => return Err(AuthError::Unauthorized),
+        };
         let exists = |resource: &'static str, name: String, uid: String| {
             let key = ObjectKey::new(resource, Some(&claims.namespace), &name);
             async move {
@@ -76,15 +78,78 @@ impl Authenticator {
                 return Err(AuthError::Unauthorized);
             }
         }
-        Ok(User {
-            name: format!("system:serviceaccount:{}:{}", claims.namespace, claims.name),
-            uid: claims.uid.clone(),
-            groups: vec![
-                "system:serviceaccounts".into(),
-                format!("system:serviceaccounts:{}", claims.namespace),
-            ],
-        })
+        Ok(service_account_user(
+            &claims.namespace,
+            &claims.name,
+            &claims.uid,
+        ))
     }
+}
+
+fn service_account_user(namespace: &str, name: &str, uid: &str) -> User {
+    User {
+        name: format!("system:serviceaccount:{namespace}:{name}"),
+        uid: uid.to_string(),
+        groups: vec![
+            "system:serviceaccounts".into(),
+            format!("system:serviceaccounts:{namespace}"),
+        ],
+    }
+}
+
+/// The label that marks a legacy token invalid (kube-controller-manager's legacy token cleaner
+/// sets it; removing it makes the token good again).
+const INVALID_SINCE_LABEL: &str = "kubernetes.io/legacy-token-invalid-since";
+
+/// A legacy token, as kube-apiserver's legacy validator checks it: the Secret it names still
+/// exists, is not being deleted or marked invalid, and holds exactly this token; the service
+/// account exists, is not being deleted, and has the uid in the token.
+async fn legacy(token: &str, claims: &LegacyClaims, storage: &Storage) -> Result<User, AuthError> {
+    use base64::Engine as _;
+    let get = |resource: &'static str, name: &str| {
+        let key = ObjectKey::new(resource, Some(&claims.namespace), name);
+        async move {
+            match storage.get(&key).await {
+                Ok(object) => Ok(Some(object)),
+                Err(StorageError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(AuthError::Unavailable(e)),
+            }
+        }
+    };
+    let Some(secret) = get("secrets", &claims.secret).await? else {
+        return Err(AuthError::Unauthorized);
+    };
+    let meta = &secret["metadata"];
+    if meta.get("deletionTimestamp").is_some() || meta["labels"].get(INVALID_SINCE_LABEL).is_some()
+    {
+        return Err(AuthError::Unauthorized);
+    }
+    let held = secret["data"]["token"]
+        .as_str()
+        .and_then(|t| base64::engine::general_purpose::STANDARD.decode(t).ok())
+        .unwrap_or_default();
+    if !same_bytes(&held, token.as_bytes()) {
+        return Err(AuthError::Unauthorized);
+    }
+    let Some(account) = get("serviceaccounts", &claims.name).await? else {
+        return Err(AuthError::Unauthorized);
+    };
+    if account["metadata"].get("deletionTimestamp").is_some()
+        || account["metadata"]["uid"].as_str() != Some(claims.uid.as_str())
+    {
+        return Err(AuthError::Unauthorized);
+    }
+    Ok(service_account_user(
+        &claims.namespace,
+        &claims.name,
+        &claims.uid,
+    ))
+}
+
+/// Equality that takes as long wherever the first difference is (as kube's
+/// `subtle.ConstantTimeCompare` of the token with the Secret's copy).
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -674,6 +674,79 @@ pub struct DeleteOptions {
     grace_period: Option<i64>,
     uid: Option<String>,
     resource_version: Option<i64>,
+    /// `propagationPolicy` (or the older `orphanDependents`): what becomes of the dependents.
+    propagation: Option<Propagation>,
+}
+
+/// A delete's propagation policy: what the garbage collector does with the object's dependents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Propagation {
+    /// Dependents lose their ownerReference to the object (the `orphan` finalizer).
+    Orphan,
+    /// The object goes at once; the garbage collector deletes dependents afterwards.
+    Background,
+    /// The object stays until its blocking dependents are gone (the `foregroundDeletion` finalizer).
+    Foreground,
+}
+
+impl Propagation {
+    fn parse(value: &str) -> Result<Self, ApiError> {
+        match value {
+            "Orphan" => Ok(Propagation::Orphan),
+            "Background" => Ok(Propagation::Background),
+            "Foreground" => Ok(Propagation::Foreground),
+            other => Err(ApiError::invalid(
+                "DeleteOptions",
+                "",
+                vec![(
+                    "propagationPolicy".into(),
+                    format!(
+                        "Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""
+                    ),
+                )],
+            )),
+        }
+    }
+
+    /// `orphanDependents`, the field propagationPolicy replaced.
+    fn from_orphan_dependents(orphan: bool) -> Self {
+        if orphan {
+            Propagation::Orphan
+        } else {
+            Propagation::Background
+        }
+    }
+}
+
+const ORPHAN_FINALIZER: &str = "orphan";
+const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+
+/// The finalizers an object keeps when deleted with `policy`, as kube-apiserver's
+/// deletionFinalizersForGarbageCollection decides: `orphan` or `foregroundDeletion` for the
+/// garbage collector, and without a policy in the request the one the object already carries.
+/// `None` when they stay as they are.
+fn gc_finalizers(meta: &Value, policy: Option<Propagation>) -> Option<Vec<Value>> {
+    let current: Vec<Value> = meta["finalizers"].as_array().cloned().unwrap_or_default();
+    let has = |f: &str| current.iter().any(|v| v == f);
+    let policy = policy.or(if has(ORPHAN_FINALIZER) {
+        Some(Propagation::Orphan)
+    } else if has(FOREGROUND_FINALIZER) {
+        Some(Propagation::Foreground)
+    } else {
+        None
+    });
+    let mut wanted: Vec<Value> = current
+        .iter()
+        .filter(|f| *f != ORPHAN_FINALIZER && *f != FOREGROUND_FINALIZER)
+        .cloned()
+        .collect();
+    match policy {
+        Some(Propagation::Orphan) => wanted.push(ORPHAN_FINALIZER.into()),
+        Some(Propagation::Foreground) => wanted.push(FOREGROUND_FINALIZER.into()),
+        Some(Propagation::Background) | None => {}
+    }
+    let same = wanted.len() == current.len() && wanted.iter().all(|f| current.contains(f));
+    (!same).then_some(wanted)
 }
 
 impl DeleteOptions {
@@ -687,12 +760,32 @@ impl DeleteOptions {
             options.uid = value["preconditions"]["uid"].as_str().map(str::to_string);
             options.resource_version = precondition(&json!({"metadata": {
                 "resourceVersion": value["preconditions"]["resourceVersion"]}}))?;
+            let orphan = value["orphanDependents"].as_bool();
+            let policy = value["propagationPolicy"].as_str();
+            if orphan.is_some() && policy.is_some() {
+                return Err(both_policies());
+            }
+            options.propagation = match (orphan, policy) {
+                (Some(orphan), _) => Some(Propagation::from_orphan_dependents(orphan)),
+                (None, Some(policy)) => Some(Propagation::parse(policy)?),
+                (None, None) => None,
+            };
         }
         for (k, v) in parse_query(query) {
-            if k == "gracePeriodSeconds" {
-                options.grace_period = Some(v.parse().map_err(|_| {
-                    ApiError::bad_request(format!("invalid gracePeriodSeconds {v:?}"))
-                })?);
+            match k.as_str() {
+                "gracePeriodSeconds" => {
+                    options.grace_period = Some(v.parse().map_err(|_| {
+                        ApiError::bad_request(format!("invalid gracePeriodSeconds {v:?}"))
+                    })?);
+                }
+                "propagationPolicy" => options.propagation = Some(Propagation::parse(&v)?),
+                "orphanDependents" => {
+                    let orphan = v.parse().map_err(|_| {
+                        ApiError::bad_request(format!("invalid orphanDependents {v:?}"))
+                    })?;
+                    options.propagation = Some(Propagation::from_orphan_dependents(orphan));
+                }
+                _ => {}
             }
         }
         if options.grace_period.is_some_and(|g| g < 0) {
@@ -707,6 +800,18 @@ impl DeleteOptions {
         }
         Ok(options)
     }
+}
+
+fn both_policies() -> ApiError {
+    ApiError::invalid(
+        "DeleteOptions",
+        "",
+        vec![(
+            "propagationPolicy".into(),
+            "Invalid value: \"\": orphanDependents and deletionPropagation cannot be both set"
+                .into(),
+        )],
+    )
 }
 
 pub async fn delete(state: &ApiState, target: &Target, options: &DeleteOptions) -> ApiResult {
@@ -745,6 +850,19 @@ async fn delete_object(
         }
         let mut pending = current.clone();
         let terminating = meta.get("deletionTimestamp").is_some();
+        // The garbage collector's finalizers for the propagation policy; an object already
+        // being deleted still takes a changed policy.
+        let finalizers = gc_finalizers(meta, options.propagation);
+        let refinalized = finalizers.is_some();
+        if let Some(finalizers) = finalizers {
+            if finalizers.is_empty() {
+                if let Some(m) = pending["metadata"].as_object_mut() {
+                    m.remove("finalizers");
+                }
+            } else {
+                pending["metadata"]["finalizers"] = Value::Array(finalizers);
+            }
+        }
         let result = match resource.kind {
             "Namespace" => {
                 if PROTECTED_NAMESPACES.contains(&key.name.as_str()) {
@@ -753,12 +871,14 @@ async fn delete_object(
                         key.name
                     )));
                 }
-                if terminating {
+                if terminating && !refinalized {
                     return Ok((StatusCode::OK, current));
                 }
-                pending["metadata"]["deletionTimestamp"] = now().into();
-                pending["metadata"]["deletionGracePeriodSeconds"] = 0.into();
-                pending["status"]["phase"] = "Terminating".into();
+                if !terminating {
+                    pending["metadata"]["deletionTimestamp"] = now().into();
+                    pending["metadata"]["deletionGracePeriodSeconds"] = 0.into();
+                    pending["status"]["phase"] = "Terminating".into();
+                }
                 write_update(state, resource, key, &current, pending, revision).await
             }
             "Pod" => {
@@ -778,21 +898,26 @@ async fn delete_object(
                     0
                 };
                 let previous = meta["deletionGracePeriodSeconds"].as_i64();
-                if terminating && previous.is_some_and(|p| p <= grace) {
-                    // Already going, at least as fast.
+                // Already going at least as fast: only the finalizers may change.
+                let as_fast = terminating && previous.is_some_and(|p| p <= grace);
+                if as_fast && !refinalized {
                     return Ok((StatusCode::OK, current));
                 }
-                pending["metadata"]["deletionTimestamp"] =
-                    timestamp_in(grace.clamp(0, 365 * 86_400)).into();
-                pending["metadata"]["deletionGracePeriodSeconds"] = grace.into();
+                if !as_fast {
+                    pending["metadata"]["deletionTimestamp"] =
+                        timestamp_in(grace.clamp(0, 365 * 86_400)).into();
+                    pending["metadata"]["deletionGracePeriodSeconds"] = grace.into();
+                }
                 write_update(state, resource, key, &current, pending, revision).await
             }
             _ => {
-                if terminating {
+                if terminating && !refinalized {
                     return Ok((StatusCode::OK, current));
                 }
-                pending["metadata"]["deletionTimestamp"] = now().into();
-                pending["metadata"]["deletionGracePeriodSeconds"] = 0.into();
+                if !terminating {
+                    pending["metadata"]["deletionTimestamp"] = now().into();
+                    pending["metadata"]["deletionGracePeriodSeconds"] = 0.into();
+                }
                 write_update(state, resource, key, &current, pending, revision).await
             }
         };
@@ -1020,5 +1145,49 @@ mod tests {
         assert_eq!(o.grace_period, Some(0));
         assert!(DeleteOptions::parse(&Bytes::from_static(b"{"), "").is_err());
         assert!(DeleteOptions::parse(&Bytes::new(), "gracePeriodSeconds=-1").is_err());
+        let o = DeleteOptions::parse(
+            &Bytes::from_static(br#"{"propagationPolicy":"Foreground"}"#),
+            "",
+        )
+        .unwrap();
+        assert_eq!(o.propagation, Some(Propagation::Foreground));
+        let o =
+            DeleteOptions::parse(&Bytes::from_static(br#"{"orphanDependents":true}"#), "").unwrap();
+        assert_eq!(o.propagation, Some(Propagation::Orphan));
+        let o = DeleteOptions::parse(&Bytes::new(), "propagationPolicy=Background").unwrap();
+        assert_eq!(o.propagation, Some(Propagation::Background));
+        assert!(DeleteOptions::parse(&Bytes::new(), "propagationPolicy=Later").is_err());
+        assert!(DeleteOptions::parse(
+            &Bytes::from_static(br#"{"orphanDependents":true,"propagationPolicy":"Orphan"}"#),
+            ""
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn propagation_policies_set_the_garbage_collectors_finalizers() {
+        let meta = json!({"finalizers": ["example.com/keep"]});
+        assert_eq!(
+            gc_finalizers(&meta, Some(Propagation::Foreground)),
+            Some(vec![json!("example.com/keep"), json!("foregroundDeletion")])
+        );
+        assert_eq!(
+            gc_finalizers(&meta, Some(Propagation::Orphan)),
+            Some(vec![json!("example.com/keep"), json!("orphan")])
+        );
+        assert_eq!(gc_finalizers(&meta, Some(Propagation::Background)), None);
+        assert_eq!(gc_finalizers(&meta, None), None);
+        // Without a policy in the request, the object's own finalizer decides; a policy
+        // replaces it.
+        let orphaning = json!({"finalizers": ["orphan"]});
+        assert_eq!(gc_finalizers(&orphaning, None), None);
+        assert_eq!(
+            gc_finalizers(&orphaning, Some(Propagation::Background)),
+            Some(vec![])
+        );
+        assert_eq!(
+            gc_finalizers(&orphaning, Some(Propagation::Foreground)),
+            Some(vec![json!("foregroundDeletion")])
+        );
     }
 }

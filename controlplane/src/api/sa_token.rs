@@ -3,7 +3,10 @@
 //!
 //! Claims follow Kubernetes' bound tokens: `iss`, `sub` (`system:serviceaccount:NS:NAME`), `aud`,
 //! `exp`, `iat`, `nbf`, `jti` and `kubernetes.io` (namespace, service account name and uid, and the
-//! pod the token is bound to, if any).
+//! pod the token is bound to, if any). Legacy tokens, which the controller manager's token
+//! controller writes into `kubernetes.io/service-account-token` Secrets with the same key, are
+//! verified too: issuer `kubernetes/serviceaccount`, flat `kubernetes.io/serviceaccount/...`
+//! claims, no audience and no expiry.
 
 use std::path::Path;
 
@@ -43,6 +46,26 @@ pub struct TokenClaims {
     pub expires: i64,
 }
 
+/// The issuer of legacy (Secret-based) tokens, as kube-controller-manager writes them.
+pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+
+/// What a valid legacy token says: the Secret that holds it and the service account it names.
+/// It is good only while that Secret still holds it and the service account has that uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyClaims {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub secret: String,
+}
+
+/// A token this server's key signed, by kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifiedToken {
+    Bound(TokenClaims),
+    Legacy(LegacyClaims),
+}
+
 impl TokenSigner {
     /// Reads the PKCS#8 P-256 key at `path` (`--service-account-signing-key-file`), creating one
     /// there (0600) when the file does not exist.
@@ -74,7 +97,6 @@ impl TokenSigner {
 
     /// A signed token for `claims`, valid for the given audiences (the server's by default).
     pub fn issue(&self, claims: &TokenClaims, audiences: &[String], now: i64) -> Result<String> {
-        let header = json!({"alg": "ES256", "kid": self.key_id, "typ": "JWT"});
         let mut kubernetes = json!({
             "namespace": claims.namespace,
             "serviceaccount": {"name": claims.name, "uid": claims.uid},
@@ -97,6 +119,12 @@ impl TokenSigner {
             "jti": super::handlers::uid(),
             "kubernetes.io": kubernetes,
         });
+        self.sign(&payload)
+    }
+
+    /// `payload` as a JWT signed with this server's key.
+    fn sign(&self, payload: &Value) -> Result<String> {
+        let header = json!({"alg": "ES256", "kid": self.key_id, "typ": "JWT"});
         let signing_input = format!(
             "{}.{}",
             b64(header.to_string().as_bytes()),
@@ -109,8 +137,25 @@ impl TokenSigner {
         Ok(format!("{signing_input}.{}", b64(signature.as_ref())))
     }
 
-    /// Checks a token's signature, issuer, audience and lifetime; returns what it claims.
+    /// Checks a bound token's signature, issuer, audience and lifetime; returns what it claims.
     pub fn verify(&self, token: &str, now: i64) -> Result<TokenClaims, String> {
+        let claims = self.signed_claims(token)?;
+        self.bound_claims(&claims, now)
+    }
+
+    /// Checks a token of either kind: legacy when its issuer is [`LEGACY_ISSUER`] and it carries
+    /// no bound-token claims, bound otherwise. A legacy token still has to be checked against the
+    /// Secret and service account it names (see `auth::Authenticator`).
+    pub fn verify_any(&self, token: &str, now: i64) -> Result<VerifiedToken, String> {
+        let claims = self.signed_claims(token)?;
+        if claims["iss"] == LEGACY_ISSUER && claims.get("kubernetes.io").is_none() {
+            return legacy_claims(&claims, now).map(VerifiedToken::Legacy);
+        }
+        self.bound_claims(&claims, now).map(VerifiedToken::Bound)
+    }
+
+    /// The payload of a token whose signature this server's key made.
+    fn signed_claims(&self, token: &str) -> Result<Value, String> {
         let mut parts = token.split('.');
         let (Some(header), Some(payload), Some(sig), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -130,8 +175,12 @@ impl TokenSigner {
         public
             .verify(signed.as_bytes(), &unb64(sig)?)
             .map_err(|_| "invalid token signature".to_string())?;
-        let claims: Value = serde_json::from_slice(&unb64(payload)?)
-            .map_err(|_| "the token payload is not JSON".to_string())?;
+        serde_json::from_slice(&unb64(payload)?)
+            .map_err(|_| "the token payload is not JSON".to_string())
+    }
+
+    /// What a signed bound token claims, once its issuer, audience and lifetime are checked.
+    fn bound_claims(&self, claims: &Value, now: i64) -> Result<TokenClaims, String> {
         if claims["iss"] != self.issuer.as_str() {
             return Err(format!("token issuer {} is not trusted", claims["iss"]));
         }
@@ -171,6 +220,35 @@ impl TokenSigner {
     }
 }
 
+/// The claims of a legacy token, as kube-apiserver's legacy validator checks them: every
+/// `kubernetes.io/serviceaccount/...` claim present and `sub` naming the same service account.
+/// Such tokens have no expiry; one that carries `exp` or `nbf` is held to them.
+fn legacy_claims(claims: &Value, now: i64) -> Result<LegacyClaims, String> {
+    let text = |key: &str| claims[key].as_str().unwrap_or_default().to_string();
+    let out = LegacyClaims {
+        namespace: text("kubernetes.io/serviceaccount/namespace"),
+        name: text("kubernetes.io/serviceaccount/service-account.name"),
+        uid: text("kubernetes.io/serviceaccount/service-account.uid"),
+        secret: text("kubernetes.io/serviceaccount/secret.name"),
+    };
+    if out.namespace.is_empty() || out.name.is_empty() || out.uid.is_empty() {
+        return Err("the token names no service account".into());
+    }
+    if out.secret.is_empty() {
+        return Err("the token names no secret".into());
+    }
+    if text("sub") != format!("system:serviceaccount:{}:{}", out.namespace, out.name) {
+        return Err("the token's sub claim is invalid".into());
+    }
+    if claims["exp"].as_i64().is_some_and(|exp| now >= exp) {
+        return Err("the token has expired".into());
+    }
+    if claims["nbf"].as_i64().is_some_and(|nbf| now + 60 < nbf) {
+        return Err("the token is not valid yet".into());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +286,75 @@ mod tests {
         let again = TokenSigner::load_or_generate(&path, issuer, vec![issuer.into()]).unwrap();
         assert!(again.verify(&token, 1_500).is_ok());
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn legacy_tokens_verify_without_audience_or_expiry() {
+        let path = std::env::temp_dir().join(format!("seine-sa-legacy-{}.key", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let issuer = "https://kubernetes.default.svc.cluster.local";
+        let signer = TokenSigner::load_or_generate(&path, issuer, vec![issuer.into()]).unwrap();
+        let legacy = json!({
+            "iss": LEGACY_ISSUER,
+            "sub": "system:serviceaccount:apps:builder",
+            "kubernetes.io/serviceaccount/namespace": "apps",
+            "kubernetes.io/serviceaccount/secret.name": "builder-token",
+            "kubernetes.io/serviceaccount/service-account.name": "builder",
+            "kubernetes.io/serviceaccount/service-account.uid": "u1",
+        });
+        let token = signer.sign(&legacy).unwrap();
+        let expected = LegacyClaims {
+            namespace: "apps".into(),
+            name: "builder".into(),
+            uid: "u1".into(),
+            secret: "builder-token".into(),
+        };
+        // Valid at any time: legacy tokens do not expire.
+        assert_eq!(
+            signer.verify_any(&token, i64::MAX - 100).unwrap(),
+            VerifiedToken::Legacy(expected)
+        );
+        // The bound-token path does not take them (no audience, another issuer).
+        assert!(signer.verify(&token, 1_000).is_err());
+        // Bound tokens still verify through the same entry point.
+        let bound = TokenClaims {
+            namespace: "apps".into(),
+            name: "builder".into(),
+            uid: "u1".into(),
+            pod: None,
+            expires: 2_000,
+        };
+        let issued = signer.issue(&bound, &[], 1_000).unwrap();
+        assert_eq!(
+            signer.verify_any(&issued, 1_500).unwrap(),
+            VerifiedToken::Bound(bound)
+        );
+
+        // A sub that names another account, a missing claim, or an exp in the past: refused.
+        let mut other = legacy.clone();
+        other["sub"] = "system:serviceaccount:apps:admin".into();
+        let err = signer.verify_any(&signer.sign(&other).unwrap(), 1_000);
+        assert!(err.unwrap_err().contains("sub"));
+        let mut no_secret = legacy.clone();
+        no_secret["kubernetes.io/serviceaccount/secret.name"] = "".into();
+        let err = signer.verify_any(&signer.sign(&no_secret).unwrap(), 1_000);
+        assert!(err.unwrap_err().contains("secret"));
+        let mut expired = legacy.clone();
+        expired["exp"] = 500.into();
+        let err = signer.verify_any(&signer.sign(&expired).unwrap(), 1_000);
+        assert!(err.unwrap_err().contains("expired"));
+
+        // Signed with another key: refused.
+        let other_path = path.with_extension("other");
+        let _ = std::fs::remove_file(&other_path);
+        let stranger =
+            TokenSigner::load_or_generate(&other_path, issuer, vec![issuer.into()]).unwrap();
+        let foreign = stranger.sign(&legacy).unwrap();
+        assert!(signer
+            .verify_any(&foreign, 1_000)
+            .unwrap_err()
+            .contains("signature"));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&other_path);
     }
 }

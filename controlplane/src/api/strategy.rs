@@ -169,7 +169,10 @@ fn default_pod_spec(spec: &mut Value) {
     if !spec["tolerations"].is_array() {
         spec["tolerations"] = json!([]);
     }
-    for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
         let Some(list) = spec["tolerations"].as_array_mut() else {
             break;
         };
@@ -178,8 +181,10 @@ fn default_pod_spec(spec: &mut Value) {
                 && matches!(t["effect"].as_str(), None | Some("") | Some("NoExecute"))
         });
         if !tolerated {
-            list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute",
-                "tolerationSeconds": 300}));
+            list.push(
+                json!({"key": key, "operator": "Exists", "effect": "NoExecute",
+                "tolerationSeconds": 300}),
+            );
         }
     }
     for list in ["containers", "initContainers"] {

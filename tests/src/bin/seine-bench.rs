@@ -5,6 +5,8 @@
 //!
 //! `cni`: see `seine_tests::cni_bench` (plugin latency, leaks, pod-to-pod across and within nodes).
 //!
+//! `scheduler`: see `seine_tests::scheduler_bench` (seine-scheduler against the raw bind rate).
+//!
 //! `lb`, for the eBPF and the iptables datapath in the same run: short TCP connections per second and
 //! kept-alive request latency through a service VIP versus directly to the backend pod, with 1, 1,000
 //! and 10,000 services installed (the probe uses the last service inserted); the time to program
@@ -70,9 +72,11 @@ fn main() -> ExitCode {
         "apiserver" => seine_tests::apiserver_bench::run(&json),
         "cni" => seine_tests::cni_bench::run(&json),
         "dns" => seine_tests::dns_bench::run(&json),
+        "endpoints" => seine_tests::endpoints_bench::run(&json),
+        "scheduler" => seine_tests::scheduler_bench::run(&json),
         _ => {
             eprintln!(
-                "usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]\n       seine-bench apiserver [--json PATH]\n       seine-bench cni [--json PATH]\n       seine-bench dns [--json PATH]"
+                "usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]\n       seine-bench apiserver [--json PATH]\n       seine-bench cni [--json PATH]\n       seine-bench dns [--json PATH]\n       seine-bench endpoints [--json PATH]\n       seine-bench scheduler [--json PATH]"
             );
             return ExitCode::from(2);
         }
