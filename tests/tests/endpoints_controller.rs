@@ -276,3 +276,60 @@ fn slices_and_endpoints_follow_pods() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_second_controller_manager_takes_over_when_the_leader_stops() {
+    let etcd = Etcd::start().unwrap();
+    let api = ApiServer::start(&etcd).unwrap();
+    let flags = [
+        "--controllers",
+        "endpointslice",
+        "--leader-elect-lease-duration",
+        "4s",
+        "--leader-elect-renew-deadline",
+        "3s",
+        "--leader-elect-retry-period",
+        "500ms",
+    ];
+    let mut first = Daemon::controller_manager(&api, &flags).unwrap();
+    wait_until(Duration::from_secs(10), || first.leads()).expect("the first replica leads");
+    let second = Daemon::controller_manager(&api, &flags).unwrap();
+    let (code, out) = api
+        .post(
+            "/api/v1/namespaces/default/services",
+            &json!({"metadata": {"name": "web"},
+                    "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{out}");
+    pod(&api, "web-1", json!({"app": "web"}), json!({}));
+    status(&api, "web-1", "10.244.1.1", true);
+    until("the leader's slice", &api, &first, || {
+        endpoints(&api, "web").len() == 1
+    });
+    assert!(!second.leads(), "one leader at a time");
+    let holder = |api: &ApiServer| {
+        api.get(
+            "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/kube-controller-manager",
+        )
+        .unwrap()
+        .1["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let before = holder(&api);
+    assert!(!before.is_empty());
+
+    // SIGTERM: the leader gives the Lease up and exits 0; the other replica takes over.
+    let status_code = first.process.stop().unwrap();
+    assert!(status_code.success(), "{status_code}: {}", first.log_text());
+    wait_until(Duration::from_secs(10), || second.leads())
+        .unwrap_or_else(|_| panic!("no takeover:\n{}", second.log_text()));
+    assert_ne!(holder(&api), before);
+    pod(&api, "web-2", json!({"app": "web"}), json!({}));
+    status(&api, "web-2", "10.244.1.2", true);
+    until("the new leader's work", &api, &second, || {
+        endpoints(&api, "web").len() == 2
+    });
+}

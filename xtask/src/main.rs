@@ -627,6 +627,8 @@ fn lab(root: &Path, action: LabAction) -> Result<()> {
         "-p",
         "seine-controlplane",
         "-p",
+        "seine-controllers",
+        "-p",
         "seine-dns",
         "-p",
         "seine-tests",

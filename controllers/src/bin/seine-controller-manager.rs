@@ -206,6 +206,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Flags that are wrong are reported now, not once this replica leads.
+    if names.contains("nodeipam") && args.allocate_node_cidrs {
+        if let Err(e) = ipam::CidrSet::new(&args.cluster_cidr, args.node_cidr_mask_size) {
+            eprintln!("seine-controller-manager: --cluster-cidr/--node-cidr-mask-size: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let daemon_args = args.daemon.clone();
     daemon::main(
         "kube-controller-manager",

@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use seine_tests::{
     apiserver::ApiServer,
     cni::{plugin_config, Underlay},
+    controllers::Daemon,
     dns::{DnsPorts, SeineDns},
     etcd::Etcd,
     sh, Node,
@@ -145,6 +146,31 @@ fn up() -> Result<()> {
     pids.push(dns.process.pid());
     files.extend(dns.files());
     let dns_corefile = dns.corefile.display().to_string();
+
+    // The controllers and the scheduler, as API clients with leader election. Node lifecycle is
+    // left out: the lab's nodes have agents but no kubelets to heartbeat.
+    println!("lab: seine-controller-manager and seine-scheduler");
+    let key = apiserver.cert_dir.join("sa.key");
+    let ca = apiserver.cert_dir.join("ca.crt");
+    let manager = Daemon::controller_manager(
+        &apiserver,
+        &[
+            "--controllers",
+            "*,-nodelifecycle",
+            "--service-account-private-key-file",
+            &key.display().to_string(),
+            "--root-ca-file",
+            &ca.display().to_string(),
+        ],
+    )?;
+    let scheduler = Daemon::scheduler(&apiserver, &[])?;
+    for daemon in [&manager, &scheduler] {
+        pids.push(daemon.process.pid());
+        files.extend(daemon.files());
+    }
+    let (manager_port, manager_log) = (manager.port, manager.process.log.display().to_string());
+    std::mem::forget(manager);
+    std::mem::forget(scheduler);
 
     let underlay = Underlay::create(PREFIX)?;
     namespaces.push(underlay.ns.name.clone());
@@ -289,6 +315,9 @@ fn up() -> Result<()> {
          \x20 kubectl get nodes -o custom-columns=NAME:.metadata.name,POD-CIDR:.spec.podCIDR,VTEP:.metadata.annotations.seine\\.io/vtep-ip\n\
          \x20 kubectl delete node node-2        # node-1's agent removes its route and VTEP\n\
          \x20 kubectl auth can-i list pods --as=system:kube-scheduler\n\
+         \x20 kubectl create namespace team-a; kubectl get serviceaccounts,configmaps -n team-a   # default SA, kube-root-ca.crt\n\
+         \x20 kubectl get endpointslices -A; kubectl get leases -n kube-system   # controllers and their leader Leases\n\
+         \x20 curl -s 127.0.0.1:{manager_port}/metrics | grep ^seine_controller; tail {manager_log}\n\
          \nRemove it all with: cargo xtask lab down"
     );
     Ok(())
@@ -340,6 +369,8 @@ fn down(verbose: bool) -> Result<()> {
             "seine-echo",
             "seine-apiserver",
             "seine-dns",
+            "seine-controller-manager",
+            "seine-scheduler",
             "etcd",
             STATE_DIR,
         ];
