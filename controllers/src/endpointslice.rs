@@ -404,30 +404,24 @@ async fn sync(ctx: &Ctx, key: &Key) -> anyhow::Result<Synced> {
         count(ctx, "EndpointSlice", "delete");
         expect(ctx, key, Expect::SliceGone { name });
     }
+    let wrote = |written: EndpointSlice, operation: &str| {
+        count(ctx, "EndpointSlice", operation);
+        let (name, version) = (written.name_any(), version(&written.metadata));
+        expect(ctx, key, Expect::Slice { name, version });
+    };
     for slice in plan.update {
-        let written = slice_api
-            .replace(&slice.name_any(), &PostParams::default(), &slice)
-            .await?;
-        count(ctx, "EndpointSlice", "update");
-        expect(
-            ctx,
-            key,
-            Expect::Slice {
-                name: written.name_any(),
-                version: version(&written.metadata),
-            },
+        let name = slice.name_any();
+        wrote(
+            slice_api
+                .replace(&name, &PostParams::default(), &slice)
+                .await?,
+            "update",
         );
     }
     for slice in plan.create {
-        let written = slice_api.create(&PostParams::default(), &slice).await?;
-        count(ctx, "EndpointSlice", "create");
-        expect(
-            ctx,
-            key,
-            Expect::Slice {
-                name: written.name_any(),
-                version: version(&written.metadata),
-            },
+        wrote(
+            slice_api.create(&PostParams::default(), &slice).await?,
+            "create",
         );
     }
 
@@ -447,30 +441,22 @@ async fn sync(ctx: &Ctx, key: &Key) -> anyhow::Result<Synced> {
             let written = endpoints_api
                 .replace(&key.1, &PostParams::default(), &next)
                 .await?;
-            count(ctx, "Endpoints", "update");
-            expect(
-                ctx,
-                key,
-                Expect::Endpoints {
-                    version: version(&written.metadata),
-                },
-            );
+            wrote_endpoints(ctx, key, &written, "update");
         }
         None => {
             let written = endpoints_api
                 .create(&PostParams::default(), &wanted)
                 .await?;
-            count(ctx, "Endpoints", "create");
-            expect(
-                ctx,
-                key,
-                Expect::Endpoints {
-                    version: version(&written.metadata),
-                },
-            );
+            wrote_endpoints(ctx, key, &written, "create");
         }
     }
     Ok(Synced::Done)
+}
+
+fn wrote_endpoints(ctx: &Ctx, key: &Key, written: &Endpoints, operation: &str) {
+    count(ctx, "Endpoints", operation);
+    let version = version(&written.metadata);
+    expect(ctx, key, Expect::Endpoints { version });
 }
 
 async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
@@ -667,8 +653,7 @@ fn plan_slices(
     let labels = slice_labels(service);
     let owners = vec![owner(service)];
     // Desired endpoints by group, then by address.
-    let mut groups: BTreeMap<String, Group> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
     for d in desired {
         let kind = address_type(&d.ip);
         groups
