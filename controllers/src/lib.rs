@@ -3,7 +3,13 @@
 
 pub mod daemon;
 pub mod endpointslice;
+pub mod gc;
 pub mod ipam;
+pub mod job;
 pub mod leader;
 pub mod metrics;
+pub mod namespace;
+pub mod nodelifecycle;
 pub mod queue;
+pub mod scheduler;
+pub mod serviceaccount;

@@ -12,8 +12,10 @@ pub mod cni_bench;
 pub mod controllers;
 pub mod dns;
 pub mod dns_bench;
+pub mod endpoints_bench;
 pub mod etcd;
 pub mod objects;
+pub mod scheduler_bench;
 pub mod stats;
 
 use std::{

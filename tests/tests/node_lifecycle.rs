@@ -281,10 +281,8 @@ fn checks(api: &ApiServer) {
     );
 
     // Evictions: a 1 s toleration runs out; 300 s and no limit do not (within this test).
-    wait_until(Duration::from_secs(10), || {
-        terminating(api, "silent-short")
-    })
-    .unwrap_or_else(|_| panic!("silent-short not evicted:\n{}", cm.log_text()));
+    wait_until(Duration::from_secs(10), || terminating(api, "silent-short"))
+        .unwrap_or_else(|_| panic!("silent-short not evicted:\n{}", cm.log_text()));
     assert!(!terminating(api, "silent-web"));
     assert!(!terminating(api, "silent-forever"));
     assert!(!terminating(api, "alive-web"));
