@@ -297,6 +297,14 @@ fn checks(api: &ApiServer) {
         ])
         .unwrap();
     assert!(!events.trim().is_empty(), "an eviction event");
+    // As `kubectl get events` shows it.
+    let table = api.kubectl_ok(&["get", "events"]).unwrap();
+    assert!(
+        table.lines().any(|l| l.contains("TaintManagerEviction")
+            && l.contains("pod/silent-short")
+            && l.contains("Marking for deletion Pod default/silent-short")),
+        "{table}"
+    );
 
     // The kubelet is back: the taints go.
     renew(api, "silent");

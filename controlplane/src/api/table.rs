@@ -71,8 +71,61 @@ pub fn wanted(accept: &str) -> bool {
         .any(|part| part.contains("as=Table") && part.contains("g=meta.k8s.io"))
 }
 
+fn object_cell(o: &Value, include_object: &str) -> Value {
+    match include_object {
+        "None" => Value::Null,
+        "Object" => o.clone(),
+        _ => json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                    "metadata": o["metadata"]}),
+    }
+}
+
+/// Events as kubectl shows them: last seen, type, reason, object, message (no name column).
+fn render_events(items: &[Value], resource_version: &str, include_object: &str) -> Value {
+    let now = chrono::Utc::now();
+    let definitions = vec![
+        column("Last Seen", "string", ""),
+        column("Type", "string", ""),
+        column("Reason", "string", ""),
+        column("Object", "string", ""),
+        column("Message", "string", ""),
+    ];
+    let rows: Vec<Value> = items
+        .iter()
+        .map(|o| {
+            let seen = ["lastTimestamp", "eventTime", "firstTimestamp"]
+                .iter()
+                .find_map(|f| o[*f].as_str())
+                .or(o["metadata"]["creationTimestamp"].as_str())
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| human_duration((now - t.with_timezone(&chrono::Utc)).num_seconds()))
+                .unwrap_or_else(|| "<unknown>".into());
+            let involved = &o["involvedObject"];
+            let object = format!(
+                "{}/{}",
+                involved["kind"].as_str().unwrap_or_default().to_lowercase(),
+                involved["name"].as_str().unwrap_or_default()
+            );
+            let row = vec![
+                json!(seen),
+                text(&o["type"]),
+                text(&o["reason"]),
+                json!(object),
+                json!(o["message"].as_str().unwrap_or_default()),
+            ];
+            json!({"cells": row, "object": object_cell(o, include_object)})
+        })
+        .collect();
+    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+           "metadata": {"resourceVersion": resource_version},
+           "columnDefinitions": definitions, "rows": rows})
+}
+
 /// The Table of `items` of `kind`; `include_object` is the request's `includeObject`.
 pub fn render(kind: &str, items: &[Value], resource_version: &str, include_object: &str) -> Value {
+    if kind == "Event" {
+        return render_events(items, resource_version, include_object);
+    }
     let (columns, cells): Columns = match kind {
         "Namespace" => (&[("Status", "string")], |o| {
             vec![text(&o["status"]["phase"])]
@@ -285,13 +338,7 @@ pub fn render(kind: &str, items: &[Value], resource_version: &str, include_objec
                 .unwrap_or_else(|| "<unknown>".into());
             row.push(json!(age));
             row.extend(wide_cells(o));
-            let object = match include_object {
-                "None" => Value::Null,
-                "Object" => o.clone(),
-                _ => json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                            "metadata": o["metadata"]}),
-            };
-            json!({"cells": row, "object": object})
+            json!({"cells": row, "object": object_cell(o, include_object)})
         })
         .collect();
     json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1",
@@ -377,5 +424,25 @@ mod tests {
             "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
         ));
         assert!(!wanted("application/json"));
+    }
+
+    #[test]
+    fn events_show_type_reason_object_and_message() {
+        let event = json!({"metadata": {"name": "web.1", "creationTimestamp": "2020-01-01T00:00:00Z"},
+                           "type": "Warning", "reason": "FailedScheduling",
+                           "involvedObject": {"kind": "Pod", "name": "web"},
+                           "message": "0/1 nodes are available"});
+        let table = render("Event", &[event], "5", "");
+        let names: Vec<&str> = table["columnDefinitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["Last Seen", "Type", "Reason", "Object", "Message"]);
+        let cells = &table["rows"][0]["cells"];
+        assert_eq!(cells[1], "Warning");
+        assert_eq!(cells[3], "pod/web");
+        assert_eq!(cells[4], "0/1 nodes are available");
     }
 }
