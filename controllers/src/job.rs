@@ -6,9 +6,10 @@
 //! `succeeded`/`failed`, so no pod is counted twice or lost, whatever deletes it.
 //!
 //! Every sync reads the Job and its pods live (the API server's lists are consistent reads), so
-//! pods just created or deleted are always seen and no expectations are needed. Only the
-//! NonIndexed completion mode is handled; podFailurePolicy, successPolicy, backoffLimitPerIndex
-//! and pod adoption are not.
+//! pods just created or deleted are always seen and no expectations are needed. Both completion
+//! modes are handled: an Indexed Job's pods each carry an index and its succeeded indexes are
+//! kept in `status.completedIndexes`. podFailurePolicy, successPolicy, backoffLimitPerIndex and
+//! pod adoption are not.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -20,7 +21,7 @@ use futures::{future::join_all, StreamExt as _};
 use k8s_openapi::{
     api::{
         batch::v1::{Job, JobCondition, JobStatus, UncountedTerminatedPods},
-        core::v1::Pod,
+        core::v1::{Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod},
     },
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference, Time},
     jiff::{SignedDuration, Timestamp},
@@ -44,6 +45,12 @@ use crate::metrics;
 pub const TRACKING_FINALIZER: &str = "batch.kubernetes.io/job-tracking";
 /// The selector label kube-apiserver gives a Job's pod template.
 pub const CONTROLLER_UID_LABEL: &str = "batch.kubernetes.io/controller-uid";
+/// An Indexed Job's pod's completion index: an annotation (what the controller reads) and a label.
+pub const COMPLETION_INDEX_KEY: &str = "batch.kubernetes.io/job-completion-index";
+/// The environment variable every container of an Indexed Job's pod reads its index from.
+const COMPLETION_INDEX_ENV: &str = "JOB_COMPLETION_INDEX";
+/// The longest generateName the API server can append its random suffix to.
+const MAX_GENERATE_NAME_LENGTH: usize = 58;
 /// Pods created or deleted in one sync at most (kube's MaxPodCreateDeletePerSync).
 const MAX_POD_CHANGES_PER_SYNC: usize = 500;
 /// The delay before a failed pod is replaced, doubling per failure since the last success.
@@ -58,6 +65,9 @@ const REASON_BACKOFF_LIMIT: &str = "BackoffLimitExceeded";
 const MESSAGE_BACKOFF_LIMIT: &str = "Job has reached the specified backoff limit";
 const REASON_DEADLINE: &str = "DeadlineExceeded";
 const MESSAGE_DEADLINE: &str = "Job was active longer than specified deadline";
+const REASON_INVALID_SPEC: &str = "InvalidSpec";
+const MESSAGE_INDEXED_WITHOUT_COMPLETIONS: &str =
+    "spec.completions: Required value: when completion mode is Indexed";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -499,6 +509,141 @@ fn past_backoff_limit_on_failure(job: &Job, pods: &[&Pod], limit: i32) -> bool {
     }
 }
 
+/// A pod's completion index, from its annotation (kube's getCompletionIndex).
+fn completion_index(pod: &Pod) -> Option<i32> {
+    pod.annotations()
+        .get(COMPLETION_INDEX_KEY)?
+        .parse::<i32>()
+        .ok()
+        .filter(|i| *i >= 0)
+}
+
+/// Completion indexes as `status.completedIndexes` writes them (`"0-2,4,6-7"`): sorted,
+/// disjoint, non-adjacent inclusive intervals, so a million indexes stay one short string.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct IndexIntervals(Vec<(i32, i32)>);
+
+impl IndexIntervals {
+    /// Reads the status field, keeping only indexes below `completions`; malformed parts are
+    /// dropped (kube's parseIndexesFromString).
+    fn parse(text: &str, completions: i32) -> Self {
+        let mut intervals = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let bounds = match part.split_once('-') {
+                Some((first, last)) => first.parse::<i32>().ok().zip(last.parse::<i32>().ok()),
+                None => part.parse::<i32>().ok().map(|i| (i, i)),
+            };
+            let Some((first, last)) = bounds else {
+                warn!(
+                    part,
+                    "job controller: ignoring a malformed part of completedIndexes"
+                );
+                continue;
+            };
+            if first < 0 || last < first || first >= completions {
+                continue;
+            }
+            intervals.push((first, last.min(completions - 1)));
+        }
+        IndexIntervals(intervals).merged()
+    }
+
+    /// These intervals with `indexes` added.
+    fn with(&self, indexes: impl IntoIterator<Item = i32>) -> Self {
+        let mut intervals = self.0.clone();
+        intervals.extend(indexes.into_iter().map(|i| (i, i)));
+        IndexIntervals(intervals).merged()
+    }
+
+    fn merged(mut self) -> Self {
+        self.0.sort_unstable();
+        let mut out: Vec<(i32, i32)> = Vec::with_capacity(self.0.len());
+        for (first, last) in self.0 {
+            match out.last_mut() {
+                Some(prev) if first <= prev.1.saturating_add(1) => prev.1 = prev.1.max(last),
+                _ => out.push((first, last)),
+            }
+        }
+        IndexIntervals(out)
+    }
+
+    fn contains(&self, index: i32) -> bool {
+        let at = self.0.partition_point(|(_, last)| *last < index);
+        self.0.get(at).is_some_and(|(first, _)| *first <= index)
+    }
+
+    fn total(&self) -> i32 {
+        self.0.iter().map(|(first, last)| last - first + 1).sum()
+    }
+}
+
+impl std::fmt::Display for IndexIntervals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (n, (first, last)) in self.0.iter().enumerate() {
+            if n > 0 {
+                f.write_str(",")?;
+            }
+            if first == last {
+                write!(f, "{first}")?;
+            } else {
+                write!(f, "{first}-{last}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The lowest `count` indexes below `completions` neither succeeded nor `taken` by a pod
+/// (kube's firstPendingIndexes).
+fn first_pending_indexes(
+    succeeded: &IndexIntervals,
+    taken: &HashSet<i32>,
+    count: usize,
+    completions: i32,
+) -> Vec<i32> {
+    (0..completions)
+        .filter(|i| !succeeded.contains(*i) && !taken.contains(i))
+        .take(count)
+        .collect()
+}
+
+/// The active pods to delete, first first: for an Indexed Job (`completions` given) every pod
+/// without a valid index and all but the best pod of each index, then, to reach `at_least`,
+/// the others in `removal_order` (kube's activePodsForRemoval).
+fn pods_to_remove<'a>(
+    active: &[&'a Pod],
+    at_least: usize,
+    indexed_completions: Option<i32>,
+) -> Vec<&'a Pod> {
+    let mut remove: Vec<&Pod> = Vec::new();
+    let mut left: Vec<&Pod> = Vec::new();
+    match indexed_completions {
+        None => left.extend(active.iter().copied()),
+        Some(completions) => {
+            let mut by_index: BTreeMap<i32, Vec<&Pod>> = BTreeMap::new();
+            for pod in active.iter().copied() {
+                match completion_index(pod).filter(|i| *i < completions) {
+                    Some(i) => by_index.entry(i).or_default().push(pod),
+                    None => remove.push(pod),
+                }
+            }
+            for mut same in by_index.into_values() {
+                same.sort_by(|a, b| removal_order(a, b));
+                if let Some(keep) = same.pop() {
+                    left.push(keep);
+                }
+                remove.extend(same);
+            }
+        }
+    }
+    if remove.len() < at_least {
+        left.sort_by(|a, b| removal_order(a, b));
+        let more = (at_least - remove.len()).min(left.len());
+        remove.extend(left.into_iter().take(more));
+    }
+    remove
+}
+
 /// What a sync decided to finish the Job with: the interim condition (SuccessCriteriaMet or
 /// FailureTarget) and the final one it becomes once every pod is counted and gone.
 #[derive(Clone)]
@@ -559,10 +704,11 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
     let name = job.name_any();
     let namespace = job.namespace().unwrap_or_default();
     let uid = job.metadata.uid.clone().unwrap_or_default();
-    if spec.completion_mode.as_deref() == Some("Indexed") {
-        warn!(job = %format!("{namespace}/{name}"), "job controller: Indexed completion mode is not supported; the Job is left alone");
-        return Ok(Action::await_change());
-    }
+    // Indexed pods are told apart by index below completions; kube-apiserver refuses an
+    // Indexed Job without completions, and such a Job fails here (below) without any pod.
+    let indexed = spec.completion_mode.as_deref() == Some("Indexed");
+    let index_limit = if indexed { spec.completions } else { None };
+    let valid_index = |p: &Pod| completion_index(p).filter(|i| index_limit.is_some_and(|c| *i < c));
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let selector = spec.selector.clone().unwrap_or_default();
     let server_selector: Vec<String> = selector
@@ -600,21 +746,41 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
         .filter(|p| !is_terminal(p) && p.metadata.deletion_timestamp.is_some())
         .count() as i32;
     let mut ready = active_pods.iter().filter(|p| is_ready(p)).count() as i32;
+    // An Indexed Job's pods without a valid index count neither way (kube's getValidPodsWithFilter).
+    let countable = |p: &&Pod| !indexed || valid_index(p).is_some();
     let new_succeeded: Vec<&Pod> = owned
         .iter()
         .copied()
         .filter(|p| has_tracking_finalizer(p) && phase(p) == "Succeeded")
         .filter(|p| !uncounted_succeeded.contains(&uid_of(p)))
+        .filter(countable)
         .collect();
     let new_failed: Vec<&Pod> = owned
         .iter()
         .copied()
         .filter(|p| has_tracking_finalizer(p) && is_failed(p, replace_only_failed))
         .filter(|p| !uncounted_failed.contains(&uid_of(p)))
+        .filter(countable)
         .collect();
-    let succeeded = status.succeeded.unwrap_or(0)
-        + new_succeeded.len() as i32
-        + uncounted_succeeded.len() as i32;
+    // An Indexed Job counts succeeded indexes, not pods: they go straight into
+    // completedIndexes, so a second success of an index is never counted.
+    let previous_indexes = IndexIntervals::parse(
+        status.completed_indexes.as_deref().unwrap_or_default(),
+        index_limit.unwrap_or(0),
+    );
+    let completed_indexes = previous_indexes.with(
+        new_succeeded
+            .iter()
+            .filter(|p| !uncounted_failed.contains(&uid_of(p)))
+            .filter_map(|p| valid_index(p)),
+    );
+    let succeeded = if indexed {
+        completed_indexes.total()
+    } else {
+        status.succeeded.unwrap_or(0)
+            + new_succeeded.len() as i32
+            + uncounted_succeeded.len() as i32
+    };
     let failed =
         status.failed.unwrap_or(0) + new_failed.len() as i32 + uncounted_failed.len() as i32;
     let backoff = ctx
@@ -648,6 +814,13 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
             interim: target.clone(),
             success: false,
         });
+    } else if indexed && spec.completions.is_none() {
+        warn!(job = %format!("{namespace}/{name}"), "job controller: an Indexed Job needs completions; failing it");
+        finish = Some(Finish::failure(
+            REASON_INVALID_SPEC,
+            MESSAGE_INDEXED_WITHOUT_COMPLETIONS,
+            now,
+        ));
     } else if failed > backoff_limit
         || past_backoff_limit_on_failure(&job, &active_pods, backoff_limit)
     {
@@ -691,16 +864,15 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
         if job.metadata.deletion_timestamp.is_none() {
             managed = true;
             let parallelism = spec.parallelism.unwrap_or(1);
-            let mut removable = active_pods.clone();
-            removable.sort_by(|a, b| removal_order(a, b));
-            let remove = if suspended {
+            let remove_at_least = if suspended {
                 active as usize
             } else {
                 (active - wanted_active(spec.completions, parallelism, succeeded, active)).max(0)
                     as usize
             };
-            if remove > 0 {
-                let chosen = &removable[..remove.min(MAX_POD_CHANGES_PER_SYNC)];
+            let removable = pods_to_remove(&active_pods, remove_at_least, index_limit);
+            if !removable.is_empty() {
+                let chosen = &removable[..removable.len().min(MAX_POD_CHANGES_PER_SYNC)];
                 let (deleted, deleted_ready, error) = delete_pods(&pods_api, chosen).await;
                 active -= deleted.len() as i32;
                 terminating += deleted.len() as i32;
@@ -716,9 +888,38 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
                     if wait > Duration::ZERO {
                         requeue = Some(requeue.map_or(wait, |r| r.min(wait)));
                     } else {
-                        let (created, error) =
-                            create_pods(&pods_api, &job, missing.min(MAX_POD_CHANGES_PER_SYNC))
-                                .await;
+                        let count = missing.min(MAX_POD_CHANGES_PER_SYNC);
+                        let new_pods: Vec<Pod> = match index_limit {
+                            // One pod per index still missing, lowest first.
+                            Some(completions) => {
+                                let mut taken: HashSet<i32> = active_pods
+                                    .iter()
+                                    .filter_map(|p| completion_index(p))
+                                    .collect();
+                                if replace_only_failed {
+                                    taken.extend(
+                                        owned
+                                            .iter()
+                                            .filter(|p| {
+                                                !is_terminal(p)
+                                                    && p.metadata.deletion_timestamp.is_some()
+                                            })
+                                            .filter_map(|p| completion_index(p)),
+                                    );
+                                }
+                                first_pending_indexes(
+                                    &completed_indexes,
+                                    &taken,
+                                    count,
+                                    completions,
+                                )
+                                .into_iter()
+                                .map(|i| pod_from_template(&job, Some(i)))
+                                .collect()
+                            }
+                            None => vec![pod_from_template(&job, None); count],
+                        };
+                        let (created, error) = create_pods(&pods_api, &job, &new_pods).await;
                         active += created as i32;
                         manage_error = error;
                     }
@@ -773,16 +974,26 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
         }
         release.push(pod);
         if phase(pod) == "Succeeded" && !uncounted_failed.contains(&pod_uid) {
-            if !uncounted_succeeded.contains(&pod_uid) {
+            // An Indexed Job's success is in completed_indexes already.
+            if !indexed && !uncounted_succeeded.contains(&pod_uid) {
                 uncounted_succeeded.push(pod_uid);
                 flush = true;
             }
         } else if (considered_failed || failing || deleted_now.contains(&pod_uid))
             && !uncounted_failed.contains(&pod_uid)
+            && (!indexed || valid_index(pod).is_some())
         {
             uncounted_failed.push(pod_uid);
             flush = true;
         }
+    }
+    if indexed {
+        let text = completed_indexes.to_string();
+        if status.completed_indexes.as_deref().unwrap_or_default() != text {
+            flush = true;
+        }
+        status.completed_indexes = (!text.is_empty()).then_some(text);
+        status.succeeded = (succeeded > 0).then_some(succeeded);
     }
     let mut final_condition: Option<JobCondition> = None;
     if let Some(f) = &finish {
@@ -849,7 +1060,9 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
     );
     let mut flush = moved != (0, 0);
     if flush {
-        let s = status.succeeded.unwrap_or(0) + moved.0 as i32;
+        // An Indexed Job's succeeded is its completed indexes, set above.
+        let moved_succeeded = if indexed { 0 } else { moved.0 as i32 };
+        let s = status.succeeded.unwrap_or(0) + moved_succeeded;
         let f = status.failed.unwrap_or(0) + moved.1 as i32;
         status.succeeded = (s > 0).then_some(s);
         status.failed = (f > 0).then_some(f);
@@ -949,14 +1162,33 @@ async fn delete_pods(pods: &Api<Pod>, targets: &[&Pod]) -> (Vec<String>, i32, Op
     (deleted, deleted_ready, error)
 }
 
-/// A pod of the Job's template, owned by it, with the tracking finalizer.
-fn pod_from_template(job: &Job) -> Pod {
+/// A pod of the Job's template, owned by it, with the tracking finalizer; with an index, the
+/// pod of that completion index (kube's: annotation, label, env var, hostname and name).
+fn pod_from_template(job: &Job, index: Option<i32>) -> Pod {
     let template = job
         .spec
         .as_ref()
         .map(|s| s.template.clone())
         .unwrap_or_default();
-    let meta = template.metadata.unwrap_or_default();
+    let mut meta = template.metadata.unwrap_or_default();
+    let mut spec = template.spec;
+    let mut generate_name = format!("{}-", job.name_any());
+    if let Some(index) = index {
+        meta.annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(COMPLETION_INDEX_KEY.into(), index.to_string());
+        meta.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(COMPLETION_INDEX_KEY.into(), index.to_string());
+        if let Some(spec) = spec.as_mut() {
+            spec.hostname = Some(format!("{}-{index}", job.name_any()));
+            let init = spec.init_containers.iter_mut().flatten();
+            for container in spec.containers.iter_mut().chain(init) {
+                add_completion_index_env(container);
+            }
+        }
+        generate_name = indexed_generate_name(&job.name_any(), index);
+    }
     let mut finalizers = meta.finalizers.unwrap_or_default();
     if !finalizers.iter().any(|f| f == TRACKING_FINALIZER) {
         finalizers.push(TRACKING_FINALIZER.into());
@@ -971,7 +1203,7 @@ fn pod_from_template(job: &Job) -> Pod {
     };
     Pod {
         metadata: ObjectMeta {
-            generate_name: Some(format!("{}-", job.name_any())),
+            generate_name: Some(generate_name),
             namespace: job.namespace(),
             labels: meta.labels,
             annotations: meta.annotations,
@@ -979,21 +1211,59 @@ fn pod_from_template(job: &Job) -> Pod {
             owner_references: Some(vec![owner]),
             ..ObjectMeta::default()
         },
-        spec: template.spec,
+        spec,
         status: None,
     }
 }
 
-/// Creates `count` pods in batches of 1, 2, 4, ... (kube's slow start: a template the server
-/// refuses fails once, not `count` times); returns how many were created and the first error.
-async fn create_pods(pods: &Api<Pod>, job: &Job, count: usize) -> (usize, Option<JobError>) {
-    let pod = pod_from_template(job);
+/// `<job>-<index>-`, the Job's name cut so the server's random suffix still fits (kube's
+/// podGenerateNameWithIndex).
+fn indexed_generate_name(job: &str, index: i32) -> String {
+    let suffix = format!("-{index}-");
+    let mut keep = MAX_GENERATE_NAME_LENGTH
+        .saturating_sub(suffix.len())
+        .min(job.len());
+    while !job.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}{suffix}", &job[..keep])
+}
+
+/// `JOB_COMPLETION_INDEX` from the pod's index annotation, unless the container sets it itself
+/// (kube's addCompletionIndexEnvVariable).
+fn add_completion_index_env(container: &mut Container) {
+    let env = container.env.get_or_insert_with(Vec::new);
+    if env.iter().any(|e| e.name == COMPLETION_INDEX_ENV) {
+        return;
+    }
+    env.push(EnvVar {
+        name: COMPLETION_INDEX_ENV.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: None,
+                field_path: format!("metadata.annotations['{COMPLETION_INDEX_KEY}']"),
+            }),
+            ..EnvVarSource::default()
+        }),
+    });
+}
+
+/// Creates `new_pods` in batches of 1, 2, 4, ... (kube's slow start: a template the server
+/// refuses fails once, not once per pod); returns how many were created and the first error.
+async fn create_pods(pods: &Api<Pod>, job: &Job, new_pods: &[Pod]) -> (usize, Option<JobError>) {
+    let count = new_pods.len();
     let params = PostParams::default();
     let mut created = 0;
     let mut batch = 1;
     while created < count {
         let size = batch.min(count - created);
-        let outcomes = join_all((0..size).map(|_| pods.create(&params, &pod))).await;
+        let outcomes = join_all(
+            new_pods[created..created + size]
+                .iter()
+                .map(|pod| pods.create(&params, pod)),
+        )
+        .await;
         let mut errors = Vec::new();
         for outcome in outcomes {
             match outcome {
@@ -1148,6 +1418,125 @@ mod tests {
         ));
         assert_eq!(conditions.len(), 1);
         assert_eq!(conditions[0].status, "False");
+    }
+
+    fn indexed(phase_: &str, ready: bool, index: Option<&str>, created_secs: i64) -> Pod {
+        let mut p = pod(phase_, Some("n1"), ready, created_secs);
+        p.metadata.annotations = index.map(|i| {
+            [(COMPLETION_INDEX_KEY.to_string(), i.to_string())]
+                .into_iter()
+                .collect()
+        });
+        p
+    }
+
+    #[test]
+    fn completed_indexes_read_and_write_kubes_interval_form() {
+        let parsed = IndexIntervals::parse("0-2,4,6-7", 10);
+        assert_eq!(parsed.to_string(), "0-2,4,6-7");
+        assert_eq!(parsed.total(), 6);
+        assert!(parsed.contains(0) && parsed.contains(2) && parsed.contains(7));
+        assert!(!parsed.contains(3) && !parsed.contains(5) && !parsed.contains(8));
+        assert_eq!(parsed.with([3, 5, 9]).to_string(), "0-7,9");
+        assert_eq!(IndexIntervals::default().to_string(), "");
+        assert_eq!(IndexIntervals::default().with([1, 0, 1]).to_string(), "0-1");
+        assert_eq!(
+            IndexIntervals::parse("x,3-1,-2,5-9,1", 7).to_string(),
+            "1,5-6",
+            "malformed parts dropped, out-of-range indexes cut"
+        );
+    }
+
+    #[test]
+    fn pending_indexes_are_the_lowest_not_succeeded_nor_running() {
+        let succeeded = IndexIntervals::parse("0,3", 6);
+        let taken: HashSet<i32> = [1].into_iter().collect();
+        assert_eq!(first_pending_indexes(&succeeded, &taken, 2, 6), vec![2, 4]);
+        assert_eq!(
+            first_pending_indexes(&succeeded, &taken, 9, 6),
+            vec![2, 4, 5]
+        );
+    }
+
+    #[test]
+    fn indexed_pods_without_a_valid_index_or_with_a_twin_are_removed_first() {
+        let ready_0 = indexed("Running", true, Some("0"), 10);
+        let pending_0 = indexed("Pending", false, Some("0"), 20);
+        let no_index = indexed("Running", true, None, 10);
+        let out_of_range = indexed("Running", true, Some("4"), 10);
+        let one = indexed("Running", true, Some("1"), 10);
+        let active = [&ready_0, &pending_0, &no_index, &out_of_range, &one];
+        let removed = pods_to_remove(&active, 0, Some(4));
+        assert_eq!(removed.len(), 3);
+        assert!(removed.iter().any(|p| std::ptr::eq(*p, &pending_0)));
+        assert!(!removed.iter().any(|p| std::ptr::eq(*p, &ready_0)));
+        assert_eq!(pods_to_remove(&active, 4, Some(4)).len(), 4);
+        assert_eq!(pods_to_remove(&active, 2, None).len(), 2);
+    }
+
+    #[test]
+    fn an_indexed_pod_carries_its_index_everywhere_kube_puts_it() {
+        use k8s_openapi::api::{batch::v1::JobSpec, core::v1::PodTemplateSpec};
+        let job = Job {
+            metadata: ObjectMeta {
+                name: Some("work".into()),
+                namespace: Some("default".into()),
+                uid: Some("u1".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(JobSpec {
+                completion_mode: Some("Indexed".into()),
+                completions: Some(3),
+                template: PodTemplateSpec {
+                    metadata: None,
+                    spec: Some(PodSpec {
+                        subdomain: Some("svc".into()),
+                        containers: vec![Container {
+                            name: "main".into(),
+                            ..Container::default()
+                        }],
+                        init_containers: Some(vec![Container {
+                            name: "init".into(),
+                            env: Some(vec![EnvVar {
+                                name: COMPLETION_INDEX_ENV.into(),
+                                value: Some("own".into()),
+                                value_from: None,
+                            }]),
+                            ..Container::default()
+                        }]),
+                        ..PodSpec::default()
+                    }),
+                },
+                ..JobSpec::default()
+            }),
+            status: None,
+        };
+        let p = pod_from_template(&job, Some(2));
+        assert_eq!(completion_index(&p), Some(2));
+        assert_eq!(
+            p.labels().get(COMPLETION_INDEX_KEY).map(String::as_str),
+            Some("2")
+        );
+        assert_eq!(p.metadata.generate_name.as_deref(), Some("work-2-"));
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.hostname.as_deref(), Some("work-2"));
+        assert_eq!(spec.subdomain.as_deref(), Some("svc"));
+        let env = spec.containers[0].env.clone().unwrap();
+        assert_eq!(env[0].name, COMPLETION_INDEX_ENV);
+        assert_eq!(
+            env[0]
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("metadata.annotations['batch.kubernetes.io/job-completion-index']")
+        );
+        let init_env = spec.init_containers.unwrap()[0].env.clone().unwrap();
+        assert_eq!(init_env.len(), 1, "a container's own variable is kept");
+        let plain = pod_from_template(&job, None);
+        assert_eq!(plain.metadata.generate_name.as_deref(), Some("work-"));
+        assert!(completion_index(&plain).is_none());
+        assert_eq!(indexed_generate_name(&"a".repeat(70), 12).len(), 58);
     }
 
     #[test]

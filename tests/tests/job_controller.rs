@@ -300,3 +300,119 @@ fn jobs_fail_past_their_backoff_limit_or_deadline_and_their_pods_go() {
         .unwrap();
     assert_eq!(shown.trim(), "DeadlineExceeded");
 }
+
+/// An Indexed Job's pod's completion index, after checking it is everywhere kube puts it:
+/// annotation, label, hostname, generateName and each container's environment.
+fn completion_index(job: &str, pod: &Value) -> i64 {
+    const KEY: &str = "batch.kubernetes.io/job-completion-index";
+    let meta = &pod["metadata"];
+    let index = meta["annotations"][KEY]
+        .as_str()
+        .and_then(|i| i.parse::<i64>().ok())
+        .unwrap_or_else(|| panic!("no completion index annotation: {pod}"));
+    assert_eq!(meta["labels"][KEY], index.to_string(), "{pod}");
+    assert_eq!(meta["generateName"], format!("{job}-{index}-"), "{pod}");
+    assert_eq!(pod["spec"]["hostname"], format!("{job}-{index}"), "{pod}");
+    for container in pod["spec"]["containers"].as_array().into_iter().flatten() {
+        let env = container["env"].as_array().cloned().unwrap_or_default();
+        assert!(
+            env.iter().any(|e| e["name"] == "JOB_COMPLETION_INDEX"
+                && e["valueFrom"]["fieldRef"]["fieldPath"]
+                    == format!("metadata.annotations['{KEY}']")),
+            "no JOB_COMPLETION_INDEX: {pod}"
+        );
+    }
+    index
+}
+
+#[test]
+fn an_indexed_job_runs_one_pod_per_index_and_completes_when_every_index_succeeded() {
+    let c = Cluster::start("job");
+    c.create_job(
+        "indexed",
+        json!({"completions": 4, "parallelism": 2, "completionMode": "Indexed"}),
+    );
+    let indexes = |pods: &[Value]| {
+        let mut indexes: Vec<i64> = pods
+            .iter()
+            .map(|p| completion_index("indexed", p))
+            .collect();
+        indexes.sort();
+        indexes
+    };
+
+    // The lowest indexes first, one pod each.
+    c.wait("the first pods", || c.active("indexed").len() == 2);
+    let first = c.active("indexed");
+    assert_eq!(indexes(&first), vec![0, 1]);
+    let pod_of = |index: i64| {
+        first
+            .iter()
+            .find(|p| completion_index("indexed", p) == index)
+            .cloned()
+            .unwrap()
+    };
+
+    // Index 1 fails and index 0 succeeds: index 1 gets a new pod, index 2 its first. (The
+    // success after the failure resets the pod failure backoff, as in kube, so the new pod is
+    // not held back 10 s.)
+    let failed = pod_of(1);
+    c.finish(&failed, "Failed");
+    c.finish(&pod_of(0), "Succeeded");
+    c.wait("index 1 again and index 2", || {
+        let active = c.active("indexed");
+        active.len() == 2 && indexes(&active) == vec![1, 2]
+    });
+    let retry = c
+        .active("indexed")
+        .into_iter()
+        .find(|p| completion_index("indexed", p) == 1)
+        .unwrap();
+    assert_ne!(retry["metadata"]["name"], failed["metadata"]["name"]);
+    c.wait("the failure and the success counted", || {
+        let status = c.job("indexed")["status"].clone();
+        status["failed"] == 1 && status["succeeded"] == 1 && status["completedIndexes"] == "0"
+    });
+
+    // The rest succeed one at a time; never more than two run, never two for one index.
+    let mut done = 1;
+    while done < 4 {
+        let active = c.active("indexed");
+        assert!(active.len() <= 2, "over parallelism: {active:?}");
+        let running = indexes(&active);
+        let mut distinct = running.clone();
+        distinct.dedup();
+        assert_eq!(running, distinct, "two pods for one index: {active:?}");
+        if let Some(pod) = active.first() {
+            c.finish(pod, "Succeeded");
+            done += 1;
+            let want = done;
+            c.wait("the success counted", || {
+                c.job("indexed")["status"]["succeeded"].as_i64() == Some(want)
+            });
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    c.wait("the Job complete", || {
+        condition(&c.job("indexed"), "Complete").is_some()
+    });
+    let job = c.job("indexed");
+    let status = &job["status"];
+    assert_eq!(status["completedIndexes"], "0-3", "{status}");
+    assert_eq!(status["succeeded"], 4, "{status}");
+    assert_eq!(status["failed"], 1, "{status}");
+    assert!(status["active"].is_null(), "{status}");
+    assert_eq!(
+        c.pods("indexed").len(),
+        5,
+        "one pod per index and one retry"
+    );
+    for pod in c.pods("indexed") {
+        let finalizers = pod["metadata"]["finalizers"].as_array().cloned();
+        assert!(
+            finalizers.unwrap_or_default().is_empty(),
+            "counted pods are released: {pod}"
+        );
+    }
+}
