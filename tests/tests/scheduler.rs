@@ -1,7 +1,8 @@
 //! seine-scheduler against a real etcd and seine-apiserver, as a user sees it: where `kubectl get
 //! pod` says each pod runs, the FailedScheduling warnings in kube-scheduler's words, the
 //! PodScheduled condition, pods placed once the cluster changes to fit them, a Service's pods
-//! spread over the nodes, and a standby replica taking over from a stopped leader.
+//! spread over the nodes, topology spread constraints over zones, and a standby replica taking
+//! over from a stopped leader.
 //!
 //! Nodes only ever change to admit more pods while pods are pending, so that no placement
 //! depends on how soon the scheduler sees a change.
@@ -682,6 +683,58 @@ fn a_services_pods_spread_over_nodes_the_least_allocated_would_not_choose() {
             ("small-1".into(), 2),
             ("small-2".into(), 2)
         ])
+    );
+}
+
+#[test]
+fn do_not_schedule_topology_spread_evens_out_zones_and_needs_the_key_on_nodes() {
+    let c = cluster(|api| {
+        for (name, zone) in [("a1", "a"), ("a2", "a"), ("b1", "b")] {
+            let labels = json!({"topology.kubernetes.io/zone": zone});
+            add_node(
+                api,
+                name,
+                NodeSpec {
+                    labels,
+                    ..Default::default()
+                },
+            );
+        }
+    });
+    let spread = |key: &str| {
+        json!({"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": key,
+            "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "web"}}}]})
+    };
+    // Created together: each decision counts the pods assumed before it.
+    for i in 0..4 {
+        add_pod(
+            &c.api,
+            &format!("web-{i}"),
+            json!({"app": "web"}),
+            spread("topology.kubernetes.io/zone"),
+        );
+    }
+    let mut per_zone: BTreeMap<&str, usize> = BTreeMap::new();
+    for i in 0..4 {
+        let node = node_of(&c, &format!("web-{i}"));
+        *per_zone
+            .entry(if node == "b1" { "b" } else { "a" })
+            .or_default() += 1;
+    }
+    assert_eq!(per_zone, BTreeMap::from([("a", 2), ("b", 2)]));
+
+    add_pod(
+        &c.api,
+        "racked",
+        json!({"app": "web"}),
+        spread("example.com/rack"),
+    );
+    expect_failed_scheduling(
+        &c,
+        "racked",
+        "0/3 nodes are available: 3 node(s) didn't match pod topology spread constraints \
+         (missing required label). preemption: 0/3 nodes are available: \
+         3 Preemption is not helpful for scheduling.",
     );
 }
 

@@ -1,7 +1,8 @@
 //! The filters that decide whether a pod may run on a node, in kube-scheduler's order and with
 //! its reasons word for word: NodeUnschedulable, TaintToleration (readiness included),
-//! NodeAffinity (nodeSelector and required affinity), NodePorts, NodeResourcesFit and
-//! InterPodAffinity. A node is rejected by the first filter that fails, as in kube-scheduler.
+//! NodeAffinity (nodeSelector and required affinity), NodePorts, NodeResourcesFit,
+//! PodTopologySpread and InterPodAffinity. A node is rejected by the first filter that fails,
+//! as in kube-scheduler.
 
 use std::collections::HashSet;
 
@@ -12,6 +13,7 @@ use super::{
     node::{NodeInfo, UNSCHEDULABLE},
     pod::PodInfo,
     selector::{term_matches, tolerated, Labels},
+    topology_spread::SpreadFilter,
 };
 
 pub const UNSCHEDULABLE_REASON: &str = "node(s) were unschedulable";
@@ -31,6 +33,7 @@ pub enum Plugin {
     NodeAffinity,
     NodePorts,
     NodeResourcesFit,
+    PodTopologySpread,
     InterPodAffinity,
 }
 
@@ -44,7 +47,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(plugin: Plugin, reason: impl Into<String>, unresolvable: bool) -> Self {
+    pub(super) fn new(plugin: Plugin, reason: impl Into<String>, unresolvable: bool) -> Self {
         Rejection {
             plugin,
             reasons: vec![reason.into()],
@@ -71,6 +74,7 @@ struct AffinityState {
 /// The filters, prepared for one pod against the cluster.
 pub struct Filters<'a> {
     pod: &'a PodInfo,
+    spread: Option<SpreadFilter>,
     affinity: Option<AffinityState>,
 }
 
@@ -80,6 +84,7 @@ impl<'a> Filters<'a> {
         let needed = pod.has_affinity_terms() || cluster.has_pods_with_terms();
         Filters {
             pod,
+            spread: SpreadFilter::new(pod, cluster, skip),
             affinity: needed.then(|| affinity_state(pod, cluster, skip)),
         }
     }
@@ -127,6 +132,9 @@ impl<'a> Filters<'a> {
             return Err(Rejection::new(Plugin::NodePorts, NODE_PORTS_REASON, false));
         }
         resources_fit(pod, node, usage)?;
+        if let Some(spread) = &self.spread {
+            spread.check(node)?;
+        }
         if let Some(state) = &self.affinity {
             self.inter_pod_affinity(state, node)?;
         }
@@ -193,7 +201,7 @@ impl<'a> Filters<'a> {
     }
 }
 
-fn node_affinity_matches(pod: &PodInfo, node: &NodeInfo) -> bool {
+pub(super) fn node_affinity_matches(pod: &PodInfo, node: &NodeInfo) -> bool {
     let selector_ok = pod
         .node_selector
         .iter()

@@ -15,6 +15,7 @@ pub mod queue;
 pub mod report;
 pub mod score;
 pub mod selector;
+pub mod topology_spread;
 
 use std::{
     collections::HashSet,
@@ -368,13 +369,14 @@ impl Scheduler {
                 self.queue.remove(&key);
             }
             match self.cluster.set_assigned(pod) {
-                // A new pod may be what another's affinity waits for.
-                PodChange::Added => {
-                    self.retry_unschedulable(|p| p.contains(&Plugin::InterPodAffinity))
-                }
-                PodChange::Updated {
+                // A new pod may be what another's affinity waits for, or even out the
+                // domains another's spread constraints wait on.
+                PodChange::Added
+                | PodChange::Updated {
                     labels_changed: true,
-                } => self.retry_unschedulable(|p| p.contains(&Plugin::InterPodAffinity)),
+                } => self.retry_unschedulable(|p| {
+                    p.contains(&Plugin::InterPodAffinity) || p.contains(&Plugin::PodTopologySpread)
+                }),
                 PodChange::Updated { .. } => {}
             }
             return;

@@ -1,6 +1,6 @@
 //! What the scheduler reads of a Pod, parsed once per change: its requests (as the kubelet will
-//! account them), host ports, tolerations, node selector and affinity, and whether it is this
-//! scheduler's to place.
+//! account them), host ports, tolerations, node selector and affinity, topology spread
+//! constraints, and whether it is this scheduler's to place.
 
 use std::{
     collections::BTreeSet,
@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
 use super::{
     quantity::{milli_value, Resources},
     selector::{Labels, Requirement, Selector},
+    topology_spread::SpreadConstraint,
 };
 
 /// kube-scheduler's stand-ins for a container that requests no CPU or memory, used only to
@@ -154,6 +155,7 @@ pub struct PodInfo {
     pub preferred_node_affinity: Vec<(i32, NodeSelectorTerm)>,
     pub required_affinity: Vec<AffinityTerm>,
     pub required_anti_affinity: Vec<AffinityTerm>,
+    pub topology_spread: Vec<SpreadConstraint>,
     /// A hash of everything scheduling reads (spec and labels): a status-only change leaves
     /// it as it was.
     pub fingerprint: u64,
@@ -345,6 +347,12 @@ impl PodInfo {
                 .collect(),
             required_affinity,
             required_anti_affinity,
+            topology_spread: spec
+                .topology_spread_constraints
+                .iter()
+                .flatten()
+                .filter_map(|c| SpreadConstraint::parse(c, &labels))
+                .collect(),
             fingerprint: hasher.finish(),
             condition,
             problems,

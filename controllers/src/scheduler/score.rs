@@ -1,19 +1,22 @@
 //! Ranking the nodes that passed the filters, with kube-scheduler's default scores and
 //! weights: least allocated (1) and balanced allocation (1) of CPU and memory, the spread of a
-//! Service's pods across nodes and zones (2, as SelectorSpread computed it), PreferNoSchedule
-//! taints (3) and preferred node affinity (2). Every score is 0..=100 before its weight.
+//! Service's pods across nodes and zones (2, as SelectorSpread computed it), the pod's
+//! ScheduleAnyway topology spread constraints (2), PreferNoSchedule taints (3) and preferred
+//! node affinity (2). Every score is 0..=100 before its weight.
 
 use super::{
     cluster::{Cluster, NodeUsage},
     node::NodeInfo,
     pod::PodInfo,
     selector::{term_matches, tolerates, Selector},
+    topology_spread,
 };
 
 pub const MAX_NODE_SCORE: i64 = 100;
 const LEAST_ALLOCATED_WEIGHT: i64 = 1;
 const BALANCED_ALLOCATION_WEIGHT: i64 = 1;
 const SPREAD_WEIGHT: i64 = 2;
+const TOPOLOGY_SPREAD_WEIGHT: i64 = 2;
 const TAINT_WEIGHT: i64 = 3;
 const NODE_AFFINITY_WEIGHT: i64 = 2;
 const ZONE: &str = "topology.kubernetes.io/zone";
@@ -170,6 +173,7 @@ pub fn scores(pod: &PodInfo, nodes: &[(&NodeInfo, &NodeUsage)], cluster: &Cluste
         .collect();
     normalize(&mut affinity, false);
     let spread = spread(pod, nodes, cluster);
+    let topology_spread = topology_spread::scores(pod, nodes, cluster);
     nodes
         .iter()
         .enumerate()
@@ -177,6 +181,7 @@ pub fn scores(pod: &PodInfo, nodes: &[(&NodeInfo, &NodeUsage)], cluster: &Cluste
             LEAST_ALLOCATED_WEIGHT * least_allocated(pod, node, usage)
                 + BALANCED_ALLOCATION_WEIGHT * balanced_allocation(pod, node, usage)
                 + SPREAD_WEIGHT * spread[i]
+                + TOPOLOGY_SPREAD_WEIGHT * topology_spread[i]
                 + TAINT_WEIGHT * taints[i]
                 + NODE_AFFINITY_WEIGHT * affinity[i]
         })
