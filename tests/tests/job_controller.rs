@@ -116,6 +116,26 @@ fn a_job_runs_at_most_parallelism_pods_until_its_completions_succeed() {
 
     // Its pods: from the template, owned by the Job, held by the tracking finalizer.
     c.wait("the first pods", || c.active("three").len() == 2);
+
+    // `kubectl create job` (a protobuf body) works as well.
+    c.api
+        .kubectl_ok(&[
+            "create",
+            "job",
+            "typed",
+            "--image=busybox",
+            "--",
+            "echo",
+            "hi",
+        ])
+        .unwrap();
+    c.wait("the kubectl job's pod", || c.pods("typed").len() == 1);
+    let typed = &c.pods("typed")[0];
+    assert_eq!(
+        typed["spec"]["containers"][0]["command"],
+        json!(["echo", "hi"])
+    );
+    assert_eq!(typed["spec"]["restartPolicy"], "Never");
     let pod = &c.pods("three")[0];
     assert_eq!(pod["metadata"]["generateName"], "three-");
     assert_eq!(

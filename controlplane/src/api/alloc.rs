@@ -250,7 +250,7 @@ async fn plan(
             out.push(p);
         }
         spec["ports"] = Value::Array(out);
-    } else if let Some(ports) = spec["ports"].as_array_mut() {
+    } else if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
         for p in ports {
             if let Some(p) = p.as_object_mut() {
                 p.remove("nodePort");

@@ -1,7 +1,7 @@
 //! Request bodies in Kubernetes' protobuf encoding (`application/vnd.kubernetes.protobuf`), which
 //! kubectl's typed commands send (`kubectl create configmap|secret|serviceaccount|namespace|token|
-//! role|rolebinding`, `kubectl auth can-i`, `kubectl auth whoami`): decoded to the JSON the rest
-//! of the server works with. Responses stay JSON, which those clients also accept.
+//! role|rolebinding|job`, `kubectl auth can-i`, `kubectl auth whoami`): decoded to the JSON the
+//! rest of the server works with. Responses stay JSON, which those clients also accept.
 //!
 //! The envelope is the magic `k8s\0` followed by a `runtime.Unknown` message (type meta and the
 //! raw object). Objects are decoded with field tables for the kinds those commands send (field
@@ -18,11 +18,17 @@ enum Ty {
     /// Bytes, as JSON's base64.
     Bytes,
     Int,
+    /// An integer Go writes even when zero, where zero means "not set" (metadata.generation).
+    Count,
     Bool,
     /// meta/v1 Time (seconds, nanos) as RFC 3339.
     Time,
     IntOrString,
     Msg(&'static [Field]),
+    /// A message whose every non-zero field must be known: one this server cannot read is refused
+    /// (415) rather than dropped. Go's encoding writes every non-pointer field, so zero values
+    /// (empty strings, lists and messages, 0, false) of unknown fields pass.
+    Strict(&'static str, &'static [Field]),
     MapStr,
     MapBytes,
 }
@@ -68,7 +74,7 @@ const OBJECT_META: &[Field] = &[
     f(3, "namespace", Ty::Str),
     f(5, "uid", Ty::Str),
     f(6, "resourceVersion", Ty::Str),
-    f(7, "generation", Ty::Int),
+    f(7, "generation", Ty::Count),
     f(8, "creationTimestamp", Ty::Time),
     f(9, "deletionTimestamp", Ty::Time),
     f(10, "deletionGracePeriodSeconds", Ty::Int),
@@ -255,6 +261,111 @@ const ROLE_BINDING: &[Field] = &[
     ),
 ];
 
+// batch/v1 Job as `kubectl create job` sends it: the pod template's fields a Job commonly sets
+// are read; any other non-zero field of the spec, the template's spec or a container is refused.
+const LABEL_SELECTOR: &[Field] = &[
+    f(1, "matchLabels", Ty::MapStr),
+    list(
+        2,
+        "matchExpressions",
+        Ty::Msg(&[
+            f(1, "key", Ty::Str),
+            f(2, "operator", Ty::Str),
+            list(3, "values", Ty::Str),
+        ]),
+    ),
+];
+
+const CONTAINER: &[Field] = &[
+    f(1, "name", Ty::Str),
+    f(2, "image", Ty::Str),
+    list(3, "command", Ty::Str),
+    list(4, "args", Ty::Str),
+    f(5, "workingDir", Ty::Str),
+    list(
+        6,
+        "ports",
+        Ty::Strict(
+            "ContainerPort",
+            &[
+                f(1, "name", Ty::Str),
+                f(2, "hostPort", Ty::Int),
+                f(3, "containerPort", Ty::Int),
+                f(4, "protocol", Ty::Str),
+                f(5, "hostIP", Ty::Str),
+            ],
+        ),
+    ),
+    list(
+        7,
+        "env",
+        Ty::Strict("EnvVar", &[f(1, "name", Ty::Str), f(2, "value", Ty::Str)]),
+    ),
+    f(13, "terminationMessagePath", Ty::Str),
+    f(14, "imagePullPolicy", Ty::Str),
+    f(20, "terminationMessagePolicy", Ty::Str),
+];
+
+const TOLERATION: &[Field] = &[
+    f(1, "key", Ty::Str),
+    f(2, "operator", Ty::Str),
+    f(3, "value", Ty::Str),
+    f(4, "effect", Ty::Str),
+    f(5, "tolerationSeconds", Ty::Int),
+];
+
+const POD_SPEC: &[Field] = &[
+    list(2, "containers", Ty::Strict("Container", CONTAINER)),
+    f(3, "restartPolicy", Ty::Str),
+    f(4, "terminationGracePeriodSeconds", Ty::Int),
+    f(5, "activeDeadlineSeconds", Ty::Int),
+    f(6, "dnsPolicy", Ty::Str),
+    f(7, "nodeSelector", Ty::MapStr),
+    f(8, "serviceAccountName", Ty::Str),
+    f(10, "nodeName", Ty::Str),
+    f(16, "hostname", Ty::Str),
+    f(17, "subdomain", Ty::Str),
+    f(19, "schedulerName", Ty::Str),
+    list(20, "initContainers", Ty::Strict("Container", CONTAINER)),
+    list(22, "tolerations", Ty::Strict("Toleration", TOLERATION)),
+    f(24, "priorityClassName", Ty::Str),
+];
+
+const JOB: &[Field] = &[
+    f(1, "metadata", Ty::Msg(OBJECT_META)),
+    f(
+        2,
+        "spec",
+        Ty::Strict(
+            "JobSpec",
+            &[
+                f(1, "parallelism", Ty::Int),
+                f(2, "completions", Ty::Int),
+                f(3, "activeDeadlineSeconds", Ty::Int),
+                f(4, "selector", Ty::Msg(LABEL_SELECTOR)),
+                f(5, "manualSelector", Ty::Bool),
+                f(
+                    6,
+                    "template",
+                    Ty::Strict(
+                        "PodTemplateSpec",
+                        &[
+                            f(1, "metadata", Ty::Msg(OBJECT_META)),
+                            f(2, "spec", Ty::Strict("PodSpec", POD_SPEC)),
+                        ],
+                    ),
+                ),
+                f(7, "backoffLimit", Ty::Int),
+                f(8, "ttlSecondsAfterFinished", Ty::Int),
+                f(9, "completionMode", Ty::Str),
+                f(10, "suspend", Ty::Bool),
+                f(14, "podReplacementPolicy", Ty::Str),
+                f(15, "managedBy", Ty::Str),
+            ],
+        ),
+    ),
+];
+
 fn schema(kind: &str) -> Option<&'static [Field]> {
     Some(match kind {
         "ConfigMap" => CONFIG_MAP,
@@ -269,6 +380,7 @@ fn schema(kind: &str) -> Option<&'static [Field]> {
         "TokenReview" => TOKEN_REVIEW,
         "Role" | "ClusterRole" => ROLE,
         "RoleBinding" | "ClusterRoleBinding" => ROLE_BINDING,
+        "Job" => JOB,
         _ => return None,
     })
 }
@@ -314,7 +426,7 @@ pub fn decode(body: &[u8]) -> Result<Value, DecodeError> {
         }
     }
     let fields = schema(&kind).ok_or_else(|| DecodeError::Unsupported(format!("kind {kind:?}")))?;
-    let mut object = message(raw, fields)?;
+    let mut object = message(raw, fields, None)?;
     object.insert("apiVersion".into(), api_version.into());
     object.insert("kind".into(), kind.into());
     Ok(Value::Object(object))
@@ -381,12 +493,23 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn message(bytes: &[u8], fields: &[Field]) -> Result<Map<String, Value>, DecodeError> {
+/// Decodes one message; `strict` names it when its unknown non-zero fields are refused.
+fn message(
+    bytes: &[u8],
+    fields: &[Field],
+    strict: Option<&str>,
+) -> Result<Map<String, Value>, DecodeError> {
     let mut out = Map::new();
     let mut reader = Reader(bytes);
     let malformed = DecodeError::Malformed;
     while let Some((tag, wire)) = reader.field().map_err(malformed)? {
         let Some(field) = fields.iter().find(|f| f.tag == tag) else {
+            let zero = matches!(wire, Wire::Varint(0) | Wire::Len([]));
+            if let (Some(name), false) = (strict, zero) {
+                return Err(DecodeError::Unsupported(format!(
+                    "{name} field {tag} in protobuf (send application/json)"
+                )));
+            }
             continue;
         };
         let value = match (field.ty, wire) {
@@ -395,13 +518,18 @@ fn message(bytes: &[u8], fields: &[Field]) -> Result<Map<String, Value>, DecodeE
             (Ty::Str, Wire::Len(v)) => Value::String(utf8(v)?),
             (Ty::Bytes, Wire::Len(v)) => base64::engine::general_purpose::STANDARD.encode(v).into(),
             (Ty::Int, Wire::Varint(v)) => json!(v as i64),
+            (Ty::Count, Wire::Varint(0)) => continue,
+            (Ty::Count, Wire::Varint(v)) => json!(v as i64),
             (Ty::Bool, Wire::Varint(v)) => json!(v != 0),
             (Ty::Time, Wire::Len(v)) => {
-                let time = message(v, &[f(1, "seconds", Ty::Int)])?;
-                let seconds = time.get("seconds").and_then(Value::as_i64).unwrap_or(0);
-                chrono::DateTime::from_timestamp(seconds, 0)
-                    .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-                    .map_or(Value::Null, Value::String)
+                let time = message(v, &[f(1, "seconds", Ty::Int)], None)?;
+                // Go writes a zero Time (an unset creationTimestamp) as an empty message.
+                match time.get("seconds").and_then(Value::as_i64) {
+                    None | Some(0) => continue,
+                    Some(seconds) => chrono::DateTime::from_timestamp(seconds, 0)
+                        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                        .map_or(Value::Null, Value::String),
+                }
             }
             (Ty::IntOrString, Wire::Len(v)) => {
                 let parts = message(
@@ -411,6 +539,7 @@ fn message(bytes: &[u8], fields: &[Field]) -> Result<Map<String, Value>, DecodeE
                         f(2, "intVal", Ty::Int),
                         f(3, "strVal", Ty::Str),
                     ],
+                    None,
                 )?;
                 if parts.get("type").and_then(Value::as_i64) == Some(1) {
                     parts.get("strVal").cloned().unwrap_or_default()
@@ -418,14 +547,17 @@ fn message(bytes: &[u8], fields: &[Field]) -> Result<Map<String, Value>, DecodeE
                     parts.get("intVal").cloned().unwrap_or(json!(0))
                 }
             }
-            (Ty::Msg(inner), Wire::Len(v)) => Value::Object(message(v, inner)?),
+            (Ty::Msg(inner), Wire::Len(v)) => Value::Object(message(v, inner, None)?),
+            (Ty::Strict(name, inner), Wire::Len(v)) => {
+                Value::Object(message(v, inner, Some(name))?)
+            }
             (ty @ (Ty::MapStr | Ty::MapBytes), Wire::Len(v)) => {
                 let value_ty = if matches!(ty, Ty::MapStr) {
                     Ty::Str
                 } else {
                     Ty::Bytes
                 };
-                let entry = message(v, &[f(1, "k", Ty::Str), f(2, "v", value_ty)])?;
+                let entry = message(v, &[f(1, "k", Ty::Str), f(2, "v", value_ty)], None)?;
                 let key = entry
                     .get("k")
                     .and_then(Value::as_str)
@@ -518,6 +650,67 @@ mod tests {
             json!({"apiVersion": "v1", "kind": "ConfigMap", "immutable": true,
                    "metadata": {"name": "web", "labels": {"app": "web"}},
                    "data": {"a": "1", "b": "2"}})
+        );
+    }
+
+    /// A Job as Go encodes it: every non-pointer field written, zero or not.
+    fn job(extra_pod_spec_field: Option<(u64, &[u8])>) -> Vec<u8> {
+        let mut container = Vec::new();
+        bytes(1, b"hello", &mut container);
+        bytes(2, b"busybox", &mut container);
+        bytes(3, b"echo", &mut container);
+        bytes(3, b"hi", &mut container);
+        bytes(5, b"", &mut container); // workingDir
+        bytes(8, b"", &mut container); // resources {}
+        key(16, 0, &mut container); // stdin false
+        varint(0, &mut container);
+        let mut pod_spec = Vec::new();
+        bytes(2, &container, &mut pod_spec);
+        bytes(3, b"Never", &mut pod_spec);
+        key(11, 0, &mut pod_spec); // hostNetwork false
+        varint(0, &mut pod_spec);
+        if let Some((tag, value)) = extra_pod_spec_field {
+            bytes(tag, value, &mut pod_spec);
+        }
+        let mut template_meta = Vec::new();
+        bytes(8, b"", &mut template_meta); // a zero creationTimestamp
+        key(7, 0, &mut template_meta); // generation 0
+        varint(0, &mut template_meta);
+        let mut template = Vec::new();
+        bytes(1, &template_meta, &mut template);
+        bytes(2, &pod_spec, &mut template);
+        let mut spec = Vec::new();
+        key(7, 0, &mut spec); // backoffLimit 0: set, and kept
+        varint(0, &mut spec);
+        bytes(6, &template, &mut spec);
+        let mut meta = Vec::new();
+        bytes(1, b"hello", &mut meta);
+        let mut object = Vec::new();
+        bytes(1, &meta, &mut object);
+        bytes(2, &spec, &mut object);
+        envelope("batch/v1", "Job", &object)
+    }
+
+    #[test]
+    fn jobs_decode_as_kubectl_create_job_sends_them_and_unknown_fields_are_refused() {
+        let value = decode(&job(None)).unwrap();
+        assert_eq!(
+            value,
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "hello"},
+                   "spec": {"backoffLimit": 0, "template": {"metadata": {}, "spec": {
+                       "containers": [{"name": "hello", "image": "busybox",
+                                       "command": ["echo", "hi"]}],
+                       "restartPolicy": "Never"}}}})
+        );
+        // An empty field this server does not read is Go's zero value: nothing is lost.
+        assert!(decode(&job(Some((18, b"")))).is_ok());
+        // A set one (affinity, field 18) would be lost: refused.
+        let refused = decode(&job(Some((18, b"\x0a\x00"))));
+        assert_eq!(
+            refused,
+            Err(DecodeError::Unsupported(
+                "PodSpec field 18 in protobuf (send application/json)".into()
+            ))
         );
     }
 

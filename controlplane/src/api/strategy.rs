@@ -188,7 +188,7 @@ fn default_pod_spec(spec: &mut Value) {
         }
     }
     for list in ["containers", "initContainers"] {
-        if let Some(containers) = spec[list].as_array_mut() {
+        if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
             for c in containers {
                 let image = c["image"].as_str().unwrap_or_default();
                 let tag = image.rsplit('/').next().unwrap_or_default();
@@ -202,7 +202,7 @@ fn default_pod_spec(spec: &mut Value) {
                 set_default(c, "terminationMessagePath", "/dev/termination-log".into());
                 set_default(c, "terminationMessagePolicy", "File".into());
                 set_default(c, "resources", json!({}));
-                if let Some(ports) = c["ports"].as_array_mut() {
+                if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
                     for p in ports {
                         set_default(p, "protocol", "TCP".into());
                     }
@@ -304,7 +304,7 @@ fn default_service_spec(spec: &mut Value) {
     if matches!(spec["type"].as_str(), Some("NodePort" | "LoadBalancer")) {
         set_default(spec, "externalTrafficPolicy", "Cluster".into());
     }
-    if let Some(ports) = spec["ports"].as_array_mut() {
+    if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
         for p in ports {
             set_default(p, "protocol", "TCP".into());
             if p.get("targetPort").is_none_or(Value::is_null) {
@@ -600,7 +600,7 @@ fn pod_update_causes(current: &Value, new: &Value) -> Causes {
     let strip = |spec: &Value| {
         let mut spec = spec.clone();
         for list in ["containers", "initContainers"] {
-            if let Some(containers) = spec[list].as_array_mut() {
+            if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
                 for c in containers {
                     if let Some(c) = c.as_object_mut() {
                         c.remove("image");
