@@ -128,11 +128,15 @@ pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
     Client::try_from(config).context("building the API client")
 }
 
-fn identity() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+/// This machine's hostname ("seine" when it cannot be read).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "seine".into());
-    format!("{host}_{:016x}", rand::random::<u64>())
+        .unwrap_or_else(|_| "seine".into())
+}
+
+fn identity() -> String {
+    format!("{}_{:016x}", hostname(), rand::random::<u64>())
 }
 
 #[derive(Clone)]

@@ -451,6 +451,8 @@ pub async fn run(client: Client) {
                         } else {
                             warn!(?work, "garbage collector: {e}");
                         }
+                        // Retried only after the delay, not also at once.
+                        graph.again.remove(&work);
                         graph.fail(work.clone());
                     }
                 }

@@ -23,7 +23,7 @@ use k8s_openapi::{
         batch::v1::{Job, JobCondition, JobStatus, UncountedTerminatedPods},
         core::v1::{Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod},
     },
-    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference, Time},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
     jiff::{SignedDuration, Timestamp},
 };
 use kube::{
@@ -39,7 +39,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::metrics;
+use crate::{metrics, scheduler::selector::Selector};
 
 /// Held on every pod the controller creates until its outcome is in the Job's status.
 pub const TRACKING_FINALIZER: &str = "batch.kubernetes.io/job-tracking";
@@ -309,6 +309,15 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, JobError>
     let namespace = job.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let Some(live) = jobs.get_opt(&job.name_any()).await? else {
+        // Gone: drop what is kept per uid so deleted Jobs leave nothing behind.
+        if let Some(uid) = &job.metadata.uid {
+            if let Ok(mut f) = ctx.failures.lock() {
+                f.remove(uid);
+            }
+            if let Ok(mut b) = ctx.backoff.lock() {
+                b.remove(uid);
+            }
+        }
         return Ok(Action::await_change());
     };
     let action = sync(&ctx, &jobs, live).await?;
@@ -411,27 +420,6 @@ fn ensure_condition(
         return true;
     }
     false
-}
-
-/// Whether labels satisfy a selector (matchLabels and matchExpressions).
-fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let by_labels = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
-        let value = labels.get(&e.key);
-        let values = e.values.as_deref().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => value.is_none_or(|v| !values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            _ => false,
-        }
-    });
-    by_labels && by_expressions
 }
 
 /// The order in which active pods are deleted, first first (kube's ActivePods ordering):
@@ -720,11 +708,12 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
     let listed = pods_api
         .list(&ListParams::default().labels(&server_selector.join(",")))
         .await?;
+    let pod_selector = Selector::from_label_selector(Some(&selector));
     let pods: Vec<Pod> = listed
         .items
         .into_iter()
         .filter(|p| controller_ref(p).is_some_and(|o| o.uid == uid))
-        .filter(|p| selector_matches(&selector, p.labels()))
+        .filter(|p| pod_selector.matches(p.labels()))
         .collect();
     let owned: Vec<&Pod> = pods.iter().collect();
 
@@ -1025,6 +1014,11 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
         job = write_status(jobs, job, &status).await?;
         status = job.status.clone().unwrap_or_default();
     }
+    // The failures just written into uncountedTerminatedPods count for the pod-failure
+    // backoff even if a later write fails.
+    if let Ok(mut b) = ctx.backoff.lock() {
+        b.insert(uid, backoff);
+    }
 
     let mut released: HashSet<String> = HashSet::new();
     let mut release_error = None;
@@ -1091,9 +1085,6 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
     }
     if flush {
         write_status(jobs, job, &status).await?;
-    }
-    if let Ok(mut b) = ctx.backoff.lock() {
-        b.insert(uid, backoff);
     }
     if let Some(e) = release_error {
         return Err(e.into());
@@ -1537,24 +1528,5 @@ mod tests {
         assert_eq!(plain.metadata.generate_name.as_deref(), Some("work-"));
         assert!(completion_index(&plain).is_none());
         assert_eq!(indexed_generate_name(&"a".repeat(70), 12).len(), 58);
-    }
-
-    #[test]
-    fn selectors_match_labels_and_expressions() {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
-        let labels: BTreeMap<String, String> =
-            [("app".to_string(), "a".to_string())].into_iter().collect();
-        let sel = LabelSelector {
-            match_labels: Some(labels.clone()),
-            match_expressions: Some(vec![LabelSelectorRequirement {
-                key: "tier".into(),
-                operator: "DoesNotExist".into(),
-                values: None,
-            }]),
-        };
-        assert!(selector_matches(&sel, &labels));
-        let mut other = labels.clone();
-        other.insert("tier".into(), "x".into());
-        assert!(!selector_matches(&sel, &other));
     }
 }

@@ -122,6 +122,10 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Name
     let api: Api<Namespace> = Api::all(ctx.client.clone());
     let name = ns.name_any();
     let Some(live) = api.get_opt(&name).await? else {
+        // Gone: its retry count is no longer needed.
+        if let Some(uid) = &ns.metadata.uid {
+            ctx.forget(uid);
+        }
         return Ok(Action::await_change());
     };
     let uid = live.metadata.uid.clone().unwrap_or_default();

@@ -35,7 +35,7 @@ use kube::{
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::metrics;
+use crate::{metrics, scheduler::selector::tolerates};
 
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 pub const NOT_READY: &str = "node.kubernetes.io/not-ready";
@@ -152,27 +152,6 @@ fn condition<'a>(node: &'a Node, type_: &str) -> Option<&'a NodeCondition> {
 
 fn now() -> Time {
     Time(Timestamp::now())
-}
-
-/// Whether `toleration` tolerates `taint` (Kubernetes' ToleratesTaint).
-pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
-    if let Some(effect) = toleration.effect.as_deref().filter(|e| !e.is_empty()) {
-        if effect != taint.effect {
-            return false;
-        }
-    }
-    let key = toleration.key.as_deref().unwrap_or("");
-    if !key.is_empty() && key != taint.key {
-        return false;
-    }
-    match toleration.operator.as_deref().unwrap_or("Equal") {
-        "Exists" => true,
-        "Equal" | "" => {
-            !key.is_empty()
-                && toleration.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
-        }
-        _ => false,
-    }
 }
 
 /// When a Pod must leave a Node with these NoExecute taints: `Some(None)` at once, `Some(t)` at

@@ -106,6 +106,17 @@ impl ApiServer {
             .expect("a client from the admin kubeconfig")
     }
 
+    /// A kube-rs client for benchmarks: the admin kubeconfig, with a 120 s read timeout for
+    /// answers that take long under load.
+    pub async fn bench_client(&self) -> Result<kube::Client> {
+        use kube::config::{KubeConfigOptions, Kubeconfig};
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        config.read_timeout = Some(Duration::from_secs(120));
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// Runs kubectl against this server; returns its output, failing or not.
     pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
         Command::new("kubectl")

@@ -19,8 +19,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::{
     api::{ListParams, PostParams, WatchEvent, WatchParams},
-    config::{KubeConfigOptions, Kubeconfig},
-    Api, Client, Config,
+    Api, Client,
 };
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
@@ -71,28 +70,8 @@ where
     F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
 {
-    let op = Arc::new(op);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for client in 0..clients {
-        let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut i = client;
-            while i < total {
-                let began = Instant::now();
-                op(client, i).await?;
-                latencies.push(began.elapsed().as_secs_f64());
-                i += clients;
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let mut all = Vec::with_capacity(total);
-    for task in tasks {
-        all.extend(task.await.context("a client task failed")??);
-    }
-    Ok(Figures::from(all, start.elapsed()))
+    let (latencies, elapsed) = crate::in_parallel(clients, total, op).await?;
+    Ok(Figures::from(latencies, elapsed))
 }
 
 fn pod(name: &str) -> Pod {
@@ -103,14 +82,6 @@ fn pod(name: &str) -> Pod {
                                  "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}
     }))
     .unwrap_or_default()
-}
-
-async fn client(server: &ApiServer) -> Result<Client> {
-    let kubeconfig = Kubeconfig::read_from(&server.kubeconfig)?;
-    let mut config =
-        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    config.read_timeout = Some(Duration::from_secs(120));
-    Ok(Client::try_from(config)?)
 }
 
 async fn etcd_puts(endpoints: &[String]) -> Result<Vec<(usize, Figures)>> {
@@ -339,7 +310,7 @@ pub fn run(json_path: &Path) -> Result<()> {
     let server = ApiServer::start(&etcd)?;
     runtime.block_on(async {
         let puts = etcd_puts(&etcd.endpoints()).await?;
-        let client = client(&server).await?;
+        let client = server.bench_client().await?;
         for ns in [NAMESPACE, "bench-watch"] {
             let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
             let object = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
@@ -432,10 +403,7 @@ fn report(
         watch.p99 * 1e3
     );
     println!("\nsummary: {summary}");
-    if let Some(dir) = json_path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(json_path, serde_json::to_string_pretty(&report)?)
+    crate::write_report(json_path, &report)
         .with_context(|| format!("writing {}", json_path.display()))?;
     println!("wrote {}", json_path.display());
     Ok(())

@@ -8,7 +8,7 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::Stdio,
     sync::{Arc, Barrier},
     time::{Duration, Instant},
@@ -217,7 +217,7 @@ fn latency(client: &Netns, addr: SocketAddr) -> Result<(f64, f64)> {
     })?
 }
 
-pub fn run(json_path: &PathBuf) -> Result<()> {
+pub fn run(json_path: &Path) -> Result<()> {
     eprintln!("bench cni: two nodes with agents, etcd and seine-apiserver");
     let mut c = cluster("bc", 2)?;
     c.add_pods(2)?;
@@ -311,10 +311,7 @@ pub fn run(json_path: &PathBuf) -> Result<()> {
         );
     }
     println!("cross-node / same-node throughput: {ratio:.2}");
-    if let Some(dir) = json_path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(json_path, serde_json::to_vec_pretty(&report)?)?;
+    crate::write_report(json_path, &report)?;
     println!("\nwritten to {}", json_path.display());
     Ok(())
 }

@@ -11,8 +11,50 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    apiserver::ApiServer, bin, dns::http_get, free_port, unique_prefix, wait_until, Process,
+    apiserver::ApiServer, bin, dns::http_get, etcd::Etcd, free_port, unique_prefix, wait_until,
+    Process,
 };
+
+/// An etcd, a seine-apiserver on it and one daemon against that; dropped in this order, the
+/// daemon first.
+pub struct Cluster {
+    pub daemon: Daemon,
+    pub api: ApiServer,
+    _etcd: Etcd,
+}
+
+impl Cluster {
+    /// `program` (`seine-controller-manager` or `seine-scheduler`) with `flags`, started after
+    /// `setup` has written what must be there before its first decisions.
+    pub fn start(program: &str, flags: &[&str], setup: impl FnOnce(&ApiServer)) -> Result<Self> {
+        let etcd = Etcd::start()?;
+        let api = ApiServer::start(&etcd)?;
+        setup(&api);
+        let daemon = Daemon::start(program, &api, flags)?;
+        Ok(Cluster {
+            daemon,
+            api,
+            _etcd: etcd,
+        })
+    }
+
+    /// seine-controller-manager with only `controllers`, without leader election.
+    pub fn controller_manager(controllers: &str) -> Result<Self> {
+        let flags = ["--leader-elect=false", "--controllers", controllers];
+        Self::start("seine-controller-manager", &flags, |_| {})
+    }
+
+    /// Waits up to 30 s for `f`; panics naming `what`, with the daemon's log.
+    pub fn wait(&self, what: &str, f: impl FnMut() -> bool) {
+        if wait_until(Duration::from_secs(30), f).is_err() {
+            panic!(
+                "{what}: not within 30 s\n{} log:\n{}",
+                self.daemon.process.name,
+                self.daemon.log_text()
+            );
+        }
+    }
+}
 
 /// One daemon process (controller manager or scheduler).
 pub struct Daemon {

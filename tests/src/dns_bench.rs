@@ -466,10 +466,7 @@ fn report(
         rss[0] as f64 / 1048576.0,
         rss[1] as f64 / 1048576.0
     );
-    let text = serde_json::to_string_pretty(&report)?;
-    let tmp = json_path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, json_path)?;
+    crate::write_report(json_path, &report)?;
     println!("bench dns: wrote {}", json_path.display());
     Ok(())
 }

@@ -282,12 +282,7 @@ async fn bench(api: &ApiServer, json_path: &Path) -> Result<()> {
             "target_p99_seconds": 1.0,
         },
     });
-    if let Some(dir) = json_path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = json_path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
-    std::fs::rename(&tmp, json_path)?;
+    crate::write_report(json_path, &report)?;
     println!("bench endpoints: wrote {}", json_path.display());
     Ok(())
 }

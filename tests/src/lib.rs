@@ -98,6 +98,53 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Writes a benchmark's JSON report to `path` whole (through a temporary file and a rename),
+/// creating its directory.
+pub fn write_report(path: &Path, report: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(report)?)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs `op(worker, i)` for every i in 0..total on `workers` tasks (worker w takes w, w +
+/// workers, ...); returns each operation's latency in seconds and the time it all took.
+pub async fn in_parallel<F, Fut>(
+    workers: usize,
+    total: usize,
+    op: F,
+) -> Result<(Vec<f64>, Duration)>
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let op = std::sync::Arc::new(op);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..workers.max(1) {
+        let op = op.clone();
+        let step = workers.max(1);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = worker;
+            while i < total {
+                let began = Instant::now();
+                op(worker, i).await?;
+                latencies.push(began.elapsed().as_secs_f64());
+                i += step;
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::with_capacity(total);
+    for task in tasks {
+        all.extend(task.await.context("a worker task failed")??);
+    }
+    Ok((all, start.elapsed()))
+}
+
 /// Makes sure bpffs is mounted (the setup step does it; a test run may start without it). A mount
 /// made here is marked as Seine's, like setup's, so that `cargo xtask test` and `lab down`
 /// unmount it again once nothing is pinned in it.

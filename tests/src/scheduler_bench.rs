@@ -15,7 +15,6 @@
 use std::{
     collections::{BTreeMap, HashSet},
     path::Path,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -27,9 +26,8 @@ use k8s_openapi::{
 };
 use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::{watcher, WatchStreamExt as _},
-    Api, Client, Config,
+    Api, Client,
 };
 use serde_json::json;
 
@@ -43,14 +41,6 @@ const CONCURRENCY: usize = 16;
 const ROUNDS: usize = 3;
 const WARMUP_NS: &str = "bench-warmup";
 const WAIT: Duration = Duration::from_secs(300);
-
-async fn client(server: &ApiServer) -> Result<Client> {
-    let kubeconfig = Kubeconfig::read_from(&server.kubeconfig)?;
-    let mut config =
-        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    config.read_timeout = Some(Duration::from_secs(120));
-    Ok(Client::try_from(config)?)
-}
 
 fn node_name(i: usize) -> String {
     format!("node-{i:03}")
@@ -70,24 +60,8 @@ where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
 {
-    let op = Arc::new(op);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..CONCURRENCY {
-        let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut i = worker;
-            while i < total {
-                op(i).await?;
-                i += CONCURRENCY;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await.context("a worker panicked")??;
-    }
-    Ok(started.elapsed())
+    let (_, elapsed) = crate::in_parallel(CONCURRENCY, total, move |_, i| op(i)).await?;
+    Ok(elapsed)
 }
 
 async fn create_pods(client: &Client, namespace: &str) -> Result<Duration> {
@@ -297,7 +271,7 @@ async fn scheduler_round(
 }
 
 async fn bench(api: &ApiServer, json_path: &Path) -> Result<()> {
-    let client = client(api).await?;
+    let client = api.bench_client().await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let mut names = vec![WARMUP_NS.to_string()];
     names.extend((0..ROUNDS).flat_map(|r| [ceiling_ns(r), scheduler_ns(r)]));
@@ -469,13 +443,7 @@ fn report(json_path: &Path, phases: &Phases) -> Result<()> {
         "\nseine-scheduler / raw bind rate: {ratio:.2} (target >= 0.8); pods per node after {} rounds: {min}..{max}",
         ROUNDS
     );
-    if let Some(dir) = json_path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let text = serde_json::to_string_pretty(&report)?;
-    let tmp = json_path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, json_path).with_context(|| format!("writing {}", json_path.display()))?;
+    crate::write_report(json_path, &report)?;
     println!("bench scheduler: wrote {}", json_path.display());
     Ok(())
 }

@@ -169,34 +169,22 @@ fn slices_and_endpoints_follow_pods() {
     assert!(kubectl.contains("10.244.1.1:8080"), "{kubectl}");
 
     // One Pod turning ready rewrites only the slice that holds it.
-    let before: Vec<(String, String)> = slices(&api, "web")
-        .iter()
-        .map(|s| {
-            (
-                s["metadata"]["name"].as_str().unwrap().to_string(),
-                s["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
-            )
-        })
-        .collect();
+    let versions = || -> Vec<(String, String)> {
+        slices(&api, "web")
+            .iter()
+            .map(|s| {
+                let meta = &s["metadata"];
+                let text = |v: &Value| v.as_str().unwrap().to_string();
+                (text(&meta["name"]), text(&meta["resourceVersion"]))
+            })
+            .collect()
+    };
+    let before = versions();
     status(&api, "web-4", "10.244.1.4", true);
     until("web-4 ready", &api, &cm, || {
         endpoints(&api, "web").iter().all(|e| e.1)
     });
-    let after: Vec<(String, String)> = slices(&api, "web")
-        .iter()
-        .map(|s| {
-            (
-                s["metadata"]["name"].as_str().unwrap().to_string(),
-                s["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
-            )
-        })
-        .collect();
+    let after = versions();
     let names = |v: &[(String, String)]| {
         let mut n: Vec<String> = v.iter().map(|(n, _)| n.clone()).collect();
         n.sort();

@@ -4,46 +4,23 @@
 //! take their dependents along: in the background once the owner is gone, in the foreground
 //! before the owner goes, or not at all when orphaned, as kubectl's `--cascade` asks.
 
-use std::time::Duration;
-
-use seine_tests::{apiserver::ApiServer, controllers::Daemon, etcd::Etcd, wait_until};
+use seine_tests::controllers;
 use serde_json::{json, Value};
 
-struct Cluster {
-    // Dropped in this order: the controller manager first, etcd last.
-    cm: Daemon,
-    api: ApiServer,
-    _etcd: Etcd,
+/// The shared cluster (etcd, API server, controller manager) with this file's helpers.
+struct Cluster(controllers::Cluster);
+
+impl std::ops::Deref for Cluster {
+    type Target = controllers::Cluster;
+
+    fn deref(&self) -> &controllers::Cluster {
+        &self.0
+    }
 }
 
 impl Cluster {
     fn start() -> Self {
-        let etcd = Etcd::start().unwrap();
-        let api = ApiServer::start(&etcd).unwrap();
-        let cm = Daemon::controller_manager(
-            &api,
-            &[
-                "--leader-elect=false",
-                "--controllers",
-                "namespace,garbagecollector",
-            ],
-        )
-        .unwrap();
-        Cluster {
-            cm,
-            api,
-            _etcd: etcd,
-        }
-    }
-
-    /// Waits up to 30 s for `f`, failing with the controller manager's log.
-    fn wait(&self, what: &str, f: impl FnMut() -> bool) {
-        if wait_until(Duration::from_secs(30), f).is_err() {
-            panic!(
-                "{what}: not within 30 s\ncontroller manager log:\n{}",
-                self.cm.log_text()
-            );
-        }
+        Cluster(controllers::Cluster::controller_manager("namespace,garbagecollector").unwrap())
     }
 
     fn create(&self, path: &str, body: Value) -> Value {
@@ -274,5 +251,12 @@ fn owners_take_their_dependents_along_unless_orphaned() {
     let dep = c.get(&cm("or-dep"));
     assert!(dep["metadata"]["ownerReferences"].is_null(), "{dep}");
     assert!(dep["metadata"]["deletionTimestamp"].is_null(), "{dep}");
-    assert!(!c.gone(&cm("keeper")));
+
+    // The shared dependent's last owner goes: so does the dependent.
+    c.api
+        .kubectl_ok(&["delete", "configmap", "keeper"])
+        .unwrap();
+    c.wait("the shared dependent gone with its last owner", || {
+        c.gone(&cm("bg-shared"))
+    });
 }

@@ -5,45 +5,26 @@
 //! running pods down), wait while suspended, and, deleted in the foreground, take their pods
 //! along first.
 
-use std::time::Duration;
-
-use seine_tests::{apiserver::ApiServer, controllers::Daemon, etcd::Etcd, wait_until};
+use seine_tests::controllers;
 use serde_json::{json, Value};
 
 const JOBS: &str = "/apis/batch/v1/namespaces/default/jobs";
 const PODS: &str = "/api/v1/namespaces/default/pods";
 
-struct Cluster {
-    // Dropped in this order: the controller manager first, etcd last.
-    cm: Daemon,
-    api: ApiServer,
-    _etcd: Etcd,
+/// The shared cluster (etcd, API server, controller manager) with this file's helpers.
+struct Cluster(controllers::Cluster);
+
+impl std::ops::Deref for Cluster {
+    type Target = controllers::Cluster;
+
+    fn deref(&self) -> &controllers::Cluster {
+        &self.0
+    }
 }
 
 impl Cluster {
     fn start(controllers: &str) -> Self {
-        let etcd = Etcd::start().unwrap();
-        let api = ApiServer::start(&etcd).unwrap();
-        let cm = Daemon::controller_manager(
-            &api,
-            &["--leader-elect=false", "--controllers", controllers],
-        )
-        .unwrap();
-        Cluster {
-            cm,
-            api,
-            _etcd: etcd,
-        }
-    }
-
-    /// Waits up to 30 s for `f`, failing with the controller manager's log.
-    fn wait(&self, what: &str, f: impl FnMut() -> bool) {
-        if wait_until(Duration::from_secs(30), f).is_err() {
-            panic!(
-                "{what}: not within 30 s\ncontroller manager log:\n{}",
-                self.cm.log_text()
-            );
-        }
+        Cluster(controllers::Cluster::controller_manager(controllers).unwrap())
     }
 
     fn create_job(&self, name: &str, spec: Value) -> Value {
@@ -157,21 +138,19 @@ fn a_job_runs_at_most_parallelism_pods_until_its_completions_succeed() {
     );
 
     // One pod succeeds at a time; never more than two run, never more than three are made.
-    let mut succeeded = 0;
-    while succeeded < 3 {
-        let active = c.active("three");
-        assert!(active.len() <= 2, "over parallelism: {active:?}");
-        assert!(c.pods("three").len() <= 3, "more pods than completions");
-        if let Some(pod) = active.first() {
-            c.finish(pod, "Succeeded");
-            succeeded += 1;
-            let done = succeeded;
-            c.wait("the success counted", || {
-                c.job("three")["status"]["succeeded"].as_i64() == Some(done)
-            });
-        } else {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    for done in 1..=3 {
+        let mut next = None;
+        c.wait("a pod to finish", || {
+            let active = c.active("three");
+            assert!(active.len() <= 2, "over parallelism: {active:?}");
+            assert!(c.pods("three").len() <= 3, "more pods than completions");
+            next = active.into_iter().next();
+            next.is_some()
+        });
+        c.finish(&next.unwrap(), "Succeeded");
+        c.wait("the success counted", || {
+            c.job("three")["status"]["succeeded"].as_i64() == Some(done)
+        });
     }
     c.wait("the Job complete", || {
         condition(&c.job("three"), "Complete").is_some()
@@ -395,24 +374,22 @@ fn an_indexed_job_runs_one_pod_per_index_and_completes_when_every_index_succeede
     });
 
     // The rest succeed one at a time; never more than two run, never two for one index.
-    let mut done = 1;
-    while done < 4 {
-        let active = c.active("indexed");
-        assert!(active.len() <= 2, "over parallelism: {active:?}");
-        let running = indexes(&active);
-        let mut distinct = running.clone();
-        distinct.dedup();
-        assert_eq!(running, distinct, "two pods for one index: {active:?}");
-        if let Some(pod) = active.first() {
-            c.finish(pod, "Succeeded");
-            done += 1;
-            let want = done;
-            c.wait("the success counted", || {
-                c.job("indexed")["status"]["succeeded"].as_i64() == Some(want)
-            });
-        } else {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    for want in 2..=4 {
+        let mut next = None;
+        c.wait("a pod to finish", || {
+            let active = c.active("indexed");
+            assert!(active.len() <= 2, "over parallelism: {active:?}");
+            let running = indexes(&active);
+            let mut distinct = running.clone();
+            distinct.dedup();
+            assert_eq!(running, distinct, "two pods for one index: {active:?}");
+            next = active.into_iter().next();
+            next.is_some()
+        });
+        c.finish(&next.unwrap(), "Succeeded");
+        c.wait("the success counted", || {
+            c.job("indexed")["status"]["succeeded"].as_i64() == Some(want)
+        });
     }
     c.wait("the Job complete", || {
         condition(&c.job("indexed"), "Complete").is_some()

@@ -9,28 +9,18 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use seine_tests::{apiserver::ApiServer, controllers::Daemon, etcd::Etcd, wait_until};
+use seine_tests::{
+    apiserver::ApiServer,
+    controllers::{Cluster, Daemon},
+    etcd::Etcd,
+    wait_until,
+};
 use serde_json::{json, Value};
-
-/// A scheduler over its own etcd and API server; dropped in this order.
-struct Cluster {
-    scheduler: Daemon,
-    api: ApiServer,
-    _etcd: Etcd,
-}
 
 /// Etcd and the API server, `setup` (the Nodes, Services, ... there before the scheduler
 /// starts, so that its first decisions already see them), then the scheduler.
 fn cluster(setup: impl FnOnce(&ApiServer)) -> Cluster {
-    let etcd = Etcd::start().unwrap();
-    let api = ApiServer::start(&etcd).unwrap();
-    setup(&api);
-    let scheduler = Daemon::scheduler(&api, &["--leader-elect=false"]).unwrap();
-    Cluster {
-        scheduler,
-        api,
-        _etcd: etcd,
-    }
+    Cluster::start("seine-scheduler", &["--leader-elect=false"], setup).unwrap()
 }
 
 /// A Node with its kubelet's report: capacity and allocatable, and the Ready condition.
@@ -124,16 +114,21 @@ fn pod_field(api: &ApiServer, pod: &str, jsonpath: &str) -> String {
 
 /// The node `kubectl get pod` shows the pod on, once it has one.
 fn node_of(c: &Cluster, pod: &str) -> String {
+    bound_node(&c.api, &c.daemon, pod)
+}
+
+/// The same against `scheduler`'s API server; its log if the pod is never bound.
+fn bound_node(api: &ApiServer, scheduler: &Daemon, pod: &str) -> String {
     let mut node = String::new();
     let bound = wait_until(Duration::from_secs(20), || {
-        node = pod_field(&c.api, pod, "{.spec.nodeName}");
+        node = pod_field(api, pod, "{.spec.nodeName}");
         !node.is_empty()
     });
     assert!(
         bound.is_ok(),
         "pod {pod} was not bound; FailedScheduling: {:?}\nscheduler log:\n{}",
-        messages(&c.api, pod, "FailedScheduling"),
-        c.scheduler.log_text()
+        messages(api, pod, "FailedScheduling"),
+        scheduler.log_text()
     );
     node
 }
@@ -175,7 +170,7 @@ fn expect_failed_scheduling(c: &Cluster, pod: &str, expected: &str) {
                 .unwrap_or("<no FailedScheduling event>"),
             expected,
             "pod {pod}; scheduler log:\n{}",
-            c.scheduler.log_text()
+            c.daemon.log_text()
         );
     }
     assert_eq!(
@@ -607,7 +602,7 @@ fn an_unplaceable_pod_gets_kube_schedulers_warning_and_is_bound_once_a_node_fits
     assert_eq!(pod_field(&c.api, "other", "{.spec.nodeName}"), "");
     assert!(messages(&c.api, "other", "FailedScheduling").is_empty());
 
-    let (_, metrics) = c.scheduler.http("/metrics").unwrap();
+    let (_, metrics) = c.daemon.http("/metrics").unwrap();
     assert!(
         metrics.contains("scheduler_schedule_attempts_total{result=\"unschedulable\",profile=\"default-scheduler\"}"),
         "{metrics}"
@@ -769,28 +764,8 @@ fn a_standby_replica_takes_over_when_the_leader_stops() {
     };
     let first_holder = holder(&api);
 
-    let on_node = |pod: &str, who: &Daemon| {
-        let mut node = String::new();
-        let bound = wait_until(Duration::from_secs(20), || {
-            node = kubectl(
-                &api,
-                &[
-                    "get",
-                    "pod",
-                    pod,
-                    "-n",
-                    "default",
-                    "-o",
-                    "jsonpath={.spec.nodeName}",
-                ],
-            );
-            !node.is_empty()
-        });
-        assert!(bound.is_ok(), "{pod} not bound:\n{}", who.log_text());
-        node
-    };
     add_pod(&api, "before", json!({}), json!({}));
-    assert_eq!(on_node("before", &leader), "n1");
+    assert_eq!(bound_node(&api, &leader, "before"), "n1");
 
     leader.process.stop().unwrap();
     let took_over = wait_until(Duration::from_secs(20), || standby.leads());
@@ -801,5 +776,5 @@ fn a_standby_replica_takes_over_when_the_leader_stops() {
     );
     assert_ne!(holder(&api), first_holder);
     add_pod(&api, "after", json!({}), json!({}));
-    assert_eq!(on_node("after", &standby), "n1");
+    assert_eq!(bound_node(&api, &standby, "after"), "n1");
 }

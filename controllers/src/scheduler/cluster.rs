@@ -160,7 +160,7 @@ impl Cluster {
     }
 
     /// Removes an assigned pod (deleted, finished, or a forgotten assumption).
-    pub fn remove_assigned(&mut self, key: &PodKey) -> Option<Arc<PodInfo>> {
+    fn remove_assigned(&mut self, key: &PodKey) -> Option<Arc<PodInfo>> {
         let pod = self.pods.remove(key)?;
         self.with_terms.remove(key);
         if let Some(node) = &pod.node_name {

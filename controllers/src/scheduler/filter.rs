@@ -6,11 +6,9 @@
 
 use std::collections::HashSet;
 
-use k8s_openapi::api::core::v1::Taint;
-
 use super::{
     cluster::{Cluster, NodeUsage},
-    node::{NodeInfo, UNSCHEDULABLE},
+    node::{no_schedule, NodeInfo, UNSCHEDULABLE},
     pod::PodInfo,
     selector::{term_matches, tolerated, Labels},
     topology_spread::SpreadFilter,
@@ -92,20 +90,12 @@ impl<'a> Filters<'a> {
     /// Whether the pod may run on `node` with `usage` already there.
     pub fn check(&self, node: &NodeInfo, usage: &NodeUsage) -> Result<(), Rejection> {
         let pod = self.pod;
-        if node.unschedulable {
-            let cordon = Taint {
-                key: UNSCHEDULABLE.into(),
-                value: None,
-                effect: "NoSchedule".into(),
-                time_added: None,
-            };
-            if !tolerated(&pod.tolerations, &cordon) {
-                return Err(Rejection::new(
-                    Plugin::NodeUnschedulable,
-                    UNSCHEDULABLE_REASON,
-                    true,
-                ));
-            }
+        if node.unschedulable && !tolerated(&pod.tolerations, &no_schedule(UNSCHEDULABLE)) {
+            return Err(Rejection::new(
+                Plugin::NodeUnschedulable,
+                UNSCHEDULABLE_REASON,
+                true,
+            ));
         }
         if let Some(taint) = node.taints.iter().find(|t| {
             (t.effect == "NoSchedule" || t.effect == "NoExecute") && !tolerated(&pod.tolerations, t)

@@ -67,9 +67,7 @@ pub struct SchedulerConfig {
 
 impl SchedulerConfig {
     pub fn new(scheduler_name: &str) -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "seine".into());
+        let host = crate::daemon::hostname();
         SchedulerConfig {
             scheduler_name: scheduler_name.to_string(),
             parallel_binds: usize::from(DEFAULT_PARALLEL_BINDS),

@@ -24,7 +24,7 @@ pub struct NodeInfo {
     pub problem: Option<String>,
 }
 
-fn no_schedule(key: &str) -> Taint {
+pub(super) fn no_schedule(key: &str) -> Taint {
     Taint {
         key: key.into(),
         value: None,

@@ -157,7 +157,7 @@ pub struct PodInfo {
     pub required_anti_affinity: Vec<AffinityTerm>,
     pub topology_spread: Vec<SpreadConstraint>,
     /// A hash of everything scheduling reads (spec and labels): a status-only change leaves
-    /// it as it was.
+    /// it as it was. Computed only for pods without a node (0 for bound ones).
     pub fingerprint: u64,
     pub condition: Option<ScheduledCondition>,
     /// Quantities that do not parse; such a pod cannot be placed.
@@ -169,8 +169,9 @@ fn is_sidecar(c: &Container) -> bool {
 }
 
 /// One container's requests: its limits stand in for requests it does not give, as API
-/// defaulting does. `non_zero` replaces a missing CPU or memory request with the defaults.
-fn container_requests(c: &Container, non_zero: bool, problems: &mut Vec<String>) -> Resources {
+/// defaulting does. Also its CPU and memory with a missing request replaced by the defaults
+/// (only those two are set in the second).
+fn container_requests(c: &Container, problems: &mut Vec<String>) -> [Resources; 2] {
     let mut r = Resources::default();
     let resources = c.resources.as_ref();
     let requests = resources.and_then(|r| r.requests.as_ref());
@@ -188,45 +189,58 @@ fn container_requests(c: &Container, non_zero: bool, problems: &mut Vec<String>)
             }
         }
     }
-    if non_zero {
-        let has = |n: &str| {
-            requests.is_some_and(|m| m.contains_key(n)) || limits.is_some_and(|m| m.contains_key(n))
-        };
-        if !has("cpu") {
-            r.milli_cpu = DEFAULT_MILLI_CPU_REQUEST;
-        }
-        if !has("memory") {
-            r.memory = DEFAULT_MEMORY_REQUEST;
-        }
-    }
-    r
+    let has = |n: &str| {
+        requests.is_some_and(|m| m.contains_key(n)) || limits.is_some_and(|m| m.contains_key(n))
+    };
+    let non_zero = Resources {
+        milli_cpu: if has("cpu") {
+            r.milli_cpu
+        } else {
+            DEFAULT_MILLI_CPU_REQUEST
+        },
+        memory: if has("memory") {
+            r.memory
+        } else {
+            DEFAULT_MEMORY_REQUEST
+        },
+        ..Resources::default()
+    };
+    [r, non_zero]
 }
 
 /// The pod's requests as kube-scheduler computes them: the containers' sum, or more if an
 /// init container (with the sidecars started before it) needs more, plus the pod overhead.
-fn pod_requests(spec: &PodSpec, non_zero: bool, problems: &mut Vec<String>) -> Resources {
-    let mut total = Resources::default();
+/// Both the requests and their non-zero CPU and memory (see `container_requests`).
+fn pod_requests(spec: &PodSpec, problems: &mut Vec<String>) -> [Resources; 2] {
+    let mut total: [Resources; 2] = Default::default();
     for c in &spec.containers {
-        total.add(&container_requests(c, non_zero, problems));
-    }
-    let mut sidecars = Resources::default();
-    let mut init_max = Resources::default();
-    for c in spec.init_containers.iter().flatten() {
-        let r = container_requests(c, non_zero, problems);
-        if is_sidecar(c) {
-            total.add(&r);
-            sidecars.add(&r);
-            init_max.max_with(&sidecars);
-        } else {
-            let mut with_sidecars = r;
-            with_sidecars.add(&sidecars);
-            init_max.max_with(&with_sidecars);
+        let r = container_requests(c, problems);
+        for (t, r) in total.iter_mut().zip(&r) {
+            t.add(r);
         }
     }
-    total.max_with(&init_max);
+    let mut sidecars: [Resources; 2] = Default::default();
+    let mut init_max: [Resources; 2] = Default::default();
+    for c in spec.init_containers.iter().flatten() {
+        let r = container_requests(c, problems);
+        for (i, r) in r.into_iter().enumerate() {
+            if is_sidecar(c) {
+                total[i].add(&r);
+                sidecars[i].add(&r);
+                init_max[i].max_with(&sidecars[i]);
+            } else {
+                let mut with_sidecars = r;
+                with_sidecars.add(&sidecars[i]);
+                init_max[i].max_with(&with_sidecars);
+            }
+        }
+    }
+    for (t, m) in total.iter_mut().zip(&init_max) {
+        t.max_with(m);
+    }
     if let Some(overhead) = &spec.overhead {
         match Resources::from_list(overhead) {
-            Ok(o) => total.add(&o),
+            Ok(o) => total.iter_mut().for_each(|t| t.add(&o)),
             Err(e) => problems.push(format!("overhead: {e}")),
         }
     }
@@ -267,8 +281,7 @@ impl PodInfo {
         let default_spec = PodSpec::default();
         let spec = pod.spec.as_ref().unwrap_or(&default_spec);
         let mut problems = Vec::new();
-        let requests = pod_requests(spec, false, &mut problems);
-        let non_zero = pod_requests(spec, true, &mut Vec::new());
+        let [requests, non_zero] = pod_requests(spec, &mut problems);
         let affinity = spec.affinity.as_ref();
         let node_affinity = affinity.and_then(|a| a.node_affinity.as_ref());
         let terms = |list: Option<&Vec<PodAffinityTerm>>| -> Vec<AffinityTerm> {
@@ -302,15 +315,20 @@ impl PodInfo {
                 reason: c.reason.clone().unwrap_or_default(),
                 message: c.message.clone().unwrap_or_default(),
             });
-        let mut hasher = DefaultHasher::new();
-        serde_json::to_string(spec)
-            .unwrap_or_default()
-            .hash(&mut hasher);
-        labels.hash(&mut hasher);
+        let node_name = spec.node_name.clone().filter(|n| !n.is_empty());
+        // Only the queue reads it, and only of pods without a node: bound ones skip the work.
+        let fingerprint = node_name.is_none().then(|| {
+            let mut hasher = DefaultHasher::new();
+            serde_json::to_string(spec)
+                .unwrap_or_default()
+                .hash(&mut hasher);
+            labels.hash(&mut hasher);
+            hasher.finish()
+        });
         PodInfo {
             uid: pod.metadata.uid.clone().unwrap_or_default(),
             resource_version: pod.metadata.resource_version.clone().unwrap_or_default(),
-            node_name: spec.node_name.clone().filter(|n| !n.is_empty()),
+            node_name,
             scheduler_name: spec
                 .scheduler_name
                 .clone()
@@ -353,7 +371,7 @@ impl PodInfo {
                 .flatten()
                 .filter_map(|c| SpreadConstraint::parse(c, &labels))
                 .collect(),
-            fingerprint: hasher.finish(),
+            fingerprint: fingerprint.unwrap_or(0),
             condition,
             problems,
             labels,

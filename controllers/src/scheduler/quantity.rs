@@ -31,43 +31,48 @@ pub fn milli_value(text: &str) -> Result<i128, QuantityError> {
         return Err(bad());
     }
     let mantissa: i128 = digits.parse().map_err(|_| bad())?;
-    // value = mantissa * numerator / denominator
-    let mut numerator: i128 = 1000;
-    let mut denominator: i128 = 10i128.pow(fraction.len() as u32);
     let binary = |power: u32| 1024i128.pow(power);
-    match suffix {
-        "" => {}
-        "Ki" => numerator *= binary(1),
-        "Mi" => numerator *= binary(2),
-        "Gi" => numerator *= binary(3),
-        "Ti" => numerator *= binary(4),
-        "Pi" => numerator *= binary(5),
-        "Ei" => numerator *= binary(6),
-        "n" => denominator *= 1_000_000_000,
-        "u" => denominator *= 1_000_000,
-        "m" => denominator *= 1_000,
-        "k" => numerator *= 1_000,
-        "M" => numerator *= 1_000_000,
-        "G" => numerator *= 1_000_000_000,
-        "T" => numerator *= 1_000_000_000_000,
-        "P" => numerator *= 1_000_000_000_000_000,
-        "E" => numerator *= 1_000_000_000_000_000_000,
+    let (times, over) = match suffix {
+        "" => (1, 1),
+        "Ki" => (binary(1), 1),
+        "Mi" => (binary(2), 1),
+        "Gi" => (binary(3), 1),
+        "Ti" => (binary(4), 1),
+        "Pi" => (binary(5), 1),
+        "Ei" => (binary(6), 1),
+        "n" => (1, 1_000_000_000),
+        "u" => (1, 1_000_000),
+        "m" => (1, 1_000),
+        "k" => (1_000, 1),
+        "M" => (1_000_000, 1),
+        "G" => (1_000_000_000, 1),
+        "T" => (1_000_000_000_000, 1),
+        "P" => (1_000_000_000_000_000, 1),
+        "E" => (1_000_000_000_000_000_000, 1),
         exponent => {
             let e = exponent
                 .strip_prefix(['e', 'E'])
                 .and_then(|e| e.parse::<i32>().ok())
                 .filter(|e| e.abs() <= 18)
                 .ok_or_else(bad)?;
+            let power = 10i128.pow(e.unsigned_abs());
             if e >= 0 {
-                numerator *= 10i128.pow(e as u32);
+                (power, 1)
             } else {
-                denominator *= 10i128.pow(e.unsigned_abs());
+                (1, power)
             }
         }
-    }
+    };
+    // value = mantissa * numerator / denominator
+    let numerator = 1000i128.checked_mul(times).ok_or_else(bad)?;
+    let denominator = 10i128
+        .checked_pow(fraction.len() as u32)
+        .and_then(|d| d.checked_mul(over))
+        .ok_or_else(bad)?;
     let scaled = mantissa.checked_mul(numerator).ok_or_else(bad)?;
     // Rounded up, as Kubernetes rounds quantities it cannot represent exactly.
-    let milli = (scaled + denominator - 1) / denominator;
+    // (Without `scaled + denominator - 1`, which could overflow.)
+    let milli = scaled / denominator + i128::from(scaled % denominator != 0);
     Ok(if negative { -milli } else { milli })
 }
 
@@ -101,7 +106,7 @@ impl Resources {
 
     /// Sets one resource from its milli-value.
     pub fn set(&mut self, name: &str, milli: i128) {
-        let whole = saturate((milli + 999).div_euclid(1000));
+        let whole = saturate(milli.saturating_add(999).div_euclid(1000));
         match name {
             "cpu" => self.milli_cpu = saturate(milli),
             "memory" => self.memory = whole,
@@ -177,6 +182,39 @@ mod tests {
         for bad in ["", "m", "1.2.3", "1x", "Gi", "1e", "1e99"] {
             assert!(milli_value(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn quantities_too_large_for_the_arithmetic_are_errors_not_panics() {
+        let fraction = format!(".{}", "1".repeat(30));
+        let big = "9".repeat(30);
+        for text in [
+            format!("{fraction}n"),
+            format!("{fraction}e-18"),
+            format!("{fraction}E-10"),
+            format!("{big}Ei"),
+            format!("{big}e18"),
+            format!("-{big}E"),
+        ] {
+            assert_eq!(
+                milli_value(&text),
+                Err(QuantityError(text.clone())),
+                "{text:?}"
+            );
+        }
+        // Near the limits, but they fit.
+        assert_eq!(milli_value(&format!("{fraction}m")), Ok(1), "rounded up");
+        assert_eq!(milli_value(&format!("{fraction}u")), Ok(1), "rounded up");
+        assert!(milli_value(&format!("{big}k")).is_ok());
+        // Rounding up does not overflow when the scaled value is near i128::MAX.
+        assert_eq!(
+            milli_value("0.000170141183460469231e18"),
+            Ok(170_141_183_460_469_231)
+        );
+        assert!(
+            milli_value("0.000170141183460469232e18").is_err(),
+            "one more is too many"
+        );
     }
 
     #[test]

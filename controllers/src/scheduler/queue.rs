@@ -145,10 +145,6 @@ impl SchedulingQueue {
         self.attempted.remove(key);
     }
 
-    pub fn contains(&self, key: &PodKey) -> bool {
-        self.entries.contains_key(key)
-    }
-
     pub fn is_in_flight(&self, key: &PodKey) -> bool {
         self.entries
             .get(key)

@@ -76,7 +76,8 @@ enum Job {
     },
 }
 
-/// The handle the scheduler reports through; the writer task stops when it is dropped.
+/// The handle the scheduler reports through; dropping it aborts the writer task, and with it
+/// whatever is still queued.
 pub struct Reporter {
     tx: mpsc::Sender<Job>,
     busy: watch::Sender<bool>,
@@ -183,7 +184,7 @@ impl Writer {
         let mut conditions: VecDeque<Job> = VecDeque::new();
         let mut events: VecDeque<Job> = VecDeque::new();
         let mut writes: JoinSet<()> = JoinSet::new();
-        let mut open = true;
+        // Dropping the Reporter aborts this task: reports still queued then are not written.
         loop {
             let oldest = events.front().and_then(|j| match j {
                 Job::Event { queued, .. } => Some(*queued + MAX_EVENT_DELAY),
@@ -191,20 +192,17 @@ impl Writer {
             });
             tokio::select! {
                 Some(_) = writes.join_next(), if !writes.is_empty() => {}
-                job = rx.recv(), if open => match job {
+                job = rx.recv() => match job {
                     Some(job @ Job::Condition { .. }) => conditions.push_back(job),
                     Some(job @ Job::Event { .. }) => events.push_back(job),
-                    None => open = false,
+                    None => return,
                 },
                 changed = busy.changed() => {
-                    if changed.is_err() && !open && writes.is_empty() && events.is_empty() && conditions.is_empty() {
+                    if changed.is_err() {
                         return;
                     }
                 }
                 _ = tokio::time::sleep_until(oldest.unwrap_or_else(Instant::now).into()), if oldest.is_some() => {}
-            }
-            if !open && writes.is_empty() && events.is_empty() && conditions.is_empty() {
-                return;
             }
             while writes.len() < CONCURRENCY {
                 let job = if let Some(job) = conditions.pop_front() {

@@ -203,5 +203,32 @@ mod tests {
         let mut zero = vec![0, 0];
         normalize(&mut zero, false);
         assert_eq!(zero, vec![0, 0]);
+
+        // BalancedAllocation: with two resources kube's std is |cpu - memory| / 2 and the
+        // score (1 - std) * 100. Half the CPU and no memory: std 0.25, score 75.
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n"},
+            "status": {"allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"}}
+        }))
+        .unwrap();
+        let node = NodeInfo::from_node(&node);
+        let pod = |resources: serde_json::Value| {
+            let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "ns"},
+                "spec": {"containers": [{"name": "c", "resources": {"requests": resources}}]}
+            }))
+            .unwrap();
+            PodInfo::from_pod(&pod)
+        };
+        let idle = NodeUsage::default();
+        let half_cpu = pod(serde_json::json!({"cpu": "1"}));
+        assert_eq!(balanced_allocation(&half_cpu, &node, &idle), 75);
+        // Half of each: std 0, score 100.
+        let half_each = pod(serde_json::json!({"cpu": "1", "memory": "2Gi"}));
+        assert_eq!(balanced_allocation(&half_each, &node, &idle), 100);
+        // What is already on the node counts: all the CPU and half the memory, std 0.25.
+        let mut busy = NodeUsage::default();
+        busy.requested.milli_cpu = 1000;
+        assert_eq!(balanced_allocation(&half_each, &node, &busy), 75);
     }
 }

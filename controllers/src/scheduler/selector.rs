@@ -43,12 +43,6 @@ impl Selector {
         Selector { requirements: None }
     }
 
-    pub fn everything() -> Self {
-        Selector {
-            requirements: Some(Vec::new()),
-        }
-    }
-
     /// `matchLabels` as a map (a Service's selector). An empty map selects nothing, as a
     /// Service without a selector has no pods of its own.
     pub fn from_map(map: &Labels) -> Self {

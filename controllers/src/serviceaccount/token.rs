@@ -60,7 +60,8 @@ impl TokenGenerator {
 
     /// A generator for the first `PRIVATE KEY` (PKCS#8) block of `pem`.
     pub fn from_pem(pem: &str) -> Result<Self, String> {
-        let der = pem_block(pem, "PRIVATE KEY").ok_or_else(|| {
+        use rustls_pki_types::{pem::PemObject as _, PrivatePkcs8KeyDer};
+        let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| {
             if pem.contains("-----BEGIN EC PRIVATE KEY-----") {
                 "a SEC1 key; convert it to PKCS#8 (openssl pkcs8 -topk8 -nocrypt)".to_string()
             } else {
@@ -68,8 +69,12 @@ impl TokenGenerator {
             }
         })?;
         let rng = SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
-            .map_err(|e| format!("not a PKCS#8 P-256 key: {e}"))?;
+        let key = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            der.secret_pkcs8_der(),
+            &rng,
+        )
+        .map_err(|e| format!("not a PKCS#8 P-256 key: {e}"))?;
         let digest = ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref());
         Ok(TokenGenerator {
             key_id: b64url(&digest.as_ref()[..16]),
@@ -79,6 +84,7 @@ impl TokenGenerator {
     }
 
     /// The uncompressed P-256 point that verifies this generator's tokens.
+    #[cfg(test)]
     pub fn public_key(&self) -> &[u8] {
         self.key.public_key().as_ref()
     }
@@ -112,15 +118,6 @@ impl TokenGenerator {
             .map_err(|_| Error::Signing)?;
         Ok(format!("{signing_input}.{}", b64url(signature.as_ref())))
     }
-}
-
-/// The DER of the first PEM block labelled `label`.
-fn pem_block(pem: &str, label: &str) -> Option<Vec<u8>> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let body = pem.split_once(&begin)?.1.split_once(&end)?.0;
-    let text: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-    base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
 
 /// What the controller works with besides the client.

@@ -752,6 +752,9 @@ fn gc_finalizers(meta: &Value, policy: Option<Propagation>) -> Option<Vec<Value>
 impl DeleteOptions {
     pub fn parse(body: &Bytes, query: &str) -> Result<Self, ApiError> {
         let mut options = DeleteOptions::default();
+        // From the body, then the query (which overrides it); checked together below.
+        let mut orphan: Option<bool> = None;
+        let mut policy: Option<String> = None;
         if !body.iter().all(u8::is_ascii_whitespace) {
             let value: Value = serde_json::from_slice(body).map_err(|e| {
                 ApiError::bad_request(format!("the DeleteOptions body is not valid JSON: {e}"))
@@ -760,16 +763,8 @@ impl DeleteOptions {
             options.uid = value["preconditions"]["uid"].as_str().map(str::to_string);
             options.resource_version = precondition(&json!({"metadata": {
                 "resourceVersion": value["preconditions"]["resourceVersion"]}}))?;
-            let orphan = value["orphanDependents"].as_bool();
-            let policy = value["propagationPolicy"].as_str();
-            if orphan.is_some() && policy.is_some() {
-                return Err(both_policies());
-            }
-            options.propagation = match (orphan, policy) {
-                (Some(orphan), _) => Some(Propagation::from_orphan_dependents(orphan)),
-                (None, Some(policy)) => Some(Propagation::parse(policy)?),
-                (None, None) => None,
-            };
+            orphan = value["orphanDependents"].as_bool();
+            policy = value["propagationPolicy"].as_str().map(str::to_string);
         }
         for (k, v) in parse_query(query) {
             match k.as_str() {
@@ -778,16 +773,23 @@ impl DeleteOptions {
                         ApiError::bad_request(format!("invalid gracePeriodSeconds {v:?}"))
                     })?);
                 }
-                "propagationPolicy" => options.propagation = Some(Propagation::parse(&v)?),
+                "propagationPolicy" => policy = Some(v),
                 "orphanDependents" => {
-                    let orphan = v.parse().map_err(|_| {
+                    orphan = Some(v.parse().map_err(|_| {
                         ApiError::bad_request(format!("invalid orphanDependents {v:?}"))
-                    })?;
-                    options.propagation = Some(Propagation::from_orphan_dependents(orphan));
+                    })?);
                 }
                 _ => {}
             }
         }
+        if orphan.is_some() && policy.is_some() {
+            return Err(both_policies());
+        }
+        options.propagation = match (orphan, policy) {
+            (Some(orphan), _) => Some(Propagation::from_orphan_dependents(orphan)),
+            (None, Some(policy)) => Some(Propagation::parse(&policy)?),
+            (None, None) => None,
+        };
         if options.grace_period.is_some_and(|g| g < 0) {
             return Err(ApiError::invalid(
                 "DeleteOptions",
@@ -1162,6 +1164,22 @@ mod tests {
             ""
         )
         .is_err());
+        assert!(DeleteOptions::parse(
+            &Bytes::new(),
+            "orphanDependents=false&propagationPolicy=Background"
+        )
+        .is_err());
+        assert!(DeleteOptions::parse(
+            &Bytes::from_static(br#"{"orphanDependents":true}"#),
+            "propagationPolicy=Background"
+        )
+        .is_err());
+        let o = DeleteOptions::parse(
+            &Bytes::from_static(br#"{"propagationPolicy":"Foreground"}"#),
+            "propagationPolicy=Orphan",
+        )
+        .unwrap();
+        assert_eq!(o.propagation, Some(Propagation::Orphan));
     }
 
     #[test]

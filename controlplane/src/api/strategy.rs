@@ -165,26 +165,24 @@ fn default_pod_spec(spec: &mut Value) {
     set_default(spec, "priority", 0.into());
     set_default(spec, "preemptionPolicy", "PreemptLowerPriority".into());
     // DefaultTolerationSeconds: 300 s for each of not-ready and unreachable that the Pod does
-    // not tolerate already (with NoExecute or any effect).
+    // not tolerate already (by that key or an empty one, with NoExecute or any effect).
     if !spec["tolerations"].is_array() {
         spec["tolerations"] = json!([]);
     }
-    for key in [
-        "node.kubernetes.io/not-ready",
-        "node.kubernetes.io/unreachable",
-    ] {
-        let Some(list) = spec["tolerations"].as_array_mut() else {
-            break;
-        };
-        let tolerated = list.iter().any(|t| {
-            t["key"].as_str() == Some(key)
-                && matches!(t["effect"].as_str(), None | Some("") | Some("NoExecute"))
-        });
-        if !tolerated {
-            list.push(
-                json!({"key": key, "operator": "Exists", "effect": "NoExecute",
-                "tolerationSeconds": 300}),
-            );
+    if let Some(list) = spec["tolerations"].as_array_mut() {
+        for key in [
+            "node.kubernetes.io/not-ready",
+            "node.kubernetes.io/unreachable",
+        ] {
+            let tolerated = list.iter().any(|t| {
+                matches!(t["key"].as_str(), None | Some("")) || t["key"].as_str() == Some(key)
+            } && matches!(t["effect"].as_str(), None | Some("") | Some("NoExecute")));
+            if !tolerated {
+                list.push(
+                    json!({"key": key, "operator": "Exists", "effect": "NoExecute",
+                    "tolerationSeconds": 300}),
+                );
+            }
         }
     }
     for list in ["containers", "initContainers"] {
@@ -651,6 +649,54 @@ mod tests {
         );
         assert_eq!(pod["status"]["phase"], "Pending");
         assert_eq!(pod["status"]["qosClass"], "BestEffort");
+        // DefaultTolerationSeconds: 300 s for not-ready and unreachable, unless tolerated
+        // already by key or by an empty key (which tolerates every taint).
+        let keys = |pod: &Value| -> Vec<(String, Value)> {
+            pod["spec"]["tolerations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    (
+                        t["key"].as_str().unwrap_or("").to_string(),
+                        t["tolerationSeconds"].clone(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            keys(&pod),
+            [
+                ("node.kubernetes.io/not-ready".to_string(), json!(300)),
+                ("node.kubernetes.io/unreachable".to_string(), json!(300)),
+            ]
+        );
+        let mut own = json!({"metadata": {"name": "p"}, "spec": {
+            "containers": [{"name": "c", "image": "nginx:1.27"}],
+            "tolerations": [{"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                             "effect": "NoExecute", "tolerationSeconds": 5}]}});
+        prepare_create(pods, &mut own).unwrap();
+        assert_eq!(
+            keys(&own),
+            [
+                ("node.kubernetes.io/unreachable".to_string(), json!(5)),
+                ("node.kubernetes.io/not-ready".to_string(), json!(300)),
+            ]
+        );
+        let mut all = json!({"metadata": {"name": "p"}, "spec": {
+            "containers": [{"name": "c", "image": "nginx:1.27"}],
+            "tolerations": [{"operator": "Exists"}]}});
+        prepare_create(pods, &mut all).unwrap();
+        assert_eq!(keys(&all), [(String::new(), Value::Null)]);
+        let mut no_schedule = json!({"metadata": {"name": "p"}, "spec": {
+            "containers": [{"name": "c", "image": "nginx:1.27"}],
+            "tolerations": [{"operator": "Exists", "effect": "NoSchedule"}]}});
+        prepare_create(pods, &mut no_schedule).unwrap();
+        assert_eq!(
+            keys(&no_schedule).len(),
+            3,
+            "NoSchedule only: the defaults still added"
+        );
         let mut bad = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "C"}]}});
         let err = prepare_create(pods, &mut bad).unwrap_err();
         assert!(
