@@ -559,28 +559,32 @@ impl ClusterView {
             .find(|z| !z.ends_with(".arpa.") && *z != ".")
             .cloned()
             .unwrap_or_else(|| "cluster.local.".to_string());
-        let mut targets = Vec::new();
-        let services = self
-            .by_address
-            .get(&ip)
-            .into_iter()
-            .flatten()
-            .filter_map(|key| self.services.get(key));
-        for s in services {
-            let service_name = format!("{}.{}.svc.{cluster}", s.name, s.namespace);
-            match &s.kind {
-                ServiceKind::ClusterIp(ips) if ips.contains(&ip) => targets.push(service_name),
-                ServiceKind::Headless => {
-                    for e in self.ready_endpoints(&s.namespace, &s.name) {
-                        if e.addresses.contains(&ip) {
-                            let host = Self::endpoint_host(e, ip, options);
-                            targets.push(format!("{host}.{service_name}"));
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
+        // As CoreDNS's kubernetes plugin: a cluster IP names its service (the first, if several
+        // share it); else every service with a ready endpoint at the address names that endpoint,
+        // once per service, whatever the service's type.
+        let keys: Vec<&(String, String)> = self.by_address.get(&ip).into_iter().flatten().collect();
+        let service_name =
+            |(namespace, name): &(String, String)| format!("{name}.{namespace}.svc.{cluster}");
+        let by_cluster_ip = keys.iter().find(|key| {
+            self.services.get(**key).is_some_and(
+                |s| matches!(&s.kind, ServiceKind::ClusterIp(ips) if ips.contains(&ip)),
+            )
+        });
+        let mut targets: Vec<String> = match by_cluster_ip {
+            Some(key) => vec![service_name(key)],
+            None => keys
+                .iter()
+                .filter(|key| self.services.contains_key(**key))
+                .filter_map(|key| {
+                    let endpoint = self
+                        .ready_endpoints(&key.0, &key.1)
+                        .into_iter()
+                        .find(|e| e.addresses.contains(&ip))?;
+                    let host = Self::endpoint_host(endpoint, ip, options);
+                    Some(format!("{host}.{}", service_name(key)))
+                })
+                .collect(),
+        };
         if targets.is_empty() {
             return Answer::nxdomain(zone);
         }

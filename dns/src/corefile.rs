@@ -228,18 +228,33 @@ pub fn parse_blocks(
     Ok(blocks)
 }
 
-/// A Go-style duration: `5s`, `500ms`, `1m30s`, `2h`.
-pub fn parse_duration(text: &str) -> Option<Duration> {
+/// The longest duration Go's `time.Duration` holds (2562047h47m16.854775807s): CoreDNS reads
+/// its Corefile with Go, and no timer or deadline here can overflow below it.
+pub const MAX_DURATION: Duration = Duration::new(9_223_372_036, 854_775_807);
+
+/// Why a Corefile duration was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurationError {
+    /// Not a Go duration (`5s`, `500ms`, `1m30s`, `2h`).
+    Malformed,
+    /// Longer than [`MAX_DURATION`].
+    TooLarge,
+}
+
+/// A Go-style duration: `5s`, `500ms`, `1m30s`, `2h`, at most [`MAX_DURATION`].
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    if text.is_empty() {
+        return Err(DurationError::Malformed);
+    }
     let mut total = Duration::ZERO;
     let mut rest = text;
-    if rest.is_empty() {
-        return None;
-    }
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(rest.len());
-        let number: f64 = rest[..digits].parse().ok()?;
+        let number: f64 = rest[..digits]
+            .parse()
+            .map_err(|_| DurationError::Malformed)?;
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -251,12 +266,19 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            _ => return None,
+            _ => return Err(DurationError::Malformed),
         };
         rest = &rest[unit_len..];
-        total += Duration::from_secs_f64(number * seconds);
+        // A huge number of digits reads as infinity; both that and an overflowing sum are
+        // "too large", never a panic.
+        let term =
+            Duration::try_from_secs_f64(number * seconds).map_err(|_| DurationError::TooLarge)?;
+        total = total
+            .checked_add(term)
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or(DurationError::TooLarge)?;
     }
-    Some(total)
+    Ok(total)
 }
 
 /// Where a server block listens, and for which zones.
@@ -288,6 +310,55 @@ pub fn fqdn(zone: &str) -> String {
     }
 }
 
+/// The zones a zone argument stands for: a name, or a CIDR (`10.96.0.0/12`) as the reverse zones
+/// that cover it, split at label boundaries as CoreDNS does (a /12 is 16 zones of a /16).
+pub fn zones_of(arg: &str) -> Result<Vec<String>, String> {
+    let Some((addr, prefix)) = arg.trim_end_matches('.').split_once('/') else {
+        return Ok(vec![fqdn(arg)]);
+    };
+    let addr: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{arg}: {addr:?} is not an IP address"))?;
+    let (bits, label_bits, suffix) = match addr {
+        std::net::IpAddr::V4(_) => (32u32, 8u32, "in-addr.arpa."),
+        std::net::IpAddr::V6(_) => (128, 4, "ip6.arpa."),
+    };
+    let prefix: u32 = match prefix.parse() {
+        Ok(p) if p <= bits => p,
+        _ => {
+            return Err(format!(
+                "{arg}: {prefix:?} is not a prefix length of 0 to {bits}"
+            ))
+        }
+    };
+    let value: u128 = match addr {
+        std::net::IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        std::net::IpAddr::V6(v6) => u128::from(v6),
+    };
+    let labels = prefix.div_ceil(label_bits);
+    let zone_bits = labels * label_bits;
+    let network = if prefix == 0 {
+        0
+    } else {
+        value >> (bits - prefix) << (bits - prefix)
+    };
+    Ok((0..1u128 << (zone_bits - prefix))
+        .map(|i| {
+            let subnet = (network >> (bits - zone_bits)) + i;
+            let mut zone = String::new();
+            for l in 0..labels {
+                let label = (subnet >> (l * label_bits)) & ((1 << label_bits) - 1);
+                zone.push_str(&if label_bits == 8 {
+                    format!("{label}.")
+                } else {
+                    format!("{label:x}.")
+                });
+            }
+            zone + suffix
+        })
+        .collect())
+}
+
 fn listen(block: &ServerBlock, default_port: u16) -> Result<Listen, CorefileError> {
     let mut zones = Vec::new();
     let mut port = None;
@@ -314,7 +385,7 @@ fn listen(block: &ServerBlock, default_port: u16) -> Result<Listen, CorefileErro
             );
         }
         port = Some(key_port);
-        zones.push(fqdn(zone));
+        zones.extend(zones_of(zone).or_else(|e| err(block.line, e))?);
     }
     Ok(Listen {
         zones,
@@ -451,20 +522,48 @@ fn address(text: &str, default_port: u16, line: usize) -> Result<SocketAddr, Cor
 
 fn duration_arg(d: &Directive, index: usize) -> Result<Duration, CorefileError> {
     let text = d.args.get(index).map(String::as_str).unwrap_or_default();
-    parse_duration(text).ok_or_else(|| CorefileError {
+    parse_duration(text).map_err(|e| CorefileError {
         line: d.line,
-        message: format!("{}: {text:?} is not a duration (like 5s)", d.name),
+        message: match e {
+            DurationError::Malformed => format!("{}: {text:?} is not a duration (like 5s)", d.name),
+            DurationError::TooLarge => {
+                format!("{}: {text:?} is too large (at most 2562047h)", d.name)
+            }
+        },
     })
 }
 
-fn number_arg<T: std::str::FromStr>(d: &Directive, index: usize) -> Result<T, CorefileError> {
+fn number_arg<T>(d: &Directive, index: usize) -> Result<T, CorefileError>
+where
+    T: std::str::FromStr<Err = std::num::ParseIntError> + num_max::Max,
+{
     let text = d.args.get(index).map(String::as_str).unwrap_or_default();
-    text.parse().or_else(|_| {
-        err(
-            d.line,
-            format!("{}: {text:?} is not a valid number", d.name),
-        )
+    text.parse().or_else(|e: std::num::ParseIntError| {
+        let reason = match e.kind() {
+            std::num::IntErrorKind::PosOverflow => format!("is too large (at most {})", T::MAX),
+            _ => "is not a valid number".to_string(),
+        };
+        err(d.line, format!("{}: {text:?} {reason}", d.name))
     })
+}
+
+/// The largest value of the number types Corefile options take, for the "too large" message.
+mod num_max {
+    pub trait Max {
+        const MAX: u64;
+    }
+    impl Max for u8 {
+        const MAX: u64 = u8::MAX as u64;
+    }
+    impl Max for u16 {
+        const MAX: u64 = u16::MAX as u64;
+    }
+    impl Max for u32 {
+        const MAX: u64 = u32::MAX as u64;
+    }
+    impl Max for usize {
+        const MAX: u64 = usize::MAX as u64;
+    }
 }
 
 fn no_args(d: &Directive) -> Result<(), CorefileError> {
@@ -487,7 +586,11 @@ fn kubernetes(d: &Directive, server_zones: &[String]) -> Result<Kubernetes, Core
         zones: if d.args.is_empty() {
             server_zones.to_vec()
         } else {
-            d.args.iter().map(|z| fqdn(z)).collect()
+            let mut zones = Vec::new();
+            for z in &d.args {
+                zones.extend(zones_of(z).or_else(|e| err(d.line, e))?);
+            }
+            zones
         },
         endpoint: None,
         tls: None,
@@ -537,7 +640,13 @@ fn kubernetes(d: &Directive, server_zones: &[String]) -> Result<Kubernetes, Core
                 }
                 k.ttl = ttl;
             }
-            "fallthrough" => k.fallthrough = Some(o.args.iter().map(|z| fqdn(z)).collect()),
+            "fallthrough" => {
+                let mut zones = Vec::new();
+                for z in &o.args {
+                    zones.extend(zones_of(z).or_else(|e| err(o.line, e))?);
+                }
+                k.fallthrough = Some(zones);
+            }
             "ignore" => match o.args.as_slice() {
                 [w] if w == "empty_service" => k.ignore_empty_service = true,
                 _ => return err(o.line, "ignore takes empty_service"),
@@ -599,11 +708,10 @@ fn cache(d: &Directive) -> Result<Cache, CorefileError> {
     let mut max_ttl = 3600;
     let mut zones = Vec::new();
     for (i, arg) in d.args.iter().enumerate() {
-        if i == 0 {
-            if let Ok(ttl) = arg.parse::<u32>() {
-                max_ttl = ttl;
-                continue;
-            }
+        // A first argument of digits is the TTL, never a zone: one too large is refused.
+        if i == 0 && arg.bytes().all(|b| b.is_ascii_digit()) {
+            max_ttl = number_arg(d, 0)?;
+            continue;
         }
         zones.push(fqdn(arg));
     }
@@ -1012,12 +1120,82 @@ dns://.:{$PORT} {
 
     #[test]
     fn durations_read_as_go_writes_them() {
-        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1.5h"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("5"), None);
-        assert_eq!(parse_duration(""), None);
-        assert_eq!(parse_duration("5 s"), None);
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(
+            parse_duration("2562047h"),
+            Ok(Duration::from_secs(2562047 * 3600))
+        );
+        assert_eq!(parse_duration("5"), Err(DurationError::Malformed));
+        assert_eq!(parse_duration(""), Err(DurationError::Malformed));
+        assert_eq!(parse_duration("5 s"), Err(DurationError::Malformed));
+        for huge in [
+            "2562048h",
+            "99999999999999999999h",
+            "6000000000000000000s1s",
+            &"9".repeat(400),
+        ] {
+            let huge = if huge.ends_with(['h', 's']) {
+                huge.to_string()
+            } else {
+                format!("{huge}s")
+            };
+            assert_eq!(
+                parse_duration(&huge),
+                Err(DurationError::TooLarge),
+                "{huge}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_too_large_for_their_option_are_refused_with_the_line() {
+        let huge = "99999999999999999999h";
+        let cases = [
+            format!(".:53 {{\n  forward . 127.0.0.1 {{\n    expire {huge}\n  }}\n}}\n"),
+            format!(".:53 {{\n  forward . 127.0.0.1 {{\n    health_check {huge}\n  }}\n}}\n"),
+            format!(".:53 {{\n  cache 30 {{\n    prefetch 1 {huge}\n  }}\n}}\n"),
+            format!(".:53 {{\n  cache 30 {{\n    serve_stale {huge}\n  }}\n}}\n"),
+            format!(".:53 {{\n  health {{\n    lameduck {huge}\n  }}\n}}\n"),
+            format!(".:53 {{\n  kubernetes {{\n    startup_timeout {huge}\n  }}\n}}\n"),
+            format!(".:53 {{\n  errors\n  reload 30s {huge}\n}}\n"),
+            ".:53 {\n  errors\n  cache 99999999999\n}\n".to_string(),
+            ".:53 {\n  cache 30 {\n    success 99999999999999999999999\n  }\n}\n".to_string(),
+            ".:53 {\n  kubernetes {\n    ttl 99999999999\n  }\n}\n".to_string(),
+        ];
+        for text in cases {
+            let e = parse(&text, 53, &no_env).unwrap_err();
+            assert_eq!(e.line, 3, "{text:?}: {e}");
+            assert!(e.to_string().contains("too large"), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn cidr_zones_are_the_reverse_zones_that_cover_them() {
+        assert_eq!(zones_of("cluster.local").unwrap(), ["cluster.local."]);
+        assert_eq!(zones_of("10.0.0.0/8").unwrap(), ["10.in-addr.arpa."]);
+        assert_eq!(zones_of("10.244.0.0/16").unwrap(), ["244.10.in-addr.arpa."]);
+        assert_eq!(
+            zones_of("192.168.7.0/24").unwrap(),
+            ["7.168.192.in-addr.arpa."]
+        );
+        let twelve = zones_of("10.96.0.0/12").unwrap();
+        assert_eq!(twelve.len(), 16);
+        assert_eq!(twelve[0], "96.10.in-addr.arpa.");
+        assert_eq!(twelve[15], "111.10.in-addr.arpa.");
+        // Host bits are ignored, as a network is meant.
+        assert_eq!(zones_of("10.97.3.4/12").unwrap()[0], "96.10.in-addr.arpa.");
+        assert_eq!(
+            zones_of("fd00:10:96::/112").unwrap(),
+            ["0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.6.9.0.0.0.1.0.0.0.0.d.f.ip6.arpa."]
+        );
+        assert_eq!(zones_of("fd00::/6").unwrap().len(), 4);
+        assert_eq!(zones_of("0.0.0.0/0").unwrap(), ["in-addr.arpa."]);
+        assert!(zones_of("10.0.0.0/33").is_err());
+        assert!(zones_of("10.0.0/8").is_err());
+        let e = parse(".:53 {\n  kubernetes 10.0.0.0/40\n}\n", 53, &no_env).unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
     }
 }

@@ -3,7 +3,7 @@
 //! of the Kubernetes DNS specification and CoreDNS's kubernetes plugin from a view of the cluster
 //! (`cluster`), that view built from the Kubernetes objects (`view`) and kept current by watches
 //! (`sync`, into a `handle`); the query path on hickory-server with CoreDNS's plugin chain
-//! (`server`, `cache`, `forward`), its metrics under CoreDNS's names (`metrics`), and the running
+//! (`server`, `cache`, `forward`) with answers cut to the client's size (`fit`), its metrics under CoreDNS's names (`metrics`), and the running
 //! server made from a Corefile, with reload and the HTTP endpoints (`app`, and the `seine-dns`
 //! binary). Without the default `server` feature the crate has no Kubernetes client (the fuzz
 //! target builds it that way).
@@ -13,6 +13,7 @@ pub mod app;
 pub mod cache;
 pub mod cluster;
 pub mod corefile;
+pub mod fit;
 pub mod forward;
 pub mod handle;
 pub mod metrics;

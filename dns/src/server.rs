@@ -1,7 +1,7 @@
 //! The query path: a request handler for hickory-server that picks the server block for the
 //! question's zone and runs CoreDNS's plugin chain in CoreDNS's order (log, loadbalance, cache,
-//! kubernetes, loop, forward), then encodes the reply (hickory truncates UDP answers to 512 bytes,
-//! or to the client's EDNS0 buffer, and sets TC so the client retries over TCP).
+//! kubernetes, loop, forward), then cuts the reply to the client's size at a record boundary with
+//! TC set (`fit`: 512 bytes over UDP, or the client's EDNS0 buffer) and encodes it.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -32,6 +32,7 @@ use crate::{
     cache::{Cache, CacheKey, Hit},
     cluster::{self, ClusterView, Data, Qtype, Rcode},
     corefile::{self, in_zone},
+    fit,
     forward::{ForwardError, Forwarder},
     handle::ViewHandle,
     metrics::{
@@ -780,6 +781,13 @@ impl RequestHandler for Handler {
         metadata.response_code = reply.rcode;
         metadata.authoritative = reply.authoritative;
         metadata.recursion_available = reply.recursion_available;
+        fit::fit(
+            &mut reply,
+            &request.queries,
+            metadata,
+            edns,
+            fit::limit(tcp, edns),
+        );
         metadata.truncation = reply.truncated;
         let response = builder.build(
             metadata,
@@ -864,12 +872,15 @@ pub fn loop_probe_name(zone: &str) -> String {
 }
 
 /// Keeps the encoded response instead of sending it: the UDP listener sends answers in batches.
-#[derive(Clone, Default)]
-struct Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+#[derive(Clone)]
+struct Capture {
+    tcp: bool,
+    slot: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
 
 impl Capture {
     fn take(&self) -> Option<Vec<u8>> {
-        match self.0.lock() {
+        match self.slot.lock() {
             Ok(mut slot) => slot.take(),
             Err(e) => e.into_inner().take(),
         }
@@ -891,10 +902,12 @@ impl ResponseHandler for Capture {
     ) -> Result<ResponseInfo, hickory_server::net::NetError> {
         let mut bytes = Vec::with_capacity(512);
         let mut encoder = hickory_proto::serialize::binary::BinEncoder::new(&mut bytes);
-        // As hickory's UDP handle encodes: the EDNS0 buffer, else 512 bytes.
-        encoder.set_max_size(response.edns().map_or(512, |e| e.max_payload()));
+        let limit = fit::limit(self.tcp, response.edns());
+        encoder.set_max_size(u16::try_from(limit).unwrap_or(u16::MAX));
         let info = response.destructive_emit(&mut encoder)?;
-        match self.0.lock() {
+        // A record the encoder rolled back leaves its bytes past the end of the message.
+        encoder.trim();
+        match self.slot.lock() {
             Ok(mut slot) => *slot = Some(bytes),
             Err(e) => *e.into_inner() = Some(bytes),
         }
@@ -921,14 +934,28 @@ fn formerr_for(bytes: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The answer to one DNS message from `src` over UDP: None when it is dropped (shorter than a
-/// header), FORMERR when the rest does not parse, else the handler's answer, truncated to what a
-/// UDP client can take. The UDP listener and the fuzz target both answer through it.
+/// header), FORMERR when the rest does not parse, else the handler's answer, cut to what a UDP
+/// client can take. The UDP listener and the fuzz target both answer through it.
 pub async fn answer_udp(handler: Handler, bytes: Vec<u8>, src: SocketAddr) -> Option<Vec<u8>> {
+    answer(handler, bytes, src, Protocol::Udp).await
+}
+
+/// The answer to one DNS message as it would be sent over `protocol` (TCP answers are cut only at
+/// 64 KiB).
+pub async fn answer(
+    handler: Handler,
+    bytes: Vec<u8>,
+    src: SocketAddr,
+    protocol: Protocol,
+) -> Option<Vec<u8>> {
     let header: [u8; 12] = bytes.get(..12)?.try_into().ok()?;
-    let Ok(request) = Request::from_bytes(bytes, src, Protocol::Udp) else {
+    let Ok(request) = Request::from_bytes(bytes, src, protocol) else {
         return formerr_for(&header);
     };
-    let capture = Capture::default();
+    let capture = Capture {
+        tcp: matches!(protocol, Protocol::Tcp),
+        slot: Arc::default(),
+    };
     let _ = handler
         .handle_request::<_, hickory_server::net::runtime::TokioTime>(&request, capture.clone())
         .await;

@@ -1,8 +1,8 @@
 //! The query path with arbitrary bytes as the query: the handler seine-dns's listeners use, over
 //! a cluster view with ClusterIP, headless and ExternalName services, endpoints and pods, behind
 //! the cache and loadbalance, as the kubeadm Corefile sets it up. A message shorter than a header
-//! is dropped; anything else gets an answer that parses, is a response, carries the query's ID and
-//! fits a UDP client (512 bytes without EDNS0, 4096 at most). Never a panic.
+//! is dropped; anything else gets an answer that parses to its last byte, is a response, carries
+//! the query's ID and fits a UDP client (512 bytes without EDNS0, 4096 at most). Never a panic.
 
 #![no_main]
 
@@ -12,7 +12,10 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use hickory_proto::op::{Message, MessageType};
+use hickory_proto::{
+    op::{Message, MessageType},
+    serialize::binary::{BinDecodable as _, BinDecoder},
+};
 use libfuzzer_sys::fuzz_target;
 use seine_dns::{
     cluster::{ClusterView, Endpoint, Port, Service, ServiceKind},
@@ -124,7 +127,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(data.len() < 12, "only a message without a whole header is dropped");
         return;
     };
-    let message = Message::from_vec(&answer).expect("every answer parses");
+    let mut decoder = BinDecoder::new(&answer);
+    let message = Message::read(&mut decoder).expect("every answer parses");
+    assert!(decoder.is_empty(), "nothing after the end of the message");
     assert_eq!(message.metadata.id, u16::from_be_bytes([data[0], data[1]]));
     assert_eq!(message.metadata.message_type, MessageType::Response);
     let limit = match Message::from_vec(data).ok().and_then(|q| q.edns) {
