@@ -115,6 +115,16 @@ fn seinectl_shows_what_was_programmed() {
         out["source"].as_str().unwrap().split(':').next(),
         Some("10.244.0.2")
     );
+    assert_eq!(out["expired"], false);
+    let left = out["expires_in_secs"].as_f64().unwrap();
+    assert!(left > 0.0, "a fresh entry has lifetime left: {out}");
+    let table = node.seinectl_ok(&["bpf", "ct", "list"]).unwrap();
+    assert!(
+        table
+            .split_whitespace()
+            .all(|t| !t.starts_with('-') || t == "-"),
+        "no negative lifetimes: {table}"
+    );
 
     assert!(node.counter("translated").unwrap() > 0);
 
@@ -289,6 +299,29 @@ fn a_full_map_is_a_clear_error_and_keeps_the_old_state() {
     );
     let counts = spread(&node, vip("10.96.4.1:80"), 10);
     assert_eq!(counts.get("backend-1"), Some(&10));
+}
+
+#[test]
+fn seinectl_on_a_node_finds_the_agents_pins_by_itself() {
+    let node = ready_node("find", 1);
+    upsert(&node, "10.96.7.1:80/tcp", &["backend-1"], &[]);
+    // As a user on the node would: no --bpffs-dir, and the lab pins under a per-node directory.
+    let out = node
+        .ns
+        .command(&seine_tests::bin("seinectl").unwrap())
+        .env_remove("SEINE_BPFFS_DIR")
+        .args(["bpf", "lb", "list", "-o", "json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let dir = node.bpffs_dir.display().to_string();
+    assert!(
+        err.contains(&format!("using {dir}")) && err.contains("seine-agent pid"),
+        "says which pins it used: {err}"
+    );
+    let lb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(lb[0]["frontend"], "10.96.7.1:80/TCP");
 }
 
 #[test]

@@ -51,7 +51,10 @@ pub struct CtRow {
     pub state: &'static str,
     pub hairpin: bool,
     pub age_secs: f64,
+    /// The lifetime left; 0 once expired (the datapath ignores the entry and the agent's
+    /// sweep removes it).
     pub expires_in_secs: f64,
+    pub expired: bool,
     pub packets: u64,
 }
 
@@ -170,12 +173,18 @@ pub fn ct_list(maps: &PinnedMaps) -> Result<Vec<CtRow>> {
             state,
             hairpin: value.flags & CT_HAIRPIN != 0,
             age_secs: now.saturating_sub(value.created_ns) as f64 / 1e9,
-            expires_in_secs: (value.expires_ns as f64 - now as f64) / 1e9,
+            expires_in_secs: remaining_secs(value.expires_ns, now),
+            expired: value.expires_ns < now,
             packets: value.packets,
         });
     }
     rows.sort_by(|a, b| a.age_secs.total_cmp(&b.age_secs));
     Ok(rows)
+}
+
+/// Seconds from `now` until `expires_ns` (both monotonic), never negative.
+fn remaining_secs(expires_ns: u64, now: u64) -> f64 {
+    expires_ns.saturating_sub(now) as f64 / 1e9
 }
 
 pub fn stats(maps: &PinnedMaps) -> std::result::Result<Vec<StatRow>, crate::bpf::BpfError> {
@@ -185,4 +194,16 @@ pub fn stats(maps: &PinnedMaps) -> std::result::Result<Vec<StatRow>, crate::bpf:
         .zip(STAT_NAMES)
         .map(|(value, name)| StatRow { name, value })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remaining_lifetime_is_never_negative() {
+        assert_eq!(remaining_secs(5_500_000_000, 1_000_000_000), 4.5);
+        assert_eq!(remaining_secs(1_000_000_000, 1_000_000_000), 0.0);
+        assert_eq!(remaining_secs(1_000_000_000, 9_000_000_000), 0.0);
+    }
 }

@@ -10,3 +10,4 @@ pub mod model;
 pub mod net;
 pub mod nodenet;
 pub mod overlay;
+pub mod pins;

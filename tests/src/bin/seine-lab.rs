@@ -271,7 +271,6 @@ fn up() -> Result<()> {
     for _ in 0..12 {
         answers.insert(client.http_get(vip)?);
     }
-    let bpffs = nodes[0].bpffs_dir.display().to_string();
     let agent_log = nodes[0]
         .agent
         .as_ref()
@@ -300,8 +299,8 @@ fn up() -> Result<()> {
          \x20 ip netns exec seinelab1-client ping -c 2 -M do -s 1422 {remote}   # backend-2: full-size, across the overlay\n\
          \x20 ip -n seinelab1-node route; bridge -n seinelab1-node fdb show dev seine.vxlan   # the overlay's routes and VTEPs\n\
          \x20 cat {STATE_DIR}/node-1/net.d/10-seine.conflist        # what the agent installed\n\
-         \x20 {seinectl} --bpffs-dir {bpffs} bpf lb list      # the service map\n\
-         \x20 {seinectl} --bpffs-dir {bpffs} bpf ct list      # conntrack after those requests\n\
+         \x20 ip netns exec seinelab1-node {seinectl} bpf lb list   # the service map (node-1's pins, found by itself)\n\
+         \x20 ip netns exec seinelab1-node {seinectl} bpf ct list   # conntrack after those requests\n\
          \x20 $EDITOR {STATE_DIR}/services.yaml                  # drop an endpoint; the agents apply it\n\
          \x20 ip netns exec seinelab1-node curl -s 127.0.0.1:9962/metrics | grep ^seine_\n\
          \x20 tail -f {agent_log}                                # node-1's agent\n\

@@ -4,13 +4,14 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use seine::{
-    bpf::{PinnedMaps, DEFAULT_BPFFS_DIR},
+    bpf::PinnedMaps,
     datapath::{
         ebpf::{EbpfDatapath, Owner},
         Change, Datapath,
     },
     inspect,
     model::{BackendSpec, Frontend, ServiceSpec},
+    pins,
 };
 
 #[derive(Parser)]
@@ -20,9 +21,11 @@ use seine::{
     about = "Inspect and program Seine's eBPF service datapath"
 )]
 struct Cli {
-    /// Where the node's maps are pinned (one directory per node).
-    #[arg(long, global = true, env = "SEINE_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
-    bpffs_dir: PathBuf,
+    /// Where the node's maps are pinned (one directory per node). Without it: the directory of
+    /// the seine-agent in this network namespace, else the default (/sys/fs/bpf/seine) if it
+    /// holds pins, else the only pin directory under /sys/fs/bpf.
+    #[arg(long, global = true, env = "SEINE_BPFFS_DIR")]
+    bpffs_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -130,10 +133,24 @@ fn system<E: std::fmt::Display>(e: E) -> Failure {
     Failure::System(e.to_string())
 }
 
+/// The pin directory to read: the one given, else the node's as [`pins::find`] finds it (said on
+/// stderr, so that JSON output stays clean).
+fn pin_dir(given: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    if let Some(dir) = given {
+        return Ok(dir);
+    }
+    let (dir, found) = pins::find().map_err(system)?;
+    if found != pins::Found::Default {
+        eprintln!("seinectl: using {} ({found})", dir.display());
+    }
+    Ok(dir)
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
+    let dir = pin_dir(cli.bpffs_dir)?;
     match cli.command {
         Command::Bpf { what } => {
-            let maps = PinnedMaps::open(&cli.bpffs_dir).map_err(system)?;
+            let maps = PinnedMaps::open(&dir).map_err(system)?;
             match what {
                 BpfCommand::Lb {
                     what: ListOnly::List { output },
@@ -175,8 +192,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Service { what } => service(&cli.bpffs_dir, what),
-        Command::Status { output } => status(&cli.bpffs_dir, output),
+        Command::Service { what } => service(&dir, what),
+        Command::Status { output } => status(&dir, output),
     }
 }
 
@@ -353,7 +370,7 @@ fn print_ct(rows: &[inspect::CtRow]) {
     );
     for r in rows {
         println!(
-            "{:<6} {:<5} {:<22} {:<22} {:<22} {:<12} {:>9.1} {:>10.1} {:>8}{}",
+            "{:<6} {:<5} {:<22} {:<22} {:<22} {:<12} {:>9.1} {:>10} {:>8}{}",
             r.direction,
             r.protocol,
             r.source,
@@ -361,7 +378,11 @@ fn print_ct(rows: &[inspect::CtRow]) {
             r.backend.as_deref().unwrap_or("-"),
             r.state,
             r.age_secs,
-            r.expires_in_secs,
+            if r.expired {
+                "expired".to_string()
+            } else {
+                format!("{:.1}", r.expires_in_secs)
+            },
             r.packets,
             if r.hairpin { " hairpin" } else { "" }
         );
