@@ -2,7 +2,8 @@
 //! configuration. Every pod gets a veth pair: the pod side, named as the runtime asks, holds the
 //! pod's address (/32) with the node's gateway address as its next hop; the host side (`lxc…`)
 //! holds the gateway address and the /32 route to the pod, so the node routes between pods, to
-//! other nodes (over the overlay) and to services.
+//! other nodes (over the overlay) and to services. A pod's `portMappings` (hostPorts) are
+//! recorded for the agent, which programs them in its datapath (`seine::hostport`).
 
 use std::{fs::File, net::Ipv4Addr, path::PathBuf};
 
@@ -10,6 +11,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest as _, Sha256};
 
 use seine::{
+    hostport::{self, PortMapping},
     net::{self, NetError},
     overlay::OVERHEAD as VXLAN_OVERHEAD,
 };
@@ -22,7 +24,7 @@ use crate::{
 /// Where allocations are kept unless the configuration says otherwise.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/seine";
 /// The prefix of host-side veth names (the agent attaches the service datapath to these).
-pub const HOST_PREFIX: &str = "lxc";
+pub const HOST_PREFIX: &str = seine::nodenet::POD_VETH_PREFIX;
 const ALIAS_PREFIX: &str = "seine-cni";
 
 /// The CNI_* environment of one invocation.
@@ -136,6 +138,8 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
     pub vxlan_device: Option<String>,
     pub prev_result: Option<Value>,
+    /// `runtimeConfig.portMappings`: the pod's hostPorts.
+    pub port_mappings: Vec<PortMapping>,
     pub raw: Value,
 }
 
@@ -202,8 +206,13 @@ impl Config {
             ),
             vxlan_device: text("vxlanDevice")?,
             prev_result,
+            port_mappings: hostport::from_runtime_config(&raw).map_err(invalid_config)?,
             raw,
         })
+    }
+
+    fn hostports(&self) -> PathBuf {
+        hostport::dir(&self.data_dir)
     }
 
     fn store(&self) -> Result<Store, CniError> {
@@ -326,7 +335,11 @@ fn add(env: &Env, config: &Config) -> Result<Value, CniError> {
     let mtu = pod_mtu(config)?;
     let allocation = store.allocate(container, ifname)?;
     let host = host_veth_name(container, ifname);
-    match setup(config, &netns, &host, ifname, container, mtu, allocation) {
+    let set_up =
+        setup(config, &netns, &host, ifname, container, mtu, allocation).and_then(|macs| {
+            record_hostports(config, container, ifname, &host, allocation.ip).map(|()| macs)
+        });
+    match set_up {
         Ok((host_mac, pod_mac)) => Ok(add_result(
             config, env, &host, host_mac, pod_mac, allocation,
         )),
@@ -339,6 +352,29 @@ fn add(env: &Env, config: &Config) -> Result<Value, CniError> {
             Err(e)
         }
     }
+}
+
+/// Records the pod's hostPorts for the agent (none: no record).
+fn record_hostports(
+    config: &Config,
+    container: &str,
+    ifname: &str,
+    host: &str,
+    pod_ip: Ipv4Addr,
+) -> Result<(), CniError> {
+    let record = hostport::Record {
+        container_id: container.to_string(),
+        ifname: ifname.to_string(),
+        pod_ip,
+        port_mappings: config.port_mappings.clone(),
+    };
+    hostport::write(&config.hostports(), host, &record).map_err(|e| {
+        CniError::new(
+            Code::IoFailure,
+            "recording the pod's host ports",
+            format!("{}: {e}", config.hostports().display()),
+        )
+    })
 }
 
 /// Creates and configures the pair; returns the host and pod MACs.
@@ -459,6 +495,13 @@ fn del(env: &Env, config: &Config) -> Result<(), CniError> {
     let (container, ifname) = ids(env);
     let host = host_veth_name(container, ifname);
     // The host side takes the pod side with it; gone already (pod netns deleted) is fine.
+    hostport::remove(&config.hostports(), &host).map_err(|e| {
+        CniError::new(
+            Code::IoFailure,
+            "removing the pod's host ports",
+            format!("{}: {e}", config.hostports().display()),
+        )
+    })?;
     net::with_netlink(|handle| async move { net::del_link_named(&handle, &host).await })
         .map_err(io_failure("deleting the pod's veth"))?;
     // Without a pod CIDR there is no store, and nothing to release.
@@ -503,8 +546,20 @@ fn check(env: &Env, config: &Config) -> Result<(), CniError> {
             owned.ip
         )));
     }
-    let mtu = pod_mtu(config)?;
     let host = host_veth_name(container, ifname);
+    let recorded = hostport::read_all(&config.hostports())
+        .0
+        .into_iter()
+        .find(|(name, _)| *name == host)
+        .map(|(_, r)| r.port_mappings)
+        .unwrap_or_default();
+    if recorded != config.port_mappings {
+        return Err(check_failed(format!(
+            "{container}/{ifname} has host ports {recorded:?}, the runtime asks for {:?}",
+            config.port_mappings
+        )));
+    }
+    let mtu = pod_mtu(config)?;
     let gateway = store.gateway();
     let host_problem = net::with_netlink(|handle| {
         let host = host.clone();
@@ -620,6 +675,15 @@ fn gc(config: &Config) -> Result<(), CniError> {
         Ok(())
     })
     .map_err(io_failure("removing stale veths"))?;
+    let (records, _) = hostport::read_all(&config.hostports());
+    for (name, record) in records {
+        let attachment = (record.container_id, record.ifname);
+        if !valid.contains(&attachment) {
+            hostport::remove(&config.hostports(), &name).map_err(|e| {
+                CniError::new(Code::IoFailure, "removing stale host ports", e.to_string())
+            })?;
+        }
+    }
     if config.pod_cidr.is_some() {
         config.store()?.gc(&valid)?;
     }
@@ -688,9 +752,15 @@ mod tests {
         assert_eq!(config.version, "1.0.0");
         assert_eq!(config.pod_cidr.as_deref(), Some("10.244.1.0/24"));
         assert_eq!(config.mtu, Some(1450));
-        assert_eq!(list["plugins"][1]["type"], "portmap");
-        // Read as a whole (as a 1.1 runtime's cniVersions), the best common version wins.
+        // hostPorts are Seine's own: no third-party plugin in the chain.
+        assert_eq!(list["plugins"].as_array().unwrap().len(), 1);
+        assert_eq!(list["plugins"][0]["capabilities"]["portMappings"], true);
+        assert!(config.port_mappings.is_empty());
+        // A runtime writes the version it picked into each plugin's configuration.
         assert_eq!(spec::negotiate(&list).unwrap(), "1.0.0");
+        let mut picked = list.clone();
+        picked.as_object_mut().unwrap().remove("cniVersion");
+        assert_eq!(spec::negotiate(&picked).unwrap(), "1.1.0");
     }
 
     #[test]

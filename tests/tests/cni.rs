@@ -14,7 +14,7 @@ use seine_tests::{
         allocated, invoke, plugin_config, reference_plugin, seine_veths, standalone_conflist,
         standalone_node, CniDirs, PluginOutput, Underlay,
     },
-    unique_prefix, Netns, Node,
+    unique_prefix, wait_until, Netns, Node,
 };
 use serde_json::{json, Value};
 
@@ -493,4 +493,156 @@ fn chains_with_the_reference_portmap_plugin() {
     assert!(s.allocated().is_empty());
     let gone = client.run(|| seine_tests::http_get(SocketAddr::from(([192, 168, 50, 1], 18080))));
     assert!(gone.unwrap().is_err(), "the host port is closed after DEL");
+}
+
+/// hostPorts without portmap: seine-cni records the runtime's `portMappings` and the agent
+/// programs them in its own datapath, so a client outside the node and a pod on it reach the pod
+/// through the node's address; DEL closes the port again.
+fn host_ports_in_seines_own_datapath(tag: &str, datapath: &str) {
+    let mut s = Standalone::new(tag);
+    let client = Netns::create(&format!("{}-cl", s.node.prefix)).unwrap();
+    s.underlay
+        .connect(&client, Ipv4Addr::new(192, 168, 50, 9), 1500)
+        .unwrap();
+    let data = s.dirs.data().display().to_string();
+    s.node
+        .start_agent(&["--datapath", datapath, "--cni-data-dir", &data])
+        .unwrap();
+    let mut config = s.config();
+    config["runtimeConfig"] =
+        json!({"portMappings": [{"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}]});
+    let result = s.node.add_cni_pod("web", &config).unwrap();
+    s.node.pod_mut("web").serve(8080).unwrap();
+    s.node.add_cni_pod("peer", &s.config()).unwrap();
+    let host_port = SocketAddr::from(([192, 168, 50, 1], 18080));
+    let from_outside = || {
+        client
+            .run(move || seine_tests::http_get(host_port))
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(10), || {
+        from_outside().is_ok_and(|a| a == "web")
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{datapath}: the host port from outside the node: {e}: {:?}\n{}",
+            from_outside(),
+            s.node.agent.as_ref().unwrap().log_text()
+        )
+    });
+    assert_eq!(
+        s.node.pod("peer").http_get(host_port).unwrap(),
+        "web",
+        "{datapath}: a pod on the node reaches the host port"
+    );
+    if datapath == "ebpf" {
+        let lb = s.node.seinectl_json(&["bpf", "lb", "list"]).unwrap();
+        assert!(
+            lb.as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["frontend"] == "192.168.50.1:18080/TCP"),
+            "{lb}"
+        );
+    }
+
+    // CHECK holds the runtime to the host ports it recorded.
+    let (id, netns) = (
+        s.node.pod("web").ns.name.clone(),
+        s.node.pod("web").ns.path(),
+    );
+    let mut check = plugin_config(&s.conflist, 0, Some(&result));
+    check["runtimeConfig"] = config["runtimeConfig"].clone();
+    let out = s
+        .node
+        .cni("CHECK", &id, Some(&netns), "eth0", &check)
+        .unwrap();
+    assert!(out.success, "{}", out.raw);
+    check["runtimeConfig"] =
+        json!({"portMappings": [{"hostPort": 18081, "containerPort": 8080, "protocol": "tcp"}]});
+    let out = s
+        .node
+        .cni("CHECK", &id, Some(&netns), "eth0", &check)
+        .unwrap();
+    assert_eq!(out.code(), Some(100), "{}", out.raw);
+
+    // GC keeps the host ports of valid attachments and drops the others'.
+    let peer = s.node.pod("peer").ns.name.clone();
+    let mut gc = s.config();
+    gc["cniVersion"] = json!("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": id, "ifname": "eth0"},
+                                             {"containerID": peer, "ifname": "eth0"}]);
+    let out = s.node.cni("GC", "", None, "", &gc).unwrap();
+    assert!(out.success, "{}", out.raw);
+    assert_eq!(
+        from_outside().unwrap(),
+        "web",
+        "{datapath}: GC keeps a live pod's host port"
+    );
+    let records = || seine::hostport::read_all(&seine::hostport::dir(&s.dirs.data())).0;
+    assert_eq!(records().len(), 1);
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": peer, "ifname": "eth0"}]);
+    let out = s.node.cni("GC", "", None, "", &gc).unwrap();
+    assert!(out.success, "{}", out.raw);
+    wait_until(Duration::from_secs(10), || from_outside().is_err())
+        .unwrap_or_else(|e| panic!("{datapath}: the host port stays open after GC: {e}"));
+    assert!(
+        records().is_empty(),
+        "GC removes the stale pod's host ports"
+    );
+
+    // DEL after GC still succeeds (nothing left to remove is fine).
+    let out = s
+        .node
+        .cni("DEL", &id, Some(&netns), "eth0", &config)
+        .unwrap();
+    assert!(out.success, "{}", out.raw);
+}
+
+#[test]
+fn host_ports_with_the_ebpf_datapath() {
+    host_ports_in_seines_own_datapath("cnhpe", "ebpf");
+}
+
+#[test]
+fn host_ports_with_the_iptables_datapath() {
+    host_ports_in_seines_own_datapath("cnhpi", "iptables");
+}
+
+/// Chaining stays possible: with Debian's portmap chained, the conflist offers only the CNI
+/// versions portmap speaks too.
+#[test]
+fn a_chained_plugin_narrows_the_offered_versions_to_what_it_speaks() {
+    let portmap = std::path::Path::new(seine_tests::cni::REFERENCE_PLUGINS).join("portmap");
+    let out = std::process::Command::new(&portmap)
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let supported: Vec<&str> = answer["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let versions = seine::nodenet::chain_versions(
+        std::path::Path::new(seine_tests::cni::REFERENCE_PLUGINS),
+        &["portmap".to_string()],
+    )
+    .unwrap();
+    assert!(!versions.is_empty());
+    for v in &versions {
+        assert!(
+            supported.contains(&v.as_str()),
+            "{v} offered, portmap speaks {supported:?}"
+        );
+    }
+    for v in ["0.4.0", "1.0.0", "1.1.0"] {
+        assert_eq!(
+            versions.iter().any(|o| o == v),
+            supported.contains(&v),
+            "{v}: every version both speak is offered"
+        );
+    }
 }

@@ -46,7 +46,15 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
             format!("10.244.{i}.0/24")
         );
         assert_eq!(conflist["plugins"][0]["mtu"], 1450);
-        assert_eq!(conflist["plugins"][1]["type"], "portmap");
+        // hostPorts are Seine's own (no portmap), so every CNI version offered is one the
+        // whole chain speaks.
+        assert_eq!(
+            conflist["plugins"].as_array().unwrap().len(),
+            1,
+            "{conflist}"
+        );
+        assert_eq!(conflist["plugins"][0]["capabilities"]["portMappings"], true);
+        assert_eq!(conflist["cniVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
         assert!(n.dirs.bin().join("seine-cni").exists());
         // Routes to the other nodes' pod CIDRs go over the overlay.
         let r = routes(&n.node);

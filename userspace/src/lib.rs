@@ -4,6 +4,7 @@
 pub mod bpf;
 pub mod datapath;
 pub mod echo;
+pub mod hostport;
 pub mod inspect;
 pub mod k8s;
 pub mod model;

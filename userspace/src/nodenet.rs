@@ -33,6 +33,8 @@ use crate::{
 /// What install-cni writes: the plugin binary and the conflist, by these names.
 pub const PLUGIN_FILE: &str = "seine-cni";
 pub const CONFLIST_FILE: &str = "10-seine.conflist";
+/// The prefix of the host sides of the veths seine-cni makes: pod-facing, never an uplink.
+pub const POD_VETH_PREFIX: &str = "lxc";
 
 /// The CNI versions the plugin speaks (its conflist offers them all).
 pub const CNI_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
@@ -51,6 +53,9 @@ pub struct Options {
     pub cni_plugin: PathBuf,
     pub cni_data_dir: PathBuf,
     pub cni_network: String,
+    /// Plugins chained after seine-cni, by type (`portmap`, `bandwidth`, ...), found in
+    /// `cni_bin_dir`. With `portmap` among them, hostPorts are left to it.
+    pub cni_chain: Vec<String>,
     pub bpffs_dir: PathBuf,
     /// How often the device and entries are checked even when no Node changed.
     pub resync: Duration,
@@ -70,6 +75,9 @@ pub enum NodeNetError {
     Api(#[from] kube::Error),
     #[error(transparent)]
     Net(#[from] NetError),
+    /// The chained plugins cannot be installed with seine-cni.
+    #[error("CNI chain: {0}")]
+    Chain(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -125,20 +133,109 @@ async fn uplink_mtu(handle: &Handle, address: Ipv4Addr) -> Result<Option<u32>, N
     Ok(None)
 }
 
-/// The conflist for a node: Seine's plugin with the node's pod CIDR, then portmap for hostPorts.
-pub fn conflist(opts: &Options, pod_cidr: Cidr, mtu: u32) -> Value {
+/// The conflist for a node: Seine's plugin with the node's pod CIDR, handling hostPorts itself
+/// (the `portMappings` capability) unless `portmap` is chained, then the chained plugins.
+/// `versions` are the CNI versions every plugin of the chain speaks ([`chain_versions`]).
+pub fn conflist(opts: &Options, pod_cidr: Cidr, mtu: u32, versions: &[String]) -> Value {
+    let portmap_chained = opts.cni_chain.iter().any(|t| t == "portmap");
+    let mut seine = json!({"type": "seine-cni", "podCIDR": pod_cidr.to_string(), "mtu": mtu,
+                           "vxlanDevice": opts.device, "dataDir": opts.cni_data_dir,
+                           "bpffsDir": opts.bpffs_dir});
+    if !portmap_chained {
+        seine["capabilities"] = json!({"portMappings": true});
+    }
+    let mut plugins = vec![seine];
+    plugins.extend(opts.cni_chain.iter().map(|t| match t.as_str() {
+        "portmap" => json!({"type": t, "capabilities": {"portMappings": true}}),
+        "bandwidth" => json!({"type": t, "capabilities": {"bandwidth": true}}),
+        _ => json!({"type": t}),
+    }));
+    // `cniVersion` for runtimes that predate `cniVersions`: the highest common one up to 1.0.0.
+    let legacy = versions
+        .iter()
+        .rev()
+        .find(|v| version_key(v) <= version_key("1.0.0"))
+        .or(versions.first());
     json!({
-        // 1.0.0 for runtimes (and chained reference plugins) that predate `cniVersions`.
-        "cniVersion": CNI_VERSIONS[1],
-        "cniVersions": CNI_VERSIONS,
+        "cniVersion": legacy,
+        "cniVersions": versions,
         "name": opts.cni_network,
-        "plugins": [
-            {"type": "seine-cni", "podCIDR": pod_cidr.to_string(), "mtu": mtu,
-             "vxlanDevice": opts.device, "dataDir": opts.cni_data_dir,
-             "bpffsDir": opts.bpffs_dir},
-            {"type": "portmap", "capabilities": {"portMappings": true}},
-        ],
+        "plugins": plugins,
     })
+}
+
+fn version_key(v: &str) -> Vec<u32> {
+    v.split('.').map(|n| n.parse().unwrap_or(0)).collect()
+}
+
+/// The CNI versions that seine-cni and every chained plugin speak, lowest first, as each
+/// plugin's `VERSION` command reports them: a runtime then never picks one that some plugin of
+/// the chain cannot speak.
+pub fn chain_versions(bin_dir: &Path, chain: &[String]) -> Result<Vec<String>, NodeNetError> {
+    let mut common: Vec<String> = CNI_VERSIONS.iter().map(|v| v.to_string()).collect();
+    for plugin in chain {
+        let supported = plugin_versions(&bin_dir.join(plugin))?;
+        common.retain(|v| supported.contains(v));
+    }
+    if common.is_empty() {
+        return Err(NodeNetError::Chain(format!(
+            "no CNI version is spoken by seine-cni ({}) and every chained plugin ({})",
+            CNI_VERSIONS.join(", "),
+            chain.join(", ")
+        )));
+    }
+    common.sort_by_key(|v| version_key(v));
+    Ok(common)
+}
+
+/// The `supportedVersions` a plugin binary reports for `CNI_COMMAND=VERSION`.
+fn plugin_versions(binary: &Path) -> Result<Vec<String>, NodeNetError> {
+    use std::io::Write as _;
+    let failed = |why: String| NodeNetError::Chain(format!("{}: {why}", binary.display()));
+    let mut child = std::process::Command::new(binary)
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| failed(format!("cannot run it for VERSION: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(br#"{"cniVersion":"0.4.0"}"#);
+    }
+    // A plugin that hangs must not hold the install up forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed("VERSION did not answer within 5s".into()));
+            }
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| failed(format!("reading its VERSION answer: {e}")))?;
+    let answer: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| failed(format!("its VERSION answer is not JSON: {e}")))?;
+    answer
+        .get("supportedVersions")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
+        .ok_or_else(|| {
+            failed(format!(
+                "its VERSION answer has no supportedVersions: {answer}"
+            ))
+        })
 }
 
 /// Writes `bytes` to `path` whole: a reader sees the old file or the new one, never half of it.
@@ -164,8 +261,10 @@ pub fn install_cni(opts: &Options, pod_cidr: Cidr, mtu: u32) -> Result<(), NodeN
         "reading the plugin {}",
         opts.cni_plugin.display()
     )))?;
+    let versions = chain_versions(bin_dir, &opts.cni_chain)?;
     write_atomically(&bin_dir.join(PLUGIN_FILE), &binary, 0o755)?;
-    let text = serde_json::to_vec_pretty(&conflist(opts, pod_cidr, mtu)).unwrap_or_default();
+    let text =
+        serde_json::to_vec_pretty(&conflist(opts, pod_cidr, mtu, &versions)).unwrap_or_default();
     write_atomically(&conf_dir.join(CONFLIST_FILE), &text, 0o644)?;
     info!(bin = %bin_dir.display(), conf = %conf_dir.display(), "CNI plugin and conflist installed");
     Ok(())
@@ -353,5 +452,103 @@ pub async fn run(client: Client, opts: Options, status: Status) -> Result<(), No
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(chain: &[&str]) -> Options {
+        Options {
+            node_name: "n1".into(),
+            device: "seine.vxlan".into(),
+            vni: 1,
+            port: 8472,
+            vtep_address: None,
+            cni_bin_dir: None,
+            cni_conf_dir: None,
+            cni_plugin: PathBuf::new(),
+            cni_data_dir: "/var/lib/cni/seine".into(),
+            cni_network: "seine".into(),
+            cni_chain: chain.iter().map(|t| t.to_string()).collect(),
+            bpffs_dir: "/sys/fs/bpf/seine".into(),
+            resync: Duration::from_secs(10),
+        }
+    }
+
+    fn versions(list: &[&str]) -> Vec<String> {
+        list.iter().map(|v| v.to_string()).collect()
+    }
+
+    #[test]
+    fn the_default_conflist_handles_host_ports_itself_and_needs_no_other_plugin() {
+        let cidr = Cidr::parse("10.244.1.0/24").unwrap();
+        let all = versions(&CNI_VERSIONS);
+        let list = conflist(&options(&[]), cidr, 1450, &all);
+        let plugins = list["plugins"].as_array().unwrap();
+        assert_eq!(plugins.len(), 1, "{list}");
+        assert_eq!(plugins[0]["type"], "seine-cni");
+        assert_eq!(plugins[0]["capabilities"]["portMappings"], true);
+        assert_eq!(list["cniVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+        assert_eq!(list["cniVersion"], "1.0.0");
+
+        // Chaining portmap leaves hostPorts to it, and only common versions are offered.
+        let chained = conflist(
+            &options(&["portmap"]),
+            cidr,
+            1450,
+            &versions(&["0.4.0", "1.0.0"]),
+        );
+        let plugins = chained["plugins"].as_array().unwrap();
+        assert!(plugins[0].get("capabilities").is_none(), "{chained}");
+        assert_eq!(plugins[1]["type"], "portmap");
+        assert_eq!(plugins[1]["capabilities"]["portMappings"], true);
+        assert_eq!(chained["cniVersions"], json!(["0.4.0", "1.0.0"]));
+    }
+
+    /// A plugin binary that answers VERSION with `answer` (or sleeps when it is empty).
+    fn plugin(dir: &Path, name: &str, answer: &str) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let body = if answer.is_empty() {
+            "#!/bin/sh\nsleep 30\n".to_string()
+        } else {
+            format!("#!/bin/sh\ncat >/dev/null\necho '{answer}'\n")
+        };
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn chained_plugins_narrow_the_versions_or_refuse_the_chain() {
+        let dir = std::env::temp_dir().join(format!("seine-chain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        plugin(
+            &dir,
+            "old",
+            r#"{"cniVersion":"0.4.0","supportedVersions":["0.3.1","0.4.0","1.0.0"]}"#,
+        );
+        plugin(&dir, "future", r#"{"supportedVersions":["2.0.0"]}"#);
+        plugin(&dir, "garbled", "not json");
+        plugin(&dir, "hangs", "");
+        let chain = |types: &[&str]| {
+            chain_versions(
+                &dir,
+                &types.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(chain(&[]).unwrap(), versions(&CNI_VERSIONS));
+        assert_eq!(chain(&["old"]).unwrap(), versions(&["0.4.0", "1.0.0"]));
+        for bad in [
+            &["future"][..],
+            &["old", "garbled"],
+            &["missing"],
+            &["hangs"],
+        ] {
+            let e = chain(bad).unwrap_err().to_string();
+            assert!(e.starts_with("CNI chain: "), "{bad:?}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! seine-agent: the node agent. Runs the service datapath — eBPF (maps pinned per node, programs
 //! attached to pod veths) or, where eBPF cannot be used, iptables — and programs services from a
-//! watched file of Service and EndpointSlice objects. Serves /healthz, /readyz and /metrics; stops
+//! watched file of Service and EndpointSlice objects, and pods' hostPorts from what seine-cni
+//! records (attaching the eBPF programs to the uplinks that carry them). Serves /healthz, /readyz and /metrics; stops
 //! on SIGTERM leaving the datapath in place, so a restart breaks no connection.
 
 use std::{
@@ -28,7 +29,9 @@ use seine::{
         iptables::{IptablesBackend, IptablesDatapath},
         Datapath,
     },
+    hostport,
     k8s::Objects,
+    model::ServiceSpec,
     nodenet,
 };
 use seine_common::STAT_NAMES;
@@ -109,6 +112,10 @@ struct Args {
     /// The plugin binary to install [default: seine-cni next to this agent].
     #[arg(long)]
     cni_plugin: Option<PathBuf>,
+    /// Plugins to chain after seine-cni in the conflist, by type (found in --cni-bin-dir), for
+    /// example `portmap` (which then handles hostPorts instead of Seine) or `bandwidth`.
+    #[arg(long, value_delimiter = ',')]
+    cni_chain: Vec<String>,
     /// Skip installing the CNI plugin and conflist.
     #[arg(long)]
     no_cni_install: bool,
@@ -350,6 +357,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             cni_plugin: plugin,
             cni_data_dir: args.cni_data_dir.clone(),
             cni_network: args.cni_network.clone(),
+            cni_chain: args.cni_chain.clone(),
             bpffs_dir: args.bpffs_dir.clone(),
             resync: Duration::from_secs(args.overlay_resync_seconds.max(1)),
         };
@@ -361,8 +369,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     let mut watcher = args.services_file.clone().map(FileWatch::new);
-    if let Some(specs) = initial {
-        apply(active.datapath(), &specs, &args.bpffs_dir, &shared.metrics);
+    let mut host_ports = hostport::Watch::new(hostport::dir(&args.cni_data_dir));
+    // The desired state is the services and the pods' host ports together.
+    let mut services = initial.clone().unwrap_or_default();
+    let mut ports = Vec::new();
+    if let Some(records) = host_ports.changed() {
+        ports = host_port_specs(&args, &records, &mut active);
+    }
+    if initial.is_some() || !ports.is_empty() {
+        apply(
+            active.datapath(),
+            &desired(&services, &ports),
+            &args.bpffs_dir,
+            &shared.metrics,
+        );
     }
     if let Some(w) = watcher.as_mut() {
         w.changed();
@@ -373,15 +393,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     while !shared.stopping.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
+        let mut dirty = false;
         if let Some(w) = watcher.as_mut() {
             if w.changed() {
                 match Objects::from_file(&w.path) {
-                    Ok(objects) => apply(
-                        active.datapath(),
-                        &objects.service_specs(),
-                        &args.bpffs_dir,
-                        &shared.metrics,
-                    ),
+                    Ok(objects) => {
+                        services = objects.service_specs();
+                        dirty = true;
+                    }
                     Err(e) => {
                         // Keep serving the last good state.
                         error!("{e}; keeping the previous state");
@@ -394,6 +413,18 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        if let Some(records) = host_ports.changed() {
+            ports = host_port_specs(&args, &records, &mut active);
+            dirty = true;
+        }
+        if dirty {
+            apply(
+                active.datapath(),
+                &desired(&services, &ports),
+                &args.bpffs_dir,
+                &shared.metrics,
+            );
+        }
         active.tick(&args, &shared.metrics, false);
     }
     info!("stopping; the datapath stays in place");
@@ -401,6 +432,69 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     // process exits right away anyway.
     runtime.shutdown_timeout(Duration::from_secs(2));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The services, then the host ports whose frontends no service holds.
+fn desired(services: &[ServiceSpec], ports: &[ServiceSpec]) -> Vec<ServiceSpec> {
+    let mut all = services.to_vec();
+    for p in ports {
+        if services.iter().any(|s| s.frontend == p.frontend) {
+            warn!(frontend = %p.frontend, "a service holds this host port's address and port; the service wins");
+        } else {
+            all.push(p.clone());
+        }
+    }
+    all
+}
+
+/// The frontends of the pods' host ports on this node's addresses (not loopback, pod veths or
+/// the overlay device); in eBPF mode the uplinks holding those addresses get the programs, so
+/// that traffic from outside the node is translated too.
+fn host_port_specs(
+    args: &Args,
+    records: &[(String, hostport::Record)],
+    active: &mut Active,
+) -> Vec<ServiceSpec> {
+    let addresses = match hostport::node_addresses(|name| is_pod_side(args, name)) {
+        Ok(a) => a,
+        Err(e) => {
+            error!("listing the node's addresses for host ports: {e}");
+            return Vec::new();
+        }
+    };
+    let node_ips: Vec<std::net::Ipv4Addr> = addresses.iter().map(|(_, ip)| *ip).collect();
+    let (specs, problems) = hostport::service_specs(records, &node_ips);
+    for p in problems {
+        warn!("{p}");
+    }
+    let mut uplinks: Vec<String> = addresses
+        .into_iter()
+        .filter(|(_, ip)| {
+            specs
+                .iter()
+                .any(|s| s.frontend.ip == std::net::IpAddr::V4(*ip))
+        })
+        .map(|(name, _)| name)
+        .collect();
+    uplinks.sort();
+    uplinks.dedup();
+    active.set_uplinks(uplinks);
+    info!(
+        host_ports = specs.len(),
+        pods = records.len(),
+        "host ports read"
+    );
+    specs
+}
+
+/// Interfaces that face pods or the overlay, never an uplink.
+fn is_pod_side(args: &Args, name: &str) -> bool {
+    name == args.vxlan_device
+        || name.starts_with(nodenet::POD_VETH_PREFIX)
+        || args
+            .attach_prefixes
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
 }
 
 fn apply(
@@ -451,10 +545,16 @@ fn apply(
 fn attach_new(
     ebpf: &mut aya::Ebpf,
     args: &Args,
+    uplinks: &[String],
     attached: &mut HashMap<String, u32>,
     metrics: &Metrics,
 ) {
-    let current = pod_interfaces(args);
+    let mut current = pod_interfaces(args);
+    current.extend(
+        bpf::interfaces()
+            .into_iter()
+            .filter(|(_, name)| uplinks.contains(name)),
+    );
     attached.retain(|name, index| current.iter().any(|(i, n)| n == name && i == index));
     for (index, name) in current {
         if attached.get(&name) == Some(&index) {
@@ -485,6 +585,10 @@ fn pod_interfaces(args: &Args) -> Vec<(u32, String)> {
 
 fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
     for (_, name) in pod_interfaces(args) {
+        bpf::detach(&name);
+    }
+    // The uplinks that carried host ports (detaching where nothing is attached is harmless).
+    for (name, _) in hostport::node_addresses(|name| is_pod_side(args, name))? {
         bpf::detach(&name);
     }
     bpf::unpin_all(&args.bpffs_dir)?;
@@ -531,6 +635,8 @@ enum Active {
         ebpf: Box<aya::Ebpf>,
         datapath: Box<EbpfDatapath>,
         attached: HashMap<String, u32>,
+        /// Uplinks that carry host ports: attached like pod veths, detached when no longer.
+        uplinks: Vec<String>,
         last_gc: Instant,
     },
     Iptables {
@@ -548,6 +654,21 @@ impl Active {
         }
     }
 
+    /// Which uplinks carry host ports now; those that no longer do are detached.
+    fn set_uplinks(&mut self, now: Vec<String>) {
+        if let Active::Ebpf {
+            uplinks, attached, ..
+        } = self
+        {
+            for gone in uplinks.iter().filter(|u| !now.contains(u)) {
+                bpf::detach(gone);
+                attached.remove(gone);
+                info!(interface = %gone, "datapath detached from an uplink without host ports");
+            }
+            *uplinks = now;
+        }
+    }
+
     /// Periodic work: attach to new pod interfaces and expire conntrack (eBPF), or a full resync
     /// (iptables).
     fn tick(&mut self, args: &Args, metrics: &Metrics, first: bool) {
@@ -556,9 +677,10 @@ impl Active {
                 ebpf,
                 datapath,
                 attached,
+                uplinks,
                 last_gc,
             } => {
-                attach_new(ebpf, args, attached, metrics);
+                attach_new(ebpf, args, uplinks, attached, metrics);
                 if last_gc.elapsed() > Duration::from_secs(30) {
                     *last_gc = Instant::now();
                     match datapath.collect_garbage() {
@@ -618,12 +740,17 @@ fn start_ebpf(args: &Args) -> anyhow::Result<Active> {
         ebpf: Box::new(ebpf),
         datapath: Box::new(datapath),
         attached,
+        uplinks: Vec::new(),
         last_gc: Instant::now(),
     })
 }
 
 fn start_iptables(args: &Args, fallback_reason: Option<String>) -> anyhow::Result<Active> {
     // eBPF filters of an earlier agent would translate the same traffic twice: remove them.
+    let uplinks = hostport::node_addresses(|name| is_pod_side(args, name)).unwrap_or_default();
+    for name in uplinks.into_iter().map(|(name, _)| name) {
+        bpf::detach(&name);
+    }
     for (_, name) in pod_interfaces(args) {
         bpf::detach(&name);
     }
