@@ -221,12 +221,29 @@ pub fn seine_veths(node: &Netns) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The CNI versions this harness speaks as a runtime: up to 1.1.0, as libcni 1.2 and later.
+const RUNTIME_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+
+/// The version a CNI 1.1 runtime uses for every plugin of a conflist: the highest of its
+/// `cniVersions` that the runtime speaks, else its `cniVersion`.
+pub fn runtime_version(conflist: &Value) -> Value {
+    conflist["cniVersions"]
+        .as_array()
+        .and_then(|offered| {
+            RUNTIME_VERSIONS
+                .iter()
+                .rev()
+                .find(|v| offered.iter().any(|o| o == *v))
+        })
+        .map_or_else(|| conflist["cniVersion"].clone(), |v| Value::from(*v))
+}
+
 /// The configuration a runtime hands plugin `index` of a conflist: the plugin's object with the
-/// list's name and version, and the previous plugin's result.
+/// list's name, the version the runtime picked, and the previous plugin's result.
 pub fn plugin_config(conflist: &Value, index: usize, prev_result: Option<&Value>) -> Value {
     let mut config = conflist["plugins"][index].clone();
     config["name"] = conflist["name"].clone();
-    config["cniVersion"] = conflist["cniVersion"].clone();
+    config["cniVersion"] = runtime_version(conflist);
     if let Some(prev) = prev_result {
         config["prevResult"] = prev.clone();
     }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use seine_tests::{
-    cni::{cluster, echo_bytes, ping_df, udp_ask},
+    cni::{cluster, echo_bytes, invoke, ping_df, plugin_config, runtime_version, udp_ask},
     wait_until, Node,
 };
 use serde_json::json;
@@ -68,6 +68,22 @@ fn pods_reach_pods_and_services_on_every_node_over_the_overlay() {
     }
 
     c.add_pods(2).unwrap();
+    // As a CNI 1.1 runtime runs the installed chain: the highest offered version, and every
+    // plugin of the chain answers STATUS (and took the ADDs above) in it.
+    for n in &c.nodes {
+        let conflist = n.dirs.conflist().unwrap();
+        assert_eq!(runtime_version(&conflist), "1.1.0");
+        for (i, plugin) in conflist["plugins"].as_array().unwrap().iter().enumerate() {
+            let binary = n.dirs.bin().join(plugin["type"].as_str().unwrap());
+            let config = plugin_config(&conflist, i, None);
+            let out = invoke(&n.node.ns, &binary, &[("CNI_COMMAND", "STATUS")], &config).unwrap();
+            assert!(
+                out.success,
+                "{}: STATUS of {}: {}",
+                n.name, plugin["type"], out.raw
+            );
+        }
+    }
     let pods: Vec<(String, Ipv4Addr, String)> = c
         .nodes
         .iter()
