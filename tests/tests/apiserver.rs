@@ -383,6 +383,8 @@ fn kubectl_patch_applies_merge_and_json_patches() {
         ])
         .unwrap();
     assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("could not be applied"), "{stderr}");
     let after = json_of(
         &server
             .kubectl_ok(&["get", "configmap", "web", "-o", "json"])
@@ -392,6 +394,24 @@ fn kubectl_patch_applies_merge_and_json_patches() {
         after["metadata"]["resourceVersion"],
         object["metadata"]["resourceVersion"]
     );
+
+    // test, then replace a whole member: all of it or none.
+    server
+        .kubectl_ok(&[
+            "patch",
+            "configmap",
+            "web",
+            "--type=json",
+            "-p",
+            r#"[{"op":"test","path":"/data/color","value":"green"},{"op":"replace","path":"/data","value":{"shape":"round"}}]"#,
+        ])
+        .unwrap();
+    let replaced = json_of(
+        &server
+            .kubectl_ok(&["get", "configmap", "web", "-o", "json"])
+            .unwrap(),
+    );
+    assert_eq!(replaced["data"], json!({"shape": "round"}));
 }
 
 #[test]

@@ -503,8 +503,14 @@ pub async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &By
         let mut object = current.clone();
         match media {
             "application/merge-patch+json" => patch::merge_patch(&mut object, &patch),
-            "application/json-patch+json" => patch::json_patch(&mut object, &patch)
-                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e))?,
+            "application/json-patch+json" => {
+                patch::json_patch(&mut object, &patch).map_err(|e| match e {
+                    patch::JsonPatchError::Malformed(m) => ApiError::bad_request(m),
+                    patch::JsonPatchError::Failed(m) => {
+                        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", m)
+                    }
+                })?
+            }
             "application/strategic-merge-patch+json" => {
                 patch::strategic_merge_patch(&mut object, &patch, target.resource.kind)
                     .map_err(ApiError::bad_request)?

@@ -6,125 +6,43 @@ use serde_json::Value;
 
 /// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(patch_map) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(Default::default());
-    }
-    if let Value::Object(target_map) = target {
-        for (key, value) in patch_map {
-            if value.is_null() {
-                target_map.remove(key);
-            } else {
-                merge_patch(target_map.entry(key.clone()).or_insert(Value::Null), value);
-            }
-        }
-    }
+    json_patch::merge(target, patch);
 }
 
-/// RFC 6902. Operations apply in order; any failure leaves `target` as it was.
-pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), String> {
-    let ops = patch
-        .as_array()
-        .ok_or("a JSON patch must be an array of operations")?;
-    let mut doc = target.clone();
-    for (i, op) in ops.iter().enumerate() {
-        let name = op["op"]
-            .as_str()
-            .ok_or(format!("operation {i}: missing \"op\""))?;
-        let path = op["path"]
-            .as_str()
-            .ok_or(format!("operation {i}: missing \"path\""))?;
-        let value = || {
-            op.get("value")
-                .cloned()
-                .ok_or(format!("operation {i}: missing \"value\""))
-        };
-        match name {
-            "add" => add(&mut doc, path, value()?)?,
-            "remove" => {
-                remove(&mut doc, path)?;
-            }
-            "replace" => {
-                remove(&mut doc, path)?;
-                add(&mut doc, path, value()?)?;
-            }
-            "move" | "copy" => {
-                let from = op["from"]
-                    .as_str()
-                    .ok_or(format!("operation {i}: missing \"from\""))?;
-                let moved = if name == "move" {
-                    remove(&mut doc, from)?
-                } else {
-                    doc.pointer(from)
-                        .cloned()
-                        .ok_or(format!("operation {i}: {from} does not exist"))?
-                };
-                add(&mut doc, path, moved)?;
-            }
-            "test" => {
-                if doc.pointer(path) != Some(&value()?) {
-                    return Err(format!("operation {i}: test of {path} failed"));
-                }
-            }
-            other => return Err(format!("operation {i}: unknown op {other:?}")),
-        }
-    }
-    *target = doc;
-    Ok(())
+/// Why a JSON patch was not applied; `target` is unchanged either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JsonPatchError {
+    /// Not a list of RFC 6902 operations (400, as kube-apiserver answers an undecodable patch).
+    Malformed(String),
+    /// An operation failed: a missing path, a failed `test`, a bad index (422).
+    Failed(String),
 }
 
-fn split(path: &str) -> Result<(&str, String), String> {
-    let (parent, last) = path
-        .rsplit_once('/')
-        .ok_or(format!("invalid path {path:?}"))?;
-    Ok((parent, last.replace("~1", "/").replace("~0", "~")))
+/// RFC 6902, with the maintained `json-patch` crate: operations apply in order, and any failure
+/// leaves `target` as it was.
+pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), JsonPatchError> {
+    let ops: json_patch::Patch = serde_json::from_value(patch.clone())
+        .map_err(|e| JsonPatchError::Malformed(format!("the JSON patch is malformed: {e}")))?;
+    json_patch::patch(target, &ops).map_err(|e| {
+        JsonPatchError::Failed(format!(
+            "the JSON patch could not be applied: operation {} ({} {}): {}",
+            e.operation,
+            op_name(&ops[e.operation]),
+            e.path,
+            e.kind
+        ))
+    })
 }
 
-fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
-    if path.is_empty() {
-        *doc = value;
-        return Ok(());
-    }
-    let (parent, key) = split(path)?;
-    match doc.pointer_mut(parent) {
-        Some(Value::Object(map)) => {
-            map.insert(key, value);
-            Ok(())
-        }
-        Some(Value::Array(list)) => {
-            let index = if key == "-" {
-                list.len()
-            } else {
-                key.parse::<usize>()
-                    .map_err(|_| format!("invalid index in {path:?}"))?
-            };
-            if index > list.len() {
-                return Err(format!("index out of range in {path:?}"));
-            }
-            list.insert(index, value);
-            Ok(())
-        }
-        _ => Err(format!("{parent:?} does not exist")),
-    }
-}
-
-fn remove(doc: &mut Value, path: &str) -> Result<Value, String> {
-    let (parent, key) = split(path)?;
-    let missing = || format!("{path:?} does not exist");
-    match doc.pointer_mut(parent) {
-        Some(Value::Object(map)) => map.remove(&key).ok_or_else(missing),
-        Some(Value::Array(list)) => {
-            let index: usize = key.parse().map_err(|_| missing())?;
-            if index < list.len() {
-                Ok(list.remove(index))
-            } else {
-                Err(missing())
-            }
-        }
-        _ => Err(missing()),
+fn op_name(op: &json_patch::PatchOperation) -> &'static str {
+    use json_patch::PatchOperation::*;
+    match op {
+        Add(_) => "add",
+        Remove(_) => "remove",
+        Replace(_) => "replace",
+        Move(_) => "move",
+        Copy(_) => "copy",
+        Test(_) => "test",
     }
 }
 
@@ -336,10 +254,206 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn merge_patch_follows_rfc_7386() {
-        let mut doc = json!({"a": "b", "c": {"d": "e", "f": "g"}});
-        merge_patch(&mut doc, &json!({"a": "z", "c": {"f": null}}));
-        assert_eq!(doc, json!({"a": "z", "c": {"d": "e"}}));
+    fn merge_patch_gives_the_results_of_rfc_7386_appendix_a() {
+        let cases = [
+            (json!({"a": "b"}), json!({"a": "c"}), json!({"a": "c"})),
+            (
+                json!({"a": "b"}),
+                json!({"b": "c"}),
+                json!({"a": "b", "b": "c"}),
+            ),
+            (json!({"a": "b"}), json!({"a": null}), json!({})),
+            (
+                json!({"a": "b", "b": "c"}),
+                json!({"a": null}),
+                json!({"b": "c"}),
+            ),
+            (json!({"a": ["b"]}), json!({"a": "c"}), json!({"a": "c"})),
+            (json!({"a": "c"}), json!({"a": ["b"]}), json!({"a": ["b"]})),
+            (
+                json!({"a": {"b": "c"}}),
+                json!({"a": {"b": "d", "c": null}}),
+                json!({"a": {"b": "d"}}),
+            ),
+            (
+                json!({"a": [{"b": "c"}]}),
+                json!({"a": [1]}),
+                json!({"a": [1]}),
+            ),
+            (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
+            (json!({"a": "b"}), json!(["c"]), json!(["c"])),
+            (json!({"a": "foo"}), json!(null), json!(null)),
+            (json!({"a": "foo"}), json!("bar"), json!("bar")),
+            (
+                json!({"e": null}),
+                json!({"a": 1}),
+                json!({"e": null, "a": 1}),
+            ),
+            (
+                json!([1, 2]),
+                json!({"a": "b", "c": null}),
+                json!({"a": "b"}),
+            ),
+            (
+                json!({}),
+                json!({"a": {"bb": {"ccc": null}}}),
+                json!({"a": {"bb": {}}}),
+            ),
+        ];
+        for (original, patch, result) in cases {
+            let mut doc = original.clone();
+            merge_patch(&mut doc, &patch);
+            assert_eq!(doc, result, "{original} + {patch}");
+        }
+    }
+
+    #[test]
+    fn json_patch_gives_the_results_of_rfc_6902_appendix_a() {
+        let ok = [
+            // A.1 to A.8, A.10, A.11, A.14, A.16.
+            (
+                json!({"foo": "bar"}),
+                json!([{"op": "add", "path": "/baz", "value": "qux"}]),
+                json!({"baz": "qux", "foo": "bar"}),
+            ),
+            (
+                json!({"foo": ["bar", "baz"]}),
+                json!([{"op": "add", "path": "/foo/1", "value": "qux"}]),
+                json!({"foo": ["bar", "qux", "baz"]}),
+            ),
+            (
+                json!({"baz": "qux", "foo": "bar"}),
+                json!([{"op": "remove", "path": "/baz"}]),
+                json!({"foo": "bar"}),
+            ),
+            (
+                json!({"foo": ["bar", "qux", "baz"]}),
+                json!([{"op": "remove", "path": "/foo/1"}]),
+                json!({"foo": ["bar", "baz"]}),
+            ),
+            (
+                json!({"baz": "qux", "foo": "bar"}),
+                json!([{"op": "replace", "path": "/baz", "value": "boo"}]),
+                json!({"baz": "boo", "foo": "bar"}),
+            ),
+            (
+                json!({"foo": {"bar": "baz", "waldo": "fred"}, "qux": {"corge": "grault"}}),
+                json!([{"op": "move", "from": "/foo/waldo", "path": "/qux/thud"}]),
+                json!({"foo": {"bar": "baz"}, "qux": {"corge": "grault", "thud": "fred"}}),
+            ),
+            (
+                json!({"foo": ["all", "grass", "cows", "eat"]}),
+                json!([{"op": "move", "from": "/foo/1", "path": "/foo/3"}]),
+                json!({"foo": ["all", "cows", "eat", "grass"]}),
+            ),
+            (
+                json!({"baz": "qux", "foo": ["a", 2, "c"]}),
+                json!([{"op": "test", "path": "/baz", "value": "qux"},
+                    {"op": "test", "path": "/foo/1", "value": 2}]),
+                json!({"baz": "qux", "foo": ["a", 2, "c"]}),
+            ),
+            (
+                json!({"foo": "bar"}),
+                json!([{"op": "add", "path": "/child", "value": {"grandchild": {}}}]),
+                json!({"foo": "bar", "child": {"grandchild": {}}}),
+            ),
+            (
+                json!({"foo": "bar"}),
+                json!([{"op": "add", "path": "/baz", "value": "qux", "xyz": 123}]),
+                json!({"foo": "bar", "baz": "qux"}),
+            ),
+            (
+                json!({"/": 9, "~1": 10}),
+                json!([{"op": "test", "path": "/~01", "value": 10}]),
+                json!({"/": 9, "~1": 10}),
+            ),
+            (
+                json!({"foo": ["bar"]}),
+                json!([{"op": "add", "path": "/foo/-", "value": ["abc", "def"]}]),
+                json!({"foo": ["bar", ["abc", "def"]]}),
+            ),
+            // The root path, which the hand-written patch could not replace.
+            (
+                json!({"a": 1}),
+                json!([{"op": "replace", "path": "", "value": {"b": 2}}]),
+                json!({"b": 2}),
+            ),
+            (
+                json!([1]),
+                json!([{"op": "add", "path": "/1", "value": 2}]),
+                json!([1, 2]),
+            ),
+        ];
+        for (original, patch, result) in ok {
+            let mut doc = original.clone();
+            json_patch(&mut doc, &patch).unwrap_or_else(|e| panic!("{patch}: {e:?}"));
+            assert_eq!(doc, result, "{original} + {patch}");
+        }
+        let failing = [
+            // A.9, A.12, A.15.
+            (
+                json!({"baz": "qux"}),
+                json!([{"op": "test", "path": "/baz", "value": "bar"}]),
+            ),
+            (
+                json!({"foo": "bar"}),
+                json!([{"op": "add", "path": "/baz/bat", "value": "qux"}]),
+            ),
+            (
+                json!({"/": 9, "~1": 10}),
+                json!([{"op": "test", "path": "/~01", "value": "10"}]),
+            ),
+            // Indexes as RFC 6901 writes them: no leading zeros, no negatives, `-` only to add.
+            (
+                json!({"l": [1, 2]}),
+                json!([{"op": "remove", "path": "/l/01"}]),
+            ),
+            (
+                json!({"l": [1, 2]}),
+                json!([{"op": "add", "path": "/l/01", "value": 0}]),
+            ),
+            (
+                json!({"l": [1, 2]}),
+                json!([{"op": "remove", "path": "/l/-1"}]),
+            ),
+            (
+                json!({"l": [1, 2]}),
+                json!([{"op": "remove", "path": "/l/-"}]),
+            ),
+            (
+                json!({"l": [1, 2]}),
+                json!([{"op": "replace", "path": "/l/-", "value": 0}]),
+            ),
+            (
+                json!({"l": [1, 2]}),
+                json!([{"op": "add", "path": "/l/3", "value": 0}]),
+            ),
+        ];
+        for (original, patch) in failing {
+            let mut doc = original.clone();
+            let e = json_patch(&mut doc, &patch);
+            assert!(
+                matches!(e, Err(JsonPatchError::Failed(_))),
+                "{patch}: {e:?}"
+            );
+            assert_eq!(doc, original, "{patch} changed the document");
+        }
+        for malformed in [
+            json!({"op": "add"}),
+            json!([{"op": "frobnicate", "path": "/a"}]),
+            json!([{"op": "add", "path": "/a"}]),
+            json!([{"path": "/a", "value": 1}]),
+            json!([{"op": "move", "path": "/a"}]),
+            json!([{"op": "remove", "path": "a"}]),
+        ] {
+            let mut doc = json!({"a": 1});
+            let e = json_patch(&mut doc, &malformed);
+            assert!(
+                matches!(e, Err(JsonPatchError::Malformed(_))),
+                "{malformed}: {e:?}"
+            );
+            assert_eq!(doc, json!({"a": 1}));
+        }
     }
 
     #[test]
@@ -364,7 +478,7 @@ mod tests {
             &mut doc,
             &json!([{"op": "remove", "path": "/list/0"}, {"op": "remove", "path": "/nope"}]),
         );
-        assert!(err.is_err());
+        assert!(matches!(err, Err(JsonPatchError::Failed(_))), "{err:?}");
         assert_eq!(doc, before);
     }
 
