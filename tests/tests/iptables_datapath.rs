@@ -1,10 +1,13 @@
-//! What is particular to the iptables datapath and to mode selection: the fallback when eBPF
-//! cannot be used, partial syncs and the repairing full resync, both iptables backends, and
-//! switching modes without leaving rules, filters or pins behind.
+//! What is particular to the rule datapaths (iptables, nftables) and to mode selection: the
+//! fallback when eBPF cannot be used, partial syncs and the repairing full resync, both iptables
+//! backends, and switching modes without leaving rules, tables, filters or pins behind.
 
 use std::{path::Path, time::Duration};
 
-use seine::model::ServiceSpec;
+use seine::{
+    datapath::{iptables::IptablesBackend, nftables::NftablesDatapath},
+    model::ServiceSpec,
+};
 use seine_tests::{topology, vip, wait_until, Node};
 
 const PORT: u16 = 8080;
@@ -40,17 +43,25 @@ fn status(node: &Node) -> serde_json::Value {
     node.seinectl_json(&["status"]).unwrap()
 }
 
+/// Without eBPF, `auto` falls back as kube-proxy users expect: to the nftables mode where nft is
+/// the system's iptables backend and `nft` is installed (Debian 12), else to iptables.
 #[test]
-fn auto_mode_falls_back_to_iptables_without_cap_bpf_and_services_still_work() {
+fn auto_mode_falls_back_without_cap_bpf_and_services_still_work() {
     let mut node = topology("fb", 2, PORT).unwrap();
     // Root, but without the capabilities the bpf() syscall needs.
     node.agent_wrapper = ["setpriv", "--bounding-set=-bpf,-sys_admin,-perfmon", "--"]
         .map(String::from)
         .to_vec();
     node.start_agent(&["--datapath", "auto"]).unwrap();
+    let nft_system = node.ns.run(IptablesBackend::detect).unwrap().unwrap() == IptablesBackend::Nft;
+    let expected = if nft_system && NftablesDatapath::available() {
+        "nftables"
+    } else {
+        "iptables"
+    };
 
     let status = status(&node);
-    assert_eq!(status["mode"], "iptables", "{status}");
+    assert_eq!(status["mode"], expected, "{status}");
     assert_eq!(status["running"], true);
     let reason = status["fallback_reason"].as_str().unwrap();
     assert!(
@@ -60,9 +71,9 @@ fn auto_mode_falls_back_to_iptables_without_cap_bpf_and_services_still_work() {
     assert!(node
         .metrics()
         .unwrap()
-        .contains("seine_datapath_mode{mode=\"iptables\"} 1"));
+        .contains(&format!("seine_datapath_mode{{mode=\"{expected}\"}} 1")));
     let log = node.agent.as_ref().unwrap().log_text();
-    assert!(log.contains("falling back to iptables"), "{log}");
+    assert!(log.contains("falling back"), "{log}");
 
     node.set_service(service(
         &node,
@@ -72,7 +83,19 @@ fn auto_mode_falls_back_to_iptables_without_cap_bpf_and_services_still_work() {
     .unwrap();
     let answer = node.pod("client").http_get(vip("10.96.8.1:80")).unwrap();
     assert!(answer.starts_with("backend-"), "{answer}");
-    assert!(save(&node, "nft").contains("-A SEINE-SERVICES"));
+    if expected == "nftables" {
+        let table = node
+            .ns
+            .exec("nft", &["list", "table", "ip", "seine"])
+            .unwrap();
+        assert!(table.contains("10.96.8.1 . tcp . 80"), "{table}");
+        assert!(
+            !save(&node, "nft").contains("SEINE-SERVICES"),
+            "no iptables rules beside it"
+        );
+    } else {
+        assert!(save(&node, "nft").contains("-A SEINE-SERVICES"));
+    }
 }
 
 #[test]
@@ -239,15 +262,30 @@ fn switching_modes_and_cleanup_leave_nothing_behind() {
     assert_eq!(node.pod("client").http_get(addr).unwrap(), "backend-1");
     node.stop_agent().unwrap();
 
-    node.start_agent(&["--datapath", "ebpf"]).unwrap();
+    let seine_table = |node: &Node| {
+        node.ns
+            .exec("nft", &["list", "tables"])
+            .unwrap()
+            .contains("table ip seine")
+    };
+    node.start_agent(&["--datapath", "nftables"]).unwrap();
     assert!(
         !save(&node, "nft").contains("SEINE-"),
-        "iptables rules left in eBPF mode"
+        "iptables rules left in nftables mode"
     );
+    assert!(seine_table(&node));
     assert_eq!(node.pod("client").http_get(addr).unwrap(), "backend-1");
     node.stop_agent().unwrap();
 
+    node.start_agent(&["--datapath", "ebpf"]).unwrap();
+    assert!(!seine_table(&node), "the nftables table left in eBPF mode");
+    assert_eq!(node.pod("client").http_get(addr).unwrap(), "backend-1");
+    node.stop_agent().unwrap();
+
+    node.start_agent(&["--datapath", "nftables"]).unwrap();
+    node.stop_agent().unwrap();
     node.cleanup_agent().unwrap();
+    assert!(!seine_table(&node), "cleanup leaves no nftables table");
     assert!(!filters(&node).contains("seine_"));
     assert!(!Path::new(&node.bpffs_dir).exists());
     for backend in ["nft", "legacy"] {

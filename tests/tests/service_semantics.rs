@@ -25,6 +25,7 @@ const PORT: u16 = 8080;
 enum Mode {
     Ebpf,
     Iptables,
+    Nftables,
 }
 
 impl Mode {
@@ -32,11 +33,13 @@ impl Mode {
         match self {
             Mode::Ebpf => "ebpf",
             Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
         }
     }
 }
 
-/// Runs each listed scenario once per datapath, as `ebpf::NAME` and `iptables::NAME`.
+/// Runs each listed scenario once per datapath, as `ebpf::NAME`, `iptables::NAME` and
+/// `nftables::NAME`.
 macro_rules! in_both_modes {
     ($($name:ident),* $(,)?) => {
         mod ebpf {
@@ -44,6 +47,9 @@ macro_rules! in_both_modes {
         }
         mod iptables {
             $( #[test] fn $name() { super::$name(super::Mode::Iptables) } )*
+        }
+        mod nftables {
+            $( #[test] fn $name() { super::$name(super::Mode::Nftables) } )*
         }
     };
 }

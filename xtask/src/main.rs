@@ -112,6 +112,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "iptables",
+    // The nftables datapath (kube-proxy's nftables mode) writes its table with nft.
+    "nftables",
     "bpftool",
     "ethtool",
     "iperf3",

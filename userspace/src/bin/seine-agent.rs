@@ -27,6 +27,7 @@ use seine::{
     datapath::{
         ebpf::{EbpfDatapath, Owner},
         iptables::{IptablesBackend, IptablesDatapath},
+        nftables::NftablesDatapath,
         Datapath,
     },
     hostport,
@@ -126,10 +127,13 @@ struct Args {
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Mode {
-    /// eBPF, falling back to iptables when loading or attaching fails.
+    /// eBPF, falling back when loading or attaching fails: to nftables where nft is the system's
+    /// iptables backend (and `nft` is installed), else to iptables.
     Auto,
     Ebpf,
     Iptables,
+    /// kube-proxy's nftables mode: one table of Seine's own, verdict maps.
+    Nftables,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -283,19 +287,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let mut active = match args.datapath {
         Mode::Ebpf => start_ebpf(&args)?,
-        Mode::Iptables => start_iptables(&args, None)?,
+        Mode::Iptables | Mode::Nftables => start_rules(&args, None)?,
         Mode::Auto => match start_ebpf(&args) {
             Ok(active) => active,
             Err(e) => {
                 let reason = format!("{e:#}");
-                warn!(%reason, "the eBPF datapath cannot be used here; falling back to iptables");
-                start_iptables(&args, Some(reason))?
+                warn!(%reason, "the eBPF datapath cannot be used here; falling back to nftables or iptables");
+                start_rules(&args, Some(reason))?
             }
         },
     };
     let stats_maps = match &active {
         Active::Ebpf { .. } => Some(std::sync::Mutex::new(PinnedMaps::open(&args.bpffs_dir)?)),
-        Active::Iptables { .. } => None,
+        Active::Rules { .. } => None,
     };
     let mut agent_metrics = Metrics::new(active.datapath().mode());
     let overlay = args.node_name.as_ref().map(|_| {
@@ -595,6 +599,9 @@ fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
     for backend in iptables_backends(args) {
         IptablesDatapath::cleanup(backend)?;
     }
+    if NftablesDatapath::available() {
+        NftablesDatapath::cleanup()?;
+    }
     bpf::remove_node_files(&args.bpffs_dir);
     info!(dir = %args.bpffs_dir.display(), "filters detached, pins and iptables chains removed");
     if args.node_name.is_some() {
@@ -639,18 +646,40 @@ enum Active {
         uplinks: Vec<String>,
         last_gc: Instant,
     },
-    Iptables {
-        datapath: IptablesDatapath,
+    Rules {
+        datapath: Rules,
         last_resync: Instant,
         fallback_reason: Option<String>,
     },
+}
+
+/// The rule datapaths: the iptables fallback, or kube-proxy's nftables mode.
+enum Rules {
+    Iptables(IptablesDatapath),
+    Nftables(NftablesDatapath),
+}
+
+impl Rules {
+    fn datapath(&mut self) -> &mut dyn Datapath {
+        match self {
+            Rules::Iptables(d) => d,
+            Rules::Nftables(d) => d,
+        }
+    }
+
+    fn full_resync(&mut self) -> Result<(), seine::datapath::DatapathError> {
+        match self {
+            Rules::Iptables(d) => d.full_resync(),
+            Rules::Nftables(d) => d.full_resync(),
+        }
+    }
 }
 
 impl Active {
     fn datapath(&mut self) -> &mut dyn Datapath {
         match self {
             Active::Ebpf { datapath, .. } => datapath.as_mut(),
-            Active::Iptables { datapath, .. } => datapath,
+            Active::Rules { datapath, .. } => datapath.datapath(),
         }
     }
 
@@ -690,7 +719,7 @@ impl Active {
                     }
                 }
             }
-            Active::Iptables {
+            Active::Rules {
                 datapath,
                 last_resync,
                 ..
@@ -700,8 +729,8 @@ impl Active {
                 {
                     *last_resync = Instant::now();
                     match datapath.full_resync() {
-                        Ok(()) => tracing::debug!("iptables full resync done"),
-                        Err(e) => error!("iptables full resync: {e}"),
+                        Ok(()) => tracing::debug!("full resync done"),
+                        Err(e) => error!("full resync: {e}"),
                     }
                 }
             }
@@ -730,6 +759,7 @@ fn start_ebpf(args: &Args) -> anyhow::Result<Active> {
             warn!("removing iptables rules of an earlier mode: {e}");
         }
     }
+    remove_nftables_table();
     info!(
         dir = %args.bpffs_dir.display(),
         reused_services = datapath.service_count(),
@@ -745,7 +775,7 @@ fn start_ebpf(args: &Args) -> anyhow::Result<Active> {
     })
 }
 
-fn start_iptables(args: &Args, fallback_reason: Option<String>) -> anyhow::Result<Active> {
+fn start_rules(args: &Args, fallback_reason: Option<String>) -> anyhow::Result<Active> {
     // eBPF filters of an earlier agent would translate the same traffic twice: remove them.
     let uplinks = hostport::node_addresses(|name| is_pod_side(args, name)).unwrap_or_default();
     for name in uplinks.into_iter().map(|(name, _)| name) {
@@ -762,12 +792,43 @@ fn start_iptables(args: &Args, fallback_reason: Option<String>) -> anyhow::Resul
         IptablesChoice::Legacy => IptablesBackend::Legacy,
         IptablesChoice::Auto => IptablesBackend::detect()?,
     };
-    info!(backend = backend.name(), "datapath loaded (iptables)");
-    Ok(Active::Iptables {
-        datapath: IptablesDatapath::new(backend),
+    // Falling back where nft is the system's backend, kube-proxy's nftables mode: iptables-nft
+    // restores with --noflush take minutes for 10,000 services.
+    let nftables = match args.datapath {
+        Mode::Nftables => true,
+        Mode::Auto => backend == IptablesBackend::Nft && NftablesDatapath::available(),
+        Mode::Iptables | Mode::Ebpf => false,
+    };
+    let datapath = if nftables {
+        for backend in iptables_backends(args) {
+            if let Err(e) = IptablesDatapath::cleanup(backend) {
+                warn!("removing iptables rules of an earlier mode: {e}");
+            }
+        }
+        info!(
+            "datapath loaded (nftables, table ip {})",
+            seine::datapath::nftables::TABLE
+        );
+        Rules::Nftables(NftablesDatapath::new())
+    } else {
+        remove_nftables_table();
+        info!(backend = backend.name(), "datapath loaded (iptables)");
+        Rules::Iptables(IptablesDatapath::new(backend))
+    };
+    Ok(Active::Rules {
+        datapath,
         last_resync: Instant::now(),
         fallback_reason,
     })
+}
+
+/// Removes the table of an earlier nftables-mode agent, where nft is installed.
+fn remove_nftables_table() {
+    if NftablesDatapath::available() {
+        if let Err(e) = NftablesDatapath::cleanup() {
+            warn!("removing the nftables table of an earlier mode: {e}");
+        }
+    }
 }
 
 /// What `seinectl status` shows: the mode in use and why.
@@ -777,13 +838,22 @@ fn write_status(args: &Args, active: &Active) {
             "mode": "ebpf",
             "bpffs_dir": args.bpffs_dir,
         }),
-        Active::Iptables {
-            datapath,
+        Active::Rules {
+            datapath: Rules::Iptables(datapath),
             fallback_reason,
             ..
         } => serde_json::json!({
             "mode": "iptables",
             "iptables_backend": datapath.backend().name(),
+            "fallback_reason": fallback_reason,
+        }),
+        Active::Rules {
+            datapath: Rules::Nftables(_),
+            fallback_reason,
+            ..
+        } => serde_json::json!({
+            "mode": "nftables",
+            "nftables_table": format!("ip {}", seine::datapath::nftables::TABLE),
             "fallback_reason": fallback_reason,
         }),
     };

@@ -17,8 +17,8 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use super::{ApplyReport, Change, Datapath, DatapathError};
-use crate::model::{BackendSpec, BackendState, Frontend, ServiceSpec};
+use super::{usable_backends, ApplyReport, Change, Datapath, DatapathError, RuleSet};
+use crate::model::{Frontend, ServiceSpec};
 
 /// Every chain Seine owns starts with this; kube-proxy's `KUBE-` chains are never touched.
 pub const CHAIN_PREFIX: &str = "SEINE-";
@@ -282,6 +282,15 @@ impl IptablesDatapath {
     }
 }
 
+impl RuleSet for IptablesDatapath {
+    fn services(&mut self) -> &mut BTreeMap<Frontend, ServiceSpec> {
+        &mut self.services
+    }
+    fn write(&mut self) -> Result<(), DatapathError> {
+        self.sync()
+    }
+}
+
 impl Datapath for IptablesDatapath {
     fn mode(&self) -> &'static str {
         "iptables"
@@ -289,68 +298,15 @@ impl Datapath for IptablesDatapath {
 
     /// One transaction for the whole desired state.
     fn apply(&mut self, desired: &[ServiceSpec]) -> ApplyReport {
-        let mut report = ApplyReport::default();
-        let mut next = BTreeMap::new();
-        for spec in desired {
-            let spec = spec.normalized();
-            if spec.frontend.ip.is_ipv6() || spec.backends.iter().any(|b| b.ip.is_ipv6()) {
-                report.failed.push(DatapathError::Ipv6(spec.frontend));
-                continue;
-            }
-            match self.services.get(&spec.frontend) {
-                None => report.created += 1,
-                Some(old) if *old == spec => report.unchanged += 1,
-                Some(_) => report.updated += 1,
-            }
-            next.insert(spec.frontend, spec);
-        }
-        report.deleted = self
-            .services
-            .keys()
-            .filter(|f| !next.contains_key(f))
-            .count();
-        let previous = std::mem::replace(&mut self.services, next);
-        if let Err(e) = self.sync() {
-            // iptables-restore is atomic: the kernel still holds the previous state.
-            self.services = previous;
-            report.failed.push(e);
-            report.created = 0;
-            report.updated = 0;
-            report.deleted = 0;
-        }
-        report
+        super::apply_rules(self, desired)
     }
 
     fn upsert(&mut self, spec: &ServiceSpec) -> Result<Change, DatapathError> {
-        let spec = spec.normalized();
-        if spec.frontend.ip.is_ipv6() || spec.backends.iter().any(|b| b.ip.is_ipv6()) {
-            return Err(DatapathError::Ipv6(spec.frontend));
-        }
-        let change = match self.services.get(&spec.frontend) {
-            Some(old) if *old == spec => return Ok(Change::Unchanged),
-            Some(_) => Change::Updated,
-            None => Change::Created,
-        };
-        let previous = self.services.insert(spec.frontend, spec.clone());
-        if let Err(e) = self.sync() {
-            match previous {
-                Some(old) => self.services.insert(spec.frontend, old),
-                None => self.services.remove(&spec.frontend),
-            };
-            return Err(e);
-        }
-        Ok(change)
+        super::upsert_rule(self, spec)
     }
 
     fn delete(&mut self, frontend: &Frontend) -> Result<bool, DatapathError> {
-        let Some(old) = self.services.remove(frontend) else {
-            return Ok(false);
-        };
-        if let Err(e) = self.sync() {
-            self.services.insert(*frontend, old);
-            return Err(e);
-        }
-        Ok(true)
+        super::delete_rule(self, frontend)
     }
 
     fn frontends(&self) -> Vec<Frontend> {
@@ -419,21 +375,6 @@ fn proto_args(f: &Frontend) -> String {
     format!("-p {p} -m {p}")
 }
 
-/// The backends that take new connections: the ready ones, or, when none is ready, the
-/// terminating ones that still serve.
-fn usable(spec: &ServiceSpec) -> Vec<&BackendSpec> {
-    let ready: Vec<&BackendSpec> = spec
-        .backends
-        .iter()
-        .filter(|b| b.state == BackendState::Active)
-        .collect();
-    if ready.is_empty() {
-        spec.backends.iter().collect()
-    } else {
-        ready
-    }
-}
-
 fn ip4(ip: IpAddr) -> String {
     format!("{ip}/32")
 }
@@ -458,7 +399,7 @@ fn render(services: &BTreeMap<Frontend, ServiceSpec>) -> BTreeMap<ChainId, Vec<S
     for (frontend, spec) in services {
         let proto = proto_args(frontend);
         let fe = frontend.to_string();
-        let endpoints = usable(spec);
+        let endpoints = usable_backends(spec);
         if endpoints.is_empty() {
             filter_services.push(format!(
                 "-d {} {proto} --dport {} -m comment --comment \"{fe} has no endpoints\" -j REJECT --reject-with icmp-port-unreachable",

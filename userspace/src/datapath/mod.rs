@@ -5,8 +5,11 @@
 
 pub mod ebpf;
 pub mod iptables;
+pub mod nftables;
 
-use crate::model::{Frontend, ServiceSpec};
+use std::collections::BTreeMap;
+
+use crate::model::{BackendSpec, BackendState, Frontend, ServiceSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -34,6 +37,8 @@ pub enum DatapathError {
     Bpf(#[from] crate::bpf::BpfError),
     #[error("iptables: {0}")]
     Iptables(String),
+    #[error("nftables: {0}")]
+    Nftables(String),
 }
 
 /// What one `apply` did.
@@ -92,4 +97,107 @@ pub trait Datapath {
 
     /// The frontends this owner manages.
     fn frontends(&self) -> Vec<Frontend>;
+}
+
+/// The backends that take new connections: the ready ones, or, when none is ready, the
+/// terminating ones that still serve.
+pub(crate) fn usable_backends(spec: &ServiceSpec) -> Vec<&BackendSpec> {
+    let ready: Vec<&BackendSpec> = spec
+        .backends
+        .iter()
+        .filter(|b| b.state == BackendState::Active)
+        .collect();
+    if ready.is_empty() {
+        spec.backends.iter().collect()
+    } else {
+        ready
+    }
+}
+
+/// A datapath of kernel rules rendered from the whole desired state (iptables, nftables): it
+/// keeps the services and writes the difference in one transaction.
+pub(crate) trait RuleSet {
+    fn services(&mut self) -> &mut BTreeMap<Frontend, ServiceSpec>;
+    /// Writes what differs from the last write, in one transaction; on error the kernel keeps
+    /// the previous state.
+    fn write(&mut self) -> Result<(), DatapathError>;
+}
+
+fn check_ipv4(spec: &ServiceSpec) -> Result<(), DatapathError> {
+    if spec.frontend.ip.is_ipv6() || spec.backends.iter().any(|b| b.ip.is_ipv6()) {
+        return Err(DatapathError::Ipv6(spec.frontend));
+    }
+    Ok(())
+}
+
+/// `Datapath::apply` for a rule set: the whole desired state in one transaction.
+pub(crate) fn apply_rules(rules: &mut impl RuleSet, desired: &[ServiceSpec]) -> ApplyReport {
+    let mut report = ApplyReport::default();
+    let mut next = BTreeMap::new();
+    for spec in desired {
+        let spec = spec.normalized();
+        if let Err(e) = check_ipv4(&spec) {
+            report.failed.push(e);
+            continue;
+        }
+        match rules.services().get(&spec.frontend) {
+            None => report.created += 1,
+            Some(old) if *old == spec => report.unchanged += 1,
+            Some(_) => report.updated += 1,
+        }
+        next.insert(spec.frontend, spec);
+    }
+    report.deleted = rules
+        .services()
+        .keys()
+        .filter(|f| !next.contains_key(f))
+        .count();
+    let previous = std::mem::replace(rules.services(), next);
+    if let Err(e) = rules.write() {
+        // The transaction is atomic: the kernel still holds the previous state.
+        *rules.services() = previous;
+        report.failed.push(e);
+        report.created = 0;
+        report.updated = 0;
+        report.deleted = 0;
+    }
+    report
+}
+
+/// `Datapath::upsert` for a rule set.
+pub(crate) fn upsert_rule(
+    rules: &mut impl RuleSet,
+    spec: &ServiceSpec,
+) -> Result<Change, DatapathError> {
+    let spec = spec.normalized();
+    check_ipv4(&spec)?;
+    let change = match rules.services().get(&spec.frontend) {
+        Some(old) if *old == spec => return Ok(Change::Unchanged),
+        Some(_) => Change::Updated,
+        None => Change::Created,
+    };
+    let previous = rules.services().insert(spec.frontend, spec.clone());
+    if let Err(e) = rules.write() {
+        match previous {
+            Some(old) => rules.services().insert(spec.frontend, old),
+            None => rules.services().remove(&spec.frontend),
+        };
+        return Err(e);
+    }
+    Ok(change)
+}
+
+/// `Datapath::delete` for a rule set.
+pub(crate) fn delete_rule(
+    rules: &mut impl RuleSet,
+    frontend: &Frontend,
+) -> Result<bool, DatapathError> {
+    let Some(old) = rules.services().remove(frontend) else {
+        return Ok(false);
+    };
+    if let Err(e) = rules.write() {
+        rules.services().insert(*frontend, old);
+        return Err(e);
+    }
+    Ok(true)
 }
