@@ -60,14 +60,12 @@ enum LabAction {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// ClusterIP load balancing: the eBPF and the iptables datapath against direct pod access.
+    /// ClusterIP load balancing: every datapath (eBPF, iptables with both backends, nftables)
+    /// against direct pod access.
     Lb {
         /// Where to write the results [default: target/bench/lb.json in the workspace].
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
-        /// iptables backend of the iptables datapath: auto (detected), nft or legacy.
-        #[arg(long, default_value = "auto")]
-        iptables_backend: String,
     },
     /// seine-apiserver on etcd: create/get/update/list rates and latency at 1, 16 and 64 clients,
     /// watch latency to 100 watchers, against raw etcd puts.
@@ -180,10 +178,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => test(&root, &args),
         Cmd::Lab { action } => lab(&root, action),
         Cmd::Bench { bench } => match bench {
-            Bench::Lb {
-                json,
-                iptables_backend,
-            } => bench_lb(&root, json, &iptables_backend),
+            Bench::Lb { json } => run_bench(&root, "lb", json, &["seine", "seine-tests"], &[]),
             Bench::Apiserver { json } => bench_apiserver(&root, json),
             Bench::Dns { json } => run_bench(
                 &root,
@@ -641,16 +636,6 @@ fn lab(root: &Path, action: LabAction) -> Result<()> {
         return release_bpffs();
     }
     exec(root, Command::new(lab).arg(verb))
-}
-
-fn bench_lb(root: &Path, json: Option<PathBuf>, iptables_backend: &str) -> Result<()> {
-    run_bench(
-        root,
-        "lb",
-        json,
-        &["seine", "seine-tests"],
-        &["--iptables-backend", iptables_backend],
-    )
 }
 
 fn bench_apiserver(root: &Path, json: Option<PathBuf>) -> Result<()> {

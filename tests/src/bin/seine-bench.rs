@@ -7,11 +7,14 @@
 //!
 //! `scheduler`: see `seine_tests::scheduler_bench` (seine-scheduler against the raw bind rate).
 //!
-//! `lb`, for the eBPF and the iptables datapath in the same run: short TCP connections per second and
-//! kept-alive request latency through a service VIP versus directly to the backend pod, with 1, 1,000
-//! and 10,000 services installed (the probe uses the last service inserted); the time to program
+//! `lb`, for every datapath in the same run (eBPF, iptables with the legacy backend, kube-proxy's
+//! nftables mode, iptables with the nft backend): short TCP connections per second and kept-alive
+//! request latency through a service VIP versus directly to the backend pod, with 1, 1,000 and
+//! 10,000 services installed (the probe uses the last service inserted); the time to program
 //! 10,000 services x 10 backends from empty; the time to change one service while 10,000 are
-//! present; and the agent's resident memory with 10,000 services of its own.
+//! present; and the agent's resident memory with 10,000 services of its own. iptables with the nft
+//! backend is measured at 1,000 services: `iptables-nft-restore --noflush` (iptables 1.8.9) grows
+//! with rules x chains, minutes at 10,000 (the nftables mode is the fallback there).
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -29,6 +32,7 @@ use seine::{
     datapath::{
         ebpf::{EbpfDatapath, Owner},
         iptables::{IptablesBackend, IptablesDatapath},
+        nftables::NftablesDatapath,
         Datapath,
     },
     model::{BackendSpec, BackendState, Frontend, Protocol, ServiceSpec},
@@ -55,20 +59,7 @@ fn main() -> ExitCode {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(format!("target/bench/{name}.json")));
     let result = match name.as_str() {
-        "lb" => {
-            let backend = match value("--iptables-backend").as_deref() {
-                None | Some("auto") => None,
-                Some("nft") => Some(IptablesBackend::Nft),
-                Some("legacy") => Some(IptablesBackend::Legacy),
-                Some(other) => {
-                    eprintln!(
-                        "seine-bench: --iptables-backend {other}: expected auto, nft or legacy"
-                    );
-                    return ExitCode::from(2);
-                }
-            };
-            lb(&json, backend)
-        }
+        "lb" => lb(&json),
         "apiserver" => seine_tests::apiserver_bench::run(&json),
         "cni" => seine_tests::cni_bench::run(&json),
         "dns" => seine_tests::dns_bench::run(&json),
@@ -76,7 +67,7 @@ fn main() -> ExitCode {
         "scheduler" => seine_tests::scheduler_bench::run(&json),
         _ => {
             eprintln!(
-                "usage: seine-bench lb [--json PATH] [--iptables-backend auto|nft|legacy]\n       seine-bench apiserver [--json PATH]\n       seine-bench cni [--json PATH]\n       seine-bench dns [--json PATH]\n       seine-bench endpoints [--json PATH]\n       seine-bench scheduler [--json PATH]"
+                "usage: seine-bench lb [--json PATH]\n       seine-bench apiserver [--json PATH]\n       seine-bench cni [--json PATH]\n       seine-bench dns [--json PATH]\n       seine-bench endpoints [--json PATH]\n       seine-bench scheduler [--json PATH]"
             );
             return ExitCode::from(2);
         }
@@ -93,14 +84,34 @@ fn main() -> ExitCode {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Ebpf,
-    Iptables,
+    Iptables(IptablesBackend),
+    Nftables,
 }
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Ebpf => "ebpf",
-            Mode::Iptables => "iptables",
+            Mode::Iptables(IptablesBackend::Legacy) => "iptables-legacy",
+            Mode::Iptables(IptablesBackend::Nft) => "iptables-nft",
+            Mode::Nftables => "nftables",
+        }
+    }
+
+    /// The agent's flags for this mode.
+    fn agent_args(self) -> Vec<&'static str> {
+        match self {
+            Mode::Ebpf => vec!["--datapath", "ebpf"],
+            Mode::Iptables(b) => vec!["--datapath", "iptables", "--iptables-backend", b.name()],
+            Mode::Nftables => vec!["--datapath", "nftables"],
+        }
+    }
+
+    /// The most services it is measured with (see the module comment).
+    fn top(self) -> u32 {
+        match self {
+            Mode::Iptables(IptablesBackend::Nft) => 1_000,
+            _ => 10_000,
         }
     }
 }
@@ -113,6 +124,9 @@ struct PathFigures {
 }
 
 struct ModeFigures {
+    mode: Mode,
+    /// The services of the programming, update and memory figures.
+    top: u32,
     /// (services, direct, vip)
     sizes: Vec<(u32, PathFigures, PathFigures)>,
     program_seconds: f64,
@@ -132,30 +146,55 @@ impl ModeFigures {
     }
 }
 
-fn lb(json_path: &PathBuf, iptables_backend: Option<IptablesBackend>) -> Result<()> {
-    let iptables_backend = match iptables_backend {
-        Some(b) => b,
-        None => IptablesBackend::detect()?,
-    };
-    let ebpf = bench_mode(Mode::Ebpf, iptables_backend)?;
-    let iptables = bench_mode(Mode::Iptables, iptables_backend)?;
+fn lb(json_path: &PathBuf) -> Result<()> {
+    let mut modes = vec![Mode::Ebpf];
+    for (mode, tool) in [
+        (
+            Mode::Iptables(IptablesBackend::Legacy),
+            "iptables-legacy-restore",
+        ),
+        (Mode::Nftables, "nft"),
+        (Mode::Iptables(IptablesBackend::Nft), "iptables-nft-restore"),
+    ] {
+        if seine_tests::sh("which", &[tool]).is_ok() {
+            modes.push(mode);
+        } else {
+            println!(
+                "bench lb: {tool} is not installed; {} is left out",
+                mode.name()
+            );
+        }
+    }
+    let figures: Vec<ModeFigures> = modes.into_iter().map(bench_mode).collect::<Result<_>>()?;
+    let find = |name: &str| figures.iter().find(|f| f.mode.name() == name);
+    let ebpf = find("ebpf").context("no eBPF figures")?;
 
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     let (e1d, e1v) = ebpf.at(1);
     let (e10d, e10v) = ebpf.at(10_000);
-    let (_, i10v) = iptables.at(10_000);
-    let summary = json!({
+    let mut summary = json!({
         "vip_over_direct_conn_rate_1": ratio(e1v.conn_rate, e1d.conn_rate),
         "vip_over_direct_conn_rate_10000": ratio(e10v.conn_rate, e10d.conn_rate),
         "program_10000x10_seconds": ebpf.program_seconds,
         "update_one_with_10000_seconds": ebpf.update_median,
-        "ebpf_over_iptables_conn_rate_10000": ratio(e10v.conn_rate, i10v.conn_rate),
         "ebpf_conn_rate_10000_over_1": ratio(e10v.conn_rate, e1v.conn_rate),
-        "iptables_over_ebpf_program_time_10000x10": ratio(iptables.program_seconds, ebpf.program_seconds),
         "agent_rss_bytes_10000": ebpf.agent_rss_bytes,
-        "iptables_agent_rss_bytes_10000": iptables.agent_rss_bytes,
     });
-    let figures = |f: PathFigures| json!({"conn_per_second": f.conn_rate, "latency_p50_us": f.p50_us, "latency_p99_us": f.p99_us});
+    for f in figures.iter().filter(|f| f.mode != Mode::Ebpf) {
+        let key = f.mode.name().replace('-', "_");
+        let top = f.top;
+        summary[format!("{key}_program_{top}x10_seconds")] = json!(f.program_seconds);
+        summary[format!("{key}_update_one_with_{top}_seconds")] = json!(f.update_median);
+        summary[format!("{key}_agent_rss_bytes_{top}")] = json!(f.agent_rss_bytes);
+        if top == 10_000 {
+            let (_, v) = f.at(10_000);
+            summary[format!("ebpf_over_{key}_conn_rate_10000")] =
+                json!(ratio(e10v.conn_rate, v.conn_rate));
+            summary[format!("{key}_over_ebpf_program_time_10000x10")] =
+                json!(ratio(f.program_seconds, ebpf.program_seconds));
+        }
+    }
+    let path_json = |f: PathFigures| json!({"conn_per_second": f.conn_rate, "latency_p50_us": f.p50_us, "latency_p99_us": f.p99_us});
     let mode_json = |m: &ModeFigures| -> Value {
         let sizes: serde_json::Map<String, Value> = m
             .sizes
@@ -163,102 +202,83 @@ fn lb(json_path: &PathBuf, iptables_backend: Option<IptablesBackend>) -> Result<
             .map(|(n, d, v)| {
                 (
                     format!("services_{n}"),
-                    json!({"direct": figures(*d), "vip": figures(*v)}),
+                    json!({"direct": path_json(*d), "vip": path_json(*v)}),
                 )
             })
             .collect();
         json!({
             "sizes": sizes,
-            "program_10000x10_seconds": m.program_seconds,
-            "update_one_with_10000_seconds": {"median": m.update_median, "p99": m.update_p99,
-                                              "samples": m.update_samples},
-            "agent_rss_bytes_10000": m.agent_rss_bytes,
+            "services": m.top,
+            "program_seconds": m.program_seconds,
+            "update_one_seconds": {"median": m.update_median, "p99": m.update_p99,
+                                   "samples": m.update_samples},
+            "agent_rss_bytes": m.agent_rss_bytes,
         })
     };
-    let report = json!({
+    let mut report = json!({
         "bench": "lb",
         "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-                    "kernel": seine_tests::sh("uname", &["-r"]).unwrap_or_default().trim()},
-        "iptables_backend": iptables_backend.name(),
+                    "kernel": seine_tests::sh("uname", &["-r"]).unwrap_or_default().trim(),
+                    "iptables": seine_tests::sh("iptables", &["--version"]).unwrap_or_default().trim(),
+                    "nft": seine_tests::sh("nft", &["--version"]).unwrap_or_default().trim()},
         "method": {"client_threads": CLIENT_THREADS, "rounds": ROUNDS, "round_seconds": ROUND.as_secs_f64(),
                    "latency_samples": LATENCY_SAMPLES,
                    "note": "direct and VIP alternate round by round; rates are medians of the rounds; \
                             programming and update times are the datapath library's; RSS is the agent's \
-                            with 10,000 services x 10 backends from its services file"},
-        "ebpf": mode_json(&ebpf),
-        "iptables": mode_json(&iptables),
+                            with the mode's largest service count x 10 backends from its services file; \
+                            iptables-nft at 1,000 services (its --noflush restore grows with rules x chains)"},
         "summary": summary,
     });
+    for f in &figures {
+        report[f.mode.name()] = mode_json(f);
+    }
 
     println!();
     println!(
-        "{:<9} {:>8} {:<7} {:>9} {:>9} {:>9} {:>11} {:>13}",
-        "MODE", "SERVICES", "PATH", "CONN/S", "P50(us)", "P99(us)", "VS DIRECT", "EBPF/IPTABLES"
+        "{:<16} {:>8} {:<7} {:>9} {:>9} {:>9} {:>11}",
+        "MODE", "SERVICES", "PATH", "CONN/S", "P50(us)", "P99(us)", "VS DIRECT"
     );
-    for m in [(Mode::Ebpf, &ebpf), (Mode::Iptables, &iptables)] {
-        for (n, d, v) in &m.1.sizes {
-            println!(
-                "{:<9} {:>8} {:<7} {:>9.0} {:>9.1} {:>9.1} {:>11} {:>13}",
-                m.0.name(),
-                n,
-                "direct",
-                d.conn_rate,
-                d.p50_us,
-                d.p99_us,
-                "",
-                ""
-            );
-            let versus = if m.0 == Mode::Ebpf {
-                format!("{:.2}", ratio(v.conn_rate, iptables.at(*n).1.conn_rate))
-            } else {
-                String::new()
-            };
-            println!(
-                "{:<9} {:>8} {:<7} {:>9.0} {:>9.1} {:>9.1} {:>11.3} {:>13}",
-                m.0.name(),
-                n,
-                "vip",
-                v.conn_rate,
-                v.p50_us,
-                v.p99_us,
-                ratio(v.conn_rate, d.conn_rate),
-                versus
-            );
+    for m in &figures {
+        for (n, d, v) in &m.sizes {
+            for (path, f) in [("direct", d), ("vip", v)] {
+                let versus = if path == "vip" {
+                    format!("{:.3}", ratio(v.conn_rate, d.conn_rate))
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{:<16} {:>8} {:<7} {:>9.0} {:>9.1} {:>9.1} {:>11}",
+                    m.mode.name(),
+                    n,
+                    path,
+                    f.conn_rate,
+                    f.p50_us,
+                    f.p99_us,
+                    versus
+                );
+            }
         }
     }
     println!();
     println!(
-        "{:<44} {:>12} {:>12} {:>14}",
-        "", "EBPF", "IPTABLES", "IPTABLES/EBPF"
+        "{:<16} {:>8} {:>16} {:>16} {:>12} {:>14}",
+        "MODE", "SERVICES", "PROGRAM x10 (s)", "CHANGE ONE (s)", "RSS (MiB)", "PROGRAM/EBPF"
     );
-    println!(
-        "{:<44} {:>12.3} {:>12.3} {:>14.1}",
-        "program 10,000 services x 10 backends (s)",
-        ebpf.program_seconds,
-        iptables.program_seconds,
-        ratio(iptables.program_seconds, ebpf.program_seconds)
-    );
-    println!(
-        "{:<44} {:>12.6} {:>12.6} {:>14.1}",
-        "change one service with 10,000 present (s)",
-        ebpf.update_median,
-        iptables.update_median,
-        ratio(iptables.update_median, ebpf.update_median)
-    );
-    println!(
-        "{:<44} {:>12.1} {:>12.1} {:>14.2}",
-        "agent RSS with 10,000 services (MiB)",
-        ebpf.agent_rss_bytes as f64 / 1048576.0,
-        iptables.agent_rss_bytes as f64 / 1048576.0,
-        ratio(iptables.agent_rss_bytes as f64, ebpf.agent_rss_bytes as f64)
-    );
-    println!(
-        "\neBPF conn rate at 10,000 services / at 1: {:.3}; eBPF / iptables at 10,000: {:.2} (target >= 3); \
-         iptables / eBPF programming: {:.1} (target >= 10)",
-        ratio(e10v.conn_rate, e1v.conn_rate),
-        ratio(e10v.conn_rate, i10v.conn_rate),
-        ratio(iptables.program_seconds, ebpf.program_seconds)
-    );
+    for m in &figures {
+        println!(
+            "{:<16} {:>8} {:>16.3} {:>16.6} {:>12.1} {:>14}",
+            m.mode.name(),
+            m.top,
+            m.program_seconds,
+            m.update_median,
+            m.agent_rss_bytes as f64 / 1048576.0,
+            if m.top == ebpf.top {
+                format!("{:.1}", ratio(m.program_seconds, ebpf.program_seconds))
+            } else {
+                "-".to_string()
+            }
+        );
+    }
 
     if let Some(dir) = json_path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -293,8 +313,9 @@ fn services(count: u32, probe_ip: Ipv4Addr, real: BackendSpec) -> Vec<ServiceSpe
     specs
 }
 
-fn bench_mode(mode: Mode, iptables_backend: IptablesBackend) -> Result<ModeFigures> {
+fn bench_mode(mode: Mode) -> Result<ModeFigures> {
     let name = mode.name();
+    let top = mode.top();
     println!("bench lb [{name}]: building the topology (node, client pod, backend pod)");
     let mut node = Node::create("bn")?;
     node.add_pod("client", Ipv4Addr::new(10, 244, 0, 2))?;
@@ -305,11 +326,12 @@ fn bench_mode(mode: Mode, iptables_backend: IptablesBackend) -> Result<ModeFigur
     let mut dp: Box<dyn Datapath> = match mode {
         Mode::Ebpf => {
             // The agent loads and attaches the programs; the library programs the maps beside it.
-            node.start_agent(&["--datapath", name])?;
+            node.start_agent(&mode.agent_args())?;
             Box::new(EbpfDatapath::open(&node.bpffs_dir, Owner::Cli)?)
         }
-        // No agent yet: its resyncs would remove chains the library writes.
-        Mode::Iptables => Box::new(IptablesDatapath::new(iptables_backend)),
+        // No agent yet: its resyncs would remove the rules the library writes.
+        Mode::Iptables(backend) => Box::new(IptablesDatapath::new(backend)),
+        Mode::Nftables => Box::new(NftablesDatapath::new()),
     };
     let backend_ip = node.pod("backend").ip;
     let direct: SocketAddr = (backend_ip, PORT).into();
@@ -323,16 +345,16 @@ fn bench_mode(mode: Mode, iptables_backend: IptablesBackend) -> Result<ModeFigur
     let probe: SocketAddr = (probe_ip, 80).into();
 
     let mut sizes = Vec::new();
-    for n in [1, 1_000] {
+    for n in [1, 1_000].into_iter().filter(|n| *n < top) {
         apply(dp.as_mut(), &services(n - 1, probe_ip, real))?;
         println!("bench lb [{name}]: {n} service(s): measuring direct and VIP");
         let (d, v) = measure_pair(&node, direct, probe)?;
         sizes.push((n, d, v));
     }
 
-    println!("bench lb [{name}]: programming 10,000 services x 10 backends from empty");
+    println!("bench lb [{name}]: programming {top} services x 10 backends from empty");
     apply(dp.as_mut(), &[])?;
-    let mut specs = services(9_999, probe_ip, real);
+    let mut specs = services(top - 1, probe_ip, real);
     let probe_real = specs.last().cloned().context("no services")?;
     if let Some(last) = specs.last_mut() {
         // Ten backends like every other service; the changes below make the real one the only one.
@@ -345,7 +367,7 @@ fn bench_mode(mode: Mode, iptables_backend: IptablesBackend) -> Result<ModeFigur
 
     // An odd count, so the last change leaves the probe on the real backend.
     let reps = if mode == Mode::Ebpf { 101 } else { 7 };
-    println!("bench lb [{name}]: changing one service with 10,000 present ({reps} times)");
+    println!("bench lb [{name}]: changing one service with {top} present ({reps} times)");
     let mut samples = Vec::new();
     for i in 0..reps {
         let spec = if i % 2 == 0 { &probe_real } else { &probe_ten };
@@ -357,15 +379,15 @@ fn bench_mode(mode: Mode, iptables_backend: IptablesBackend) -> Result<ModeFigur
     let update_p99 = quantile(&mut samples, 0.99);
 
     println!(
-        "bench lb [{name}]: 10,000 services: measuring direct and VIP to the last one inserted"
+        "bench lb [{name}]: {top} services: measuring direct and VIP to the last one inserted"
     );
     let (d, v) = measure_pair(&node, direct, probe)?;
-    sizes.push((10_000, d, v));
+    sizes.push((top, d, v));
     drop(dp);
 
-    println!("bench lb [{name}]: the agent programming 10,000 services x 10 backends of its own");
+    println!("bench lb [{name}]: the agent programming {top} services x 10 backends of its own");
     // The agent's own set, at other VIPs: with eBPF the library's entries stay beside it.
-    let agent_specs: Vec<ServiceSpec> = services(9_999, probe_ip, real)
+    let agent_specs: Vec<ServiceSpec> = services(top - 1, probe_ip, real)
         .into_iter()
         .map(|mut s| {
             if let std::net::IpAddr::V4(ip) = s.frontend.ip {
@@ -375,13 +397,8 @@ fn bench_mode(mode: Mode, iptables_backend: IptablesBackend) -> Result<ModeFigur
             s
         })
         .collect();
-    if mode == Mode::Iptables {
-        node.start_agent(&[
-            "--datapath",
-            name,
-            "--iptables-backend",
-            iptables_backend.name(),
-        ])?;
+    if mode != Mode::Ebpf {
+        node.start_agent(&mode.agent_args())?;
     }
     node.replace_services(agent_specs)?;
     let pid = node.agent.as_ref().map(|a| a.pid()).context("no agent")?;
@@ -389,6 +406,8 @@ fn bench_mode(mode: Mode, iptables_backend: IptablesBackend) -> Result<ModeFigur
     node.stop_agent()?;
 
     Ok(ModeFigures {
+        mode,
+        top,
         sizes,
         program_seconds,
         update_median,
