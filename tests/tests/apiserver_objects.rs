@@ -163,6 +163,130 @@ fn services_get_cluster_ips_and_node_ports_from_their_ranges() {
     assert!(table.contains("80:30080/TCP"), "{table}");
 }
 
+/// Dual-stack Services as Kubernetes has them: one range per family, `ipFamilyPolicy` and
+/// `ipFamilies` defaulted and checked, a cluster IP per family allocated and given back.
+#[test]
+fn dual_stack_services_get_an_address_per_family() {
+    let etcd = Etcd::start().unwrap();
+    let server = ApiServer::start_with(
+        &etcd,
+        &[
+            "--service-cluster-ip-range",
+            "10.96.0.0/12,fd00:10:96::/112",
+        ],
+    )
+    .unwrap();
+    let (_, kubernetes) = server.get(&format!("{SVCS}/kubernetes")).unwrap();
+    assert_eq!(kubernetes["spec"]["ipFamilies"], json!(["IPv4"]));
+
+    let ports = json!([{"port": 80}]);
+    let (code, single) = server
+        .post(SVCS, &service("single", json!({"ports": ports})))
+        .unwrap();
+    assert_eq!(code, 201, "{single}");
+    assert_eq!(single["spec"]["ipFamilyPolicy"], "SingleStack");
+    assert_eq!(single["spec"]["ipFamilies"], json!(["IPv4"]));
+
+    let (code, dual) = server
+        .post(
+            SVCS,
+            &service(
+                "dual",
+                json!({"ipFamilyPolicy": "PreferDualStack", "ports": ports}),
+            ),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{dual}");
+    assert_eq!(dual["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+    let ips = dual["spec"]["clusterIPs"].as_array().unwrap();
+    assert_eq!(ips.len(), 2, "{dual}");
+    let v6: std::net::Ipv6Addr = ips[1].as_str().unwrap().parse().unwrap();
+    assert_eq!(v6.segments()[..3], [0xfd00, 0x10, 0x96], "{v6}");
+    assert_eq!(dual["spec"]["clusterIP"], ips[0]);
+
+    // An IPv6 address asked for by value, IPv6 first.
+    let (code, six) = server
+        .post(
+            SVCS,
+            &service(
+                "six",
+                json!({"clusterIPs": ["fd00:10:96::10"], "ports": ports}),
+            ),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{six}");
+    assert_eq!(six["spec"]["ipFamilies"], json!(["IPv6"]));
+    assert_eq!(six["spec"]["clusterIP"], "fd00:10:96::10");
+    let kubectl = server
+        .kubectl_ok(&["get", "service", "six", "--no-headers"])
+        .unwrap();
+    assert!(kubectl.contains("fd00:10:96::10"), "{kubectl}");
+
+    // Downgrading to SingleStack gives the IPv6 address back: another service can take it.
+    let secondary = ips[1].as_str().unwrap().to_string();
+    let (code, down) = server
+        .merge_patch(
+            &format!("{SVCS}/dual"),
+            &json!({"spec": {"ipFamilyPolicy": "SingleStack"}}),
+        )
+        .unwrap();
+    assert_eq!(code, 200, "{down}");
+    assert_eq!(down["spec"]["clusterIPs"], json!([ips[0]]));
+    let (code, taken) = server
+        .post(
+            SVCS,
+            &service("taker", json!({"clusterIPs": [secondary], "ports": ports})),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{taken}");
+
+    // Refused as kube-apiserver refuses them.
+    for (spec, field) in [
+        (
+            json!({"ipFamilies": ["IPv4", "IPv4"], "ports": ports}),
+            "spec.ipFamilies[1]",
+        ),
+        (
+            json!({"ipFamilyPolicy": "SingleStack", "ipFamilies": ["IPv4", "IPv6"], "ports": ports}),
+            "spec.ipFamilyPolicy",
+        ),
+        (
+            json!({"clusterIP": "fd00:99::1", "ports": ports}),
+            "spec.clusterIPs",
+        ),
+    ] {
+        let (code, status) = server.post(SVCS, &service("bad", spec.clone())).unwrap();
+        assert_eq!(code, 422, "{spec}: {status}");
+        assert_eq!(status["details"]["causes"][0]["field"], field, "{status}");
+    }
+
+    // On a single-stack cluster, a valid IPv6 address is an unconfigured family, not a bad one.
+    let v4_only = ApiServer::start(&etcd).unwrap();
+    let (code, status) = v4_only
+        .post(
+            SVCS,
+            &service("v6", json!({"clusterIP": "1234:abcd::1", "ports": ports})),
+        )
+        .unwrap();
+    assert_eq!(code, 422, "{status}");
+    let message = status["message"].as_str().unwrap();
+    assert!(
+        message.contains("not configured on this cluster"),
+        "{message}"
+    );
+    assert!(!message.contains("must be a valid IP address"), "{message}");
+    let (code, status) = v4_only
+        .post(
+            SVCS,
+            &service(
+                "req",
+                json!({"ipFamilyPolicy": "RequireDualStack", "ports": ports}),
+            ),
+        )
+        .unwrap();
+    assert_eq!(code, 422, "{status}");
+}
+
 /// Creates services concurrently on both servers; returns the created ones and the failures.
 fn create_concurrently(
     servers: &[Arc<ApiServer>],

@@ -1,9 +1,14 @@
-//! Service ClusterIP and NodePort allocation. Each allocated address or port is a key in etcd
+//! Service ClusterIP and NodePort allocation, for one range per IP family (dual-stack as
+//! kube-apiserver has it: `ipFamilyPolicy` and `ipFamilies` defaulted and checked here, where the
+//! cluster's ranges are known, and one cluster IP per family). Each allocated address or port is a key in etcd
 //! (`/registry/seine/serviceips/<ip>`, `/registry/seine/nodeports/<port>`, holding the owning
 //! service) claimed in the same transaction that writes the Service: two API servers on one etcd
 //! can race for the same address, and exactly one transaction wins.
 
-use std::{net::Ipv4Addr, ops::RangeInclusive};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::RangeInclusive,
+};
 
 use rand::Rng as _;
 use serde_json::{json, Value};
@@ -17,60 +22,184 @@ const PORT_PREFIX: &str = "/registry/seine/nodeports/";
 /// Random picks before falling back to reading which values are free.
 const RANDOM_TRIES: usize = 4;
 
+/// An IP family, by the names Services use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "IPv4" => Some(Family::V4),
+            "IPv6" => Some(Family::V6),
+            _ => None,
+        }
+    }
+
+    fn bits(self) -> u32 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+}
+
+/// One service range (`10.96.0.0/12`, `fd00:10:96::/112`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpRange {
+    pub family: Family,
+    network: u128,
+    prefix_len: u32,
+}
+
+impl IpRange {
+    fn parse(cidr: &str) -> Result<Self, String> {
+        let (addr, len) = cidr
+            .split_once('/')
+            .ok_or_else(|| format!("{cidr:?} is not a CIDR (address/length)"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{cidr:?}: {addr:?} is not an IP address"))?;
+        let family = Family::of(addr);
+        // As kube-apiserver: IPv4 from /8 (more is wasteful) to /30, IPv6 at least /108 (at
+        // most 2^20 addresses, which the allocator can list when it must).
+        let allowed = match family {
+            Family::V4 => 8..=30,
+            Family::V6 => 108..=126,
+        };
+        let prefix_len: u32 = len
+            .parse()
+            .ok()
+            .filter(|l| allowed.contains(l))
+            .ok_or_else(|| {
+                format!(
+                    "{cidr:?}: the prefix length must be between {} and {}",
+                    allowed.start(),
+                    allowed.end()
+                )
+            })?;
+        let host_bits = family.bits() - prefix_len;
+        Ok(IpRange {
+            family,
+            network: (to_u128(addr) >> host_bits) << host_bits,
+            prefix_len,
+        })
+    }
+
+    fn host_bits(&self) -> u32 {
+        self.family.bits() - self.prefix_len
+    }
+
+    fn address(&self, value: u128) -> IpAddr {
+        match self.family {
+            Family::V4 => IpAddr::V4(Ipv4Addr::from(value as u32)),
+            Family::V6 => IpAddr::V6(Ipv6Addr::from(value)),
+        }
+    }
+
+    /// Addresses services can be given: the range without its network, first and last
+    /// addresses.
+    fn usable(&self) -> RangeInclusive<u128> {
+        self.network + 2..=self.network + (1u128 << self.host_bits()) - 2
+    }
+
+    fn contains_ip(&self, ip: IpAddr) -> bool {
+        let value = to_u128(ip);
+        Family::of(ip) == self.family
+            && value > self.network
+            && value < self.network + (1u128 << self.host_bits()) - 1
+    }
+}
+
+impl std::fmt::Display for IpRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address(self.network), self.prefix_len)
+    }
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServiceRanges {
-    network: u32,
-    prefix_len: u8,
+    /// One per family; the first is the primary (the `kubernetes` service's family).
+    pub ranges: Vec<IpRange>,
     pub node_ports: RangeInclusive<u16>,
 }
 
 impl ServiceRanges {
-    /// From `--service-cluster-ip-range` (an IPv4 CIDR) and `--service-node-port-range` (a-b).
-    pub fn parse(cidr: &str, node_ports: &str) -> Result<Self, String> {
-        let (addr, len) = cidr
-            .split_once('/')
-            .ok_or_else(|| format!("{cidr:?} is not a CIDR (address/length)"))?;
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{cidr:?}: only IPv4 service ranges are supported"))?;
-        let prefix_len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| (8..=30).contains(l))
-            .ok_or_else(|| format!("{cidr:?}: the prefix length must be between 8 and 30"))?;
-        let mask = u32::MAX << (32 - prefix_len);
+    /// From `--service-cluster-ip-range` (one CIDR, or one per family separated by a comma) and
+    /// `--service-node-port-range` (a-b).
+    pub fn parse(cidrs: &str, node_ports: &str) -> Result<Self, String> {
+        let ranges = cidrs
+            .split(',')
+            .map(|c| IpRange::parse(c.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        match ranges.as_slice() {
+            [_] => {}
+            [a, b] if a.family != b.family => {}
+            _ => {
+                return Err(format!(
+                    "{cidrs:?}: one range, or two of different families (dual-stack)"
+                ))
+            }
+        }
         let (low, high) = node_ports
             .split_once('-')
             .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
             .filter(|(a, b)| a <= b && *a > 0)
             .ok_or_else(|| format!("{node_ports:?} is not a port range (low-high)"))?;
         Ok(ServiceRanges {
-            network: u32::from(addr) & mask,
-            prefix_len,
+            ranges,
             node_ports: low..=high,
         })
     }
 
     pub fn cidr(&self) -> String {
-        format!("{}/{}", Ipv4Addr::from(self.network), self.prefix_len)
+        self.ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    /// The first address, which the `default/kubernetes` service holds.
-    pub fn kubernetes_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.network + 1)
+    pub fn primary(&self) -> &IpRange {
+        &self.ranges[0]
     }
 
-    /// Addresses services can be given: the range without its network, first and broadcast
-    /// addresses.
-    fn usable(&self) -> RangeInclusive<u32> {
-        let size = 1u32 << (32 - self.prefix_len);
-        self.network + 2..=self.network + size - 2
+    fn range(&self, family: Family) -> Option<&IpRange> {
+        self.ranges.iter().find(|r| r.family == family)
     }
 
-    fn contains(&self, ip: Ipv4Addr) -> bool {
-        let size = 1u64 << (32 - self.prefix_len);
-        let ip = u64::from(u32::from(ip));
-        ip > u64::from(self.network) && ip < u64::from(self.network) + size - 1
+    fn dual_stack(&self) -> bool {
+        self.ranges.len() == 2
+    }
+
+    /// The first address of the primary range, which the `default/kubernetes` service holds.
+    pub fn kubernetes_ip(&self) -> IpAddr {
+        let primary = self.primary();
+        primary.address(primary.network + 1)
     }
 }
 
@@ -104,11 +233,10 @@ fn wants_node_ports(spec: &Value) -> bool {
 pub fn held_keys(service: &Value) -> Vec<String> {
     let spec = &service["spec"];
     let mut keys = Vec::new();
-    if let Some(ip) = spec["clusterIP"]
-        .as_str()
-        .filter(|ip| ip.parse::<Ipv4Addr>().is_ok())
-    {
-        keys.push(ip_key(ip));
+    for ip in cluster_ips(spec) {
+        if ip.parse::<IpAddr>().is_ok() && !keys.contains(&ip_key(&ip)) {
+            keys.push(ip_key(&ip));
+        }
     }
     for p in spec["ports"].as_array().into_iter().flatten() {
         if let Some(port) = p["nodePort"].as_i64().filter(|p| *p > 0) {
@@ -118,6 +246,166 @@ pub fn held_keys(service: &Value) -> Vec<String> {
         }
     }
     keys
+}
+
+/// The cluster IPs a spec holds or asks for: `clusterIPs`, else `clusterIP`.
+fn cluster_ips(spec: &Value) -> Vec<String> {
+    let listed: Vec<String> = spec["clusterIPs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    if !listed.is_empty() {
+        return listed;
+    }
+    spec["clusterIP"]
+        .as_str()
+        .filter(|ip| !ip.is_empty())
+        .map(|ip| vec![ip.to_string()])
+        .unwrap_or_default()
+}
+
+type Causes = Vec<(String, String)>;
+
+/// `ipFamilyPolicy` and `ipFamilies` as kube-apiserver defaults and checks them against the
+/// cluster's ranges (and, on update, the stored service): the families to give addresses in.
+fn families(
+    ranges: &ServiceRanges,
+    spec: &mut Value,
+    current: Option<&Value>,
+    ips: &[String],
+) -> Result<Vec<Family>, Causes> {
+    let mut causes = Causes::new();
+    let mut given = Vec::new();
+    let listed = spec["ipFamilies"].as_array().cloned().unwrap_or_default();
+    if listed.len() > 2 {
+        causes.push((
+            "spec.ipFamilies".into(),
+            format!("Too many: {}: must have at most 2 items", listed.len()),
+        ));
+    }
+    for (i, f) in listed.iter().enumerate() {
+        match f.as_str().and_then(Family::from_name) {
+            Some(family) if given.contains(&family) => causes.push((
+                format!("spec.ipFamilies[{i}]"),
+                format!("Duplicate value: {f}"),
+            )),
+            Some(family) => given.push(family),
+            None => causes.push((
+                format!("spec.ipFamilies[{i}]"),
+                format!("Unsupported value: {f}: supported values: \"IPv4\", \"IPv6\""),
+            )),
+        }
+    }
+    let mut ip_families = Vec::new();
+    let headless = ips.first().is_some_and(|ip| ip == "None");
+    for (i, ip) in ips.iter().enumerate() {
+        if headless && i == 0 {
+            continue;
+        }
+        match ip.parse::<IpAddr>() {
+            Ok(ip) => ip_families.push(Family::of(ip)),
+            Err(_) => causes.push((
+                format!("spec.clusterIPs[{i}]"),
+                format!("Invalid value: {ip:?}: must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"),
+            )),
+        }
+    }
+    if ip_families.len() == 2 && ip_families[0] == ip_families[1] {
+        causes.push((
+            "spec.clusterIPs".into(),
+            format!("Invalid value: {ips:?}: may specify no more than one IP for each IP family"),
+        ));
+    }
+    for (i, (f, ipf)) in given.iter().zip(&ip_families).enumerate() {
+        if f != ipf {
+            causes.push((
+                format!("spec.ipFamilies[{i}]"),
+                format!(
+                    "Invalid value: {:?}: must match the address family of spec.clusterIPs[{i}] ({:?})",
+                    f.name(),
+                    ips[i]
+                ),
+            ));
+        }
+    }
+    let several = given.len() == 2 || ip_families.len() == 2;
+    let policy = match spec["ipFamilyPolicy"].as_str() {
+        Some(p @ ("SingleStack" | "PreferDualStack" | "RequireDualStack")) => p.to_string(),
+        Some(other) => {
+            causes.push((
+                "spec.ipFamilyPolicy".into(),
+                format!("Unsupported value: {other:?}: supported values: \"PreferDualStack\", \"RequireDualStack\", \"SingleStack\""),
+            ));
+            "SingleStack".into()
+        }
+        None if several => "RequireDualStack".into(),
+        None => "SingleStack".into(),
+    };
+    if policy == "SingleStack" && several {
+        causes.push((
+            "spec.ipFamilyPolicy".into(),
+            "Invalid value: \"SingleStack\": must be RequireDualStack or PreferDualStack when multiple IP families are specified".into(),
+        ));
+    }
+    if policy == "RequireDualStack" && !ranges.dual_stack() {
+        causes.push((
+            "spec.ipFamilyPolicy".into(),
+            "Invalid value: \"RequireDualStack\": this cluster is not configured for dual-stack services".into(),
+        ));
+    }
+    let mut families = if !given.is_empty() {
+        given
+    } else if !ip_families.is_empty() {
+        ip_families
+    } else if let Some(stored) = current
+        .and_then(|c| c["spec"]["ipFamilies"][0].as_str())
+        .and_then(Family::from_name)
+    {
+        vec![stored]
+    } else {
+        vec![ranges.primary().family]
+    };
+    if policy != "SingleStack" && ranges.dual_stack() && families.len() == 1 {
+        let other = ranges
+            .ranges
+            .iter()
+            .map(|r| r.family)
+            .find(|f| *f != families[0]);
+        families.extend(other);
+    }
+    for (i, f) in families.iter().enumerate() {
+        if ranges.range(*f).is_none() {
+            causes.push((
+                format!("spec.ipFamilies[{i}]"),
+                format!(
+                    "Invalid value: {:?}: not configured on this cluster",
+                    f.name()
+                ),
+            ));
+        }
+    }
+    if let Some(stored) = current
+        .and_then(|c| c["spec"]["ipFamilies"][0].as_str())
+        .and_then(Family::from_name)
+    {
+        if families.first() != Some(&stored) {
+            causes.push((
+                "spec.ipFamilies[0]".into(),
+                format!(
+                    "Invalid value: {:?}: may not change once set",
+                    families.first().map_or("", |f| f.name())
+                ),
+            ));
+        }
+    }
+    if !causes.is_empty() {
+        return Err(causes);
+    }
+    spec["ipFamilyPolicy"] = policy.into();
+    spec["ipFamilies"] = families.iter().map(|f| f.name()).collect::<Vec<_>>().into();
+    Ok(families)
 }
 
 /// What one attempt at writing a service claims: the values the client asked for, and random or
@@ -143,56 +431,72 @@ async fn plan(
     let who = owner(&service);
     let spec = &mut service["spec"];
 
-    if needs_cluster_ip(spec) {
-        let given = spec["clusterIP"].as_str().unwrap_or_default().to_string();
-        if given.is_empty() {
-            let used = if attempt >= RANDOM_TRIES {
-                Some(storage.keys(IP_PREFIX).await?)
-            } else {
-                None
-            };
-            let ip = pick_ip(ranges, used.as_deref()).ok_or_else(|| {
-                ApiError::internal(format!(
-                    "failed to allocate a serviceIP: range is full ({})",
-                    ranges.cidr()
-                ))
-            })?;
-            claims.claim.push((ip_key(&ip.to_string()), who.clone()));
-            spec["clusterIP"] = ip.to_string().into();
-        } else if !held.contains(&ip_key(&given)) {
-            let ip: Ipv4Addr = given.parse().map_err(|_| {
-                ApiError::invalid(
-                    "Service",
-                    service_name(&who),
-                    vec![(
-                        "spec.clusterIPs[0]".into(),
-                        format!("Invalid value: {given:?}: must be a valid IP address"),
-                    )],
-                )
-            })?;
-            if !ranges.contains(ip) {
-                return Err(ApiError::invalid(
-                    "Service",
-                    service_name(&who),
-                    vec![(
-                        "spec.clusterIPs".into(),
-                        format!(
-                            "Invalid value: [{given:?}]: failed to allocate IP {given}: the provided IP ({given}) is not in the valid range. The range of valid IPs is {}",
-                            ranges.cidr()
-                        ),
-                    )],
-                ));
+    let mut keep: Vec<String> = Vec::new();
+    if needs_cluster_ip(spec) || spec["clusterIP"] == "None" {
+        // A service updated to SingleStack keeps its primary family and address only.
+        if current.is_some() && spec["ipFamilyPolicy"] == "SingleStack" {
+            for field in ["ipFamilies", "clusterIPs"] {
+                if let Some(list) = spec[field].as_array_mut() {
+                    list.truncate(1);
+                }
             }
-            claims.claim.push((ip_key(&given), who.clone()));
-            requested.push((ip_key(&given), format!("spec.clusterIPs: Invalid value: [{given:?}]: failed to allocate IP {given}: provided IP is already allocated")));
         }
-        spec["clusterIPs"] = json!([spec["clusterIP"].clone()]);
+        let ips = cluster_ips(spec);
+        let families = families(ranges, spec, current, &ips)
+            .map_err(|causes| ApiError::invalid("Service", service_name(&who), causes))?;
+        if spec["clusterIP"] == "None" {
+            spec["clusterIPs"] = json!(["None"]);
+        } else {
+            let mut assigned = Vec::new();
+            for (i, family) in families.iter().enumerate() {
+                let range = ranges.range(*family).ok_or_else(|| {
+                    ApiError::internal(format!("no {} service range", family.name()))
+                })?;
+                let ip = match ips.get(i) {
+                    Some(given) if held.contains(&ip_key(given)) => given.clone(),
+                    Some(given) => {
+                        let ip: IpAddr = given.parse().map_err(|_| {
+                            ApiError::internal(format!("{given:?} was checked as an address"))
+                        })?;
+                        if !range.contains_ip(ip) {
+                            return Err(ApiError::invalid(
+                                "Service",
+                                service_name(&who),
+                                vec![(
+                                    "spec.clusterIPs".into(),
+                                    format!(
+                                        "Invalid value: [{given:?}]: failed to allocate IP {given}: the provided IP ({given}) is not in the valid range. The range of valid IPs is {range}"
+                                    ),
+                                )],
+                            ));
+                        }
+                        claims.claim.push((ip_key(given), who.clone()));
+                        requested.push((ip_key(given), format!("spec.clusterIPs: Invalid value: [{given:?}]: failed to allocate IP {given}: provided IP is already allocated")));
+                        given.clone()
+                    }
+                    None => {
+                        let used = if attempt >= RANDOM_TRIES {
+                            Some(storage.keys(IP_PREFIX).await?)
+                        } else {
+                            None
+                        };
+                        let ip = pick_ip(range, used.as_deref()).ok_or_else(|| {
+                            ApiError::internal(format!(
+                                "failed to allocate a serviceIP: range is full ({range})"
+                            ))
+                        })?;
+                        claims.claim.push((ip_key(&ip.to_string()), who.clone()));
+                        ip.to_string()
+                    }
+                };
+                keep.push(ip_key(&ip));
+                assigned.push(ip);
+            }
+            spec["clusterIP"] = assigned[0].clone().into();
+            spec["clusterIPs"] = json!(assigned);
+        }
     }
 
-    let mut keep: Vec<String> = Vec::new();
-    if let Some(ip) = spec["clusterIP"].as_str() {
-        keep.push(ip_key(ip));
-    }
     if wants_node_ports(spec) {
         let mut used = if attempt >= RANDOM_TRIES {
             Some(storage.keys(PORT_PREFIX).await?)
@@ -269,20 +573,22 @@ fn service_name(owner: &str) -> &str {
     owner.rsplit('/').next().unwrap_or(owner)
 }
 
-fn pick_ip(ranges: &ServiceRanges, used: Option<&[String]>) -> Option<Ipv4Addr> {
-    let usable = ranges.usable();
+/// A random free address of `range`; with `used` (after random picks collided), one of the
+/// free addresses listed.
+fn pick_ip(range: &IpRange, used: Option<&[String]>) -> Option<IpAddr> {
+    let usable = range.usable();
     let mut rng = rand::rng();
     match used {
-        None => Some(Ipv4Addr::from(rng.random_range(usable))),
+        None => Some(range.address(rng.random_range(usable))),
         Some(used) => {
             let taken: std::collections::HashSet<&str> = used
                 .iter()
                 .filter_map(|k| k.strip_prefix(IP_PREFIX))
                 .collect();
-            let free: Vec<u32> = usable
-                .filter(|ip| !taken.contains(Ipv4Addr::from(*ip).to_string().as_str()))
+            let free: Vec<u128> = usable
+                .filter(|ip| !taken.contains(range.address(*ip).to_string().as_str()))
                 .collect();
-            (!free.is_empty()).then(|| Ipv4Addr::from(free[rng.random_range(0..free.len())]))
+            (!free.is_empty()).then(|| range.address(free[rng.random_range(0..free.len())]))
         }
     }
 }
@@ -366,17 +672,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ranges_parse_and_reserve_the_first_address() {
+    fn ranges_parse_one_per_family_and_reserve_the_first_address() {
         let r = ServiceRanges::parse("10.96.0.0/12", "30000-32767").unwrap();
-        assert_eq!(r.kubernetes_ip(), Ipv4Addr::new(10, 96, 0, 1));
-        assert_eq!(*r.usable().start(), u32::from(Ipv4Addr::new(10, 96, 0, 2)));
-        assert_eq!(
-            *r.usable().end(),
-            u32::from(Ipv4Addr::new(10, 111, 255, 254))
-        );
-        assert!(r.contains(Ipv4Addr::new(10, 100, 0, 1)));
-        assert!(!r.contains(Ipv4Addr::new(10, 112, 0, 1)));
-        assert!(ServiceRanges::parse("fd00::/108", "30000-32767").is_err());
+        let v4 = r.primary();
+        assert_eq!(r.kubernetes_ip(), "10.96.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(v4.address(*v4.usable().start()).to_string(), "10.96.0.2");
+        assert_eq!(v4.address(*v4.usable().end()).to_string(), "10.111.255.254");
+        assert!(v4.contains_ip("10.100.0.1".parse().unwrap()));
+        assert!(!v4.contains_ip("10.112.0.1".parse().unwrap()));
+        let dual = ServiceRanges::parse("10.96.0.0/12,fd00:10:96::/112", "30000-32767").unwrap();
+        assert_eq!(dual.cidr(), "10.96.0.0/12,fd00:10:96::/112");
+        let v6 = dual.range(Family::V6).unwrap();
+        assert!(v6.contains_ip("fd00:10:96::a".parse().unwrap()));
+        assert!(!v6.contains_ip("10.96.0.10".parse().unwrap()));
+        let v6_first = ServiceRanges::parse("1234:abcd::/112", "30000-32767").unwrap();
+        assert_eq!(v6_first.kubernetes_ip().to_string(), "1234:abcd::1");
+        for bad in ["fd00::/64", "10.0.0.0/24,10.1.0.0/24", "a,b,c", "10.0.0.0"] {
+            assert!(ServiceRanges::parse(bad, "30000-32767").is_err(), "{bad}");
+        }
         assert!(ServiceRanges::parse("10.0.0.0/24", "5-1").is_err());
     }
 
@@ -385,11 +698,118 @@ mod tests {
         let r = ServiceRanges::parse("10.0.0.0/30", "30000-30000").unwrap();
         // /30: .0 network, .1 kubernetes, .2 usable, .3 broadcast.
         let used = vec![ip_key("10.0.0.2")];
-        assert_eq!(pick_ip(&r, Some(&used)), None);
-        assert_eq!(pick_ip(&r, Some(&[])), Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(pick_ip(r.primary(), Some(&used)), None);
+        assert_eq!(
+            pick_ip(r.primary(), Some(&[])),
+            Some("10.0.0.2".parse().unwrap())
+        );
         assert_eq!(
             pick_port(&r, Some(&[port_key(30000)]), &Claims::default()),
             None
         );
+    }
+
+    fn families_of(cidrs: &str, spec: Value) -> Result<(Vec<&'static str>, Value), Causes> {
+        let ranges = ServiceRanges::parse(cidrs, "30000-32767").unwrap();
+        let mut spec = spec;
+        let ips = cluster_ips(&spec);
+        let f = families(&ranges, &mut spec, None, &ips)?;
+        Ok((f.iter().map(|f| f.name()).collect(), spec))
+    }
+
+    #[test]
+    fn ip_families_are_defaulted_and_checked_as_kube_apiserver_does() {
+        let dual = "10.96.0.0/12,fd00:10:96::/112";
+        let single = "10.96.0.0/12";
+        // Defaults: the primary family, single stack.
+        let (f, spec) = families_of(dual, json!({})).unwrap();
+        assert_eq!(f, ["IPv4"]);
+        assert_eq!(spec["ipFamilyPolicy"], "SingleStack");
+        // PreferDualStack gets both on a dual-stack cluster, one on a single-stack one.
+        assert_eq!(
+            families_of(dual, json!({"ipFamilyPolicy": "PreferDualStack"}))
+                .unwrap()
+                .0,
+            ["IPv4", "IPv6"]
+        );
+        assert_eq!(
+            families_of(single, json!({"ipFamilyPolicy": "PreferDualStack"}))
+                .unwrap()
+                .0,
+            ["IPv4"]
+        );
+        let (f, spec) = families_of(dual, json!({"ipFamilies": ["IPv6", "IPv4"]})).unwrap();
+        assert_eq!(f, ["IPv6", "IPv4"]);
+        assert_eq!(spec["ipFamilyPolicy"], "RequireDualStack");
+        assert_eq!(
+            families_of(dual, json!({"clusterIPs": ["fd00:10:96::a"]}))
+                .unwrap()
+                .0,
+            ["IPv6"]
+        );
+        // Refused, with kube-apiserver's fields and words.
+        let cases = [
+            (
+                single,
+                json!({"ipFamilyPolicy": "RequireDualStack"}),
+                "spec.ipFamilyPolicy",
+                "not configured for dual-stack",
+            ),
+            (
+                single,
+                json!({"ipFamilies": ["IPv6"]}),
+                "spec.ipFamilies[0]",
+                "not configured on this cluster",
+            ),
+            (
+                dual,
+                json!({"ipFamilyPolicy": "SingleStack", "ipFamilies": ["IPv4", "IPv6"]}),
+                "spec.ipFamilyPolicy",
+                "must be RequireDualStack or PreferDualStack",
+            ),
+            (
+                dual,
+                json!({"ipFamilies": ["IPv4", "IPv4"]}),
+                "spec.ipFamilies[1]",
+                "Duplicate value",
+            ),
+            (
+                dual,
+                json!({"ipFamilies": ["IPv5"]}),
+                "spec.ipFamilies[0]",
+                "Unsupported value",
+            ),
+            (
+                dual,
+                json!({"ipFamilyPolicy": "Sometimes"}),
+                "spec.ipFamilyPolicy",
+                "Unsupported value",
+            ),
+            (
+                dual,
+                json!({"clusterIPs": ["10.96.0.5", "10.96.0.6"]}),
+                "spec.clusterIPs",
+                "no more than one IP for each IP family",
+            ),
+            (
+                dual,
+                json!({"clusterIP": "10.96.0.300"}),
+                "spec.clusterIPs[0]",
+                "must be a valid IP address",
+            ),
+            (
+                dual,
+                json!({"clusterIPs": ["10.96.0.5"], "ipFamilies": ["IPv6"]}),
+                "spec.ipFamilies[0]",
+                "must match the address family",
+            ),
+        ];
+        for (cidrs, spec, field, words) in cases {
+            let causes = families_of(cidrs, spec.clone()).unwrap_err();
+            assert!(
+                causes.iter().any(|(f, m)| f == field && m.contains(words)),
+                "{spec}: {causes:?}"
+            );
+        }
     }
 }

@@ -296,8 +296,7 @@ fn default_service_spec(spec: &mut Value) {
     let external_name = spec["type"] == "ExternalName";
     if !external_name {
         set_default(spec, "internalTrafficPolicy", "Cluster".into());
-        set_default(spec, "ipFamilies", json!(["IPv4"]));
-        set_default(spec, "ipFamilyPolicy", "SingleStack".into());
+        // ipFamilies and ipFamilyPolicy depend on the cluster's ranges: the allocator sets them.
     }
     if matches!(spec["type"].as_str(), Some("NodePort" | "LoadBalancer")) {
         set_default(spec, "externalTrafficPolicy", "Cluster".into());
@@ -537,7 +536,7 @@ pub fn prepare_update(
             if !spec.is_object() {
                 *spec = json!({});
             }
-            for field in ["clusterIP", "clusterIPs"] {
+            for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
                 if spec.get(field).is_none_or(Value::is_null)
                     || spec[field] == "" && current["spec"][field] != ""
                 {
