@@ -287,6 +287,119 @@ fn dual_stack_services_get_an_address_per_family() {
     assert_eq!(code, 422, "{status}");
 }
 
+/// The ServiceCIDR API (networking.k8s.io/v1): the default range from the flag, ranges added at
+/// run time when it is full, and an IPAddress object recording every cluster IP (one made by hand
+/// reserves its address).
+#[test]
+fn service_cidrs_add_ranges_at_run_time_and_ip_addresses_record_cluster_ips() {
+    let etcd = Etcd::start().unwrap();
+    // A /30 has one address besides the kubernetes service's.
+    let server =
+        ApiServer::start_with(&etcd, &["--service-cluster-ip-range", "10.96.0.0/30"]).unwrap();
+    const CIDRS: &str = "/apis/networking.k8s.io/v1/servicecidrs";
+    const ADDRESSES: &str = "/apis/networking.k8s.io/v1/ipaddresses";
+    let (code, default) = server.get(&format!("{CIDRS}/kubernetes")).unwrap();
+    assert_eq!(code, 200, "{default}");
+    assert_eq!(default["spec"]["cidrs"], json!(["10.96.0.0/30"]));
+    assert_eq!(default["status"]["conditions"][0]["type"], "Ready");
+    let (_, kubernetes_ip) = server.get(&format!("{ADDRESSES}/10.96.0.1")).unwrap();
+    assert_eq!(
+        kubernetes_ip["spec"]["parentRef"],
+        json!({"group": "", "resource": "services", "namespace": "default", "name": "kubernetes"})
+    );
+
+    let ports = json!([{"port": 80}]);
+    let (code, a) = server
+        .post(SVCS, &service("a", json!({"ports": ports})))
+        .unwrap();
+    assert_eq!(code, 201, "{a}");
+    assert_eq!(a["spec"]["clusterIP"], "10.96.0.2");
+    let (code, full) = server
+        .post(SVCS, &service("b", json!({"ports": ports})))
+        .unwrap();
+    assert_ne!(code, 201, "{full}");
+    assert!(
+        full["message"].as_str().unwrap().contains("range is full"),
+        "{full}"
+    );
+
+    // A range added at run time takes the next services.
+    let (code, extra) = server
+        .post(
+            CIDRS,
+            &json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                    "metadata": {"name": "extra"}, "spec": {"cidrs": ["10.100.0.0/24"]}}),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{extra}");
+    let (code, b) = server
+        .post(SVCS, &service("b", json!({"ports": ports})))
+        .unwrap();
+    assert_eq!(code, 201, "{b}");
+    let ip = b["spec"]["clusterIP"].as_str().unwrap().to_string();
+    assert!(in_range(&ip, Ipv4Addr::new(10, 100, 0, 0), 24), "{ip}");
+    let listed = server
+        .kubectl_ok(&["get", "ipaddresses", "-o", "name"])
+        .unwrap();
+    for want in ["10.96.0.1", "10.96.0.2", ip.as_str()] {
+        assert!(
+            listed.contains(&format!("ipaddress.networking.k8s.io/{want}")),
+            "{listed}"
+        );
+    }
+
+    // An IPAddress made by hand reserves its address; deleting a service frees its own.
+    let (code, held) = server
+        .post(
+            ADDRESSES,
+            &json!({"apiVersion": "networking.k8s.io/v1", "kind": "IPAddress",
+                    "metadata": {"name": "10.100.0.50"},
+                    "spec": {"parentRef": {"resource": "services", "namespace": "default", "name": "elsewhere"}}}),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{held}");
+    let (code, status) = server
+        .post(
+            SVCS,
+            &service("c", json!({"clusterIP": "10.100.0.50", "ports": ports})),
+        )
+        .unwrap();
+    assert_eq!(code, 422, "{status}");
+    server.delete(&format!("{SVCS}/a"), None).unwrap();
+    let (code, _) = server.get(&format!("{ADDRESSES}/10.96.0.2")).unwrap();
+    assert_eq!(code, 404, "the deleted service's IPAddress is gone");
+
+    // Refused: two ranges of one family, a changed range, a name that is not an address.
+    for (body, field) in [
+        (
+            json!({"metadata": {"name": "two"}, "spec": {"cidrs": ["10.1.0.0/24", "10.2.0.0/24"]}}),
+            "spec.cidrs",
+        ),
+        (
+            json!({"metadata": {"name": "bad"}, "spec": {"cidrs": ["10.1.0.0"]}}),
+            "spec.cidrs[0]",
+        ),
+    ] {
+        let (code, status) = server.post(CIDRS, &body).unwrap();
+        assert_eq!(code, 422, "{status}");
+        assert_eq!(status["details"]["causes"][0]["field"], field, "{status}");
+    }
+    let (code, status) = server
+        .merge_patch(
+            &format!("{CIDRS}/extra"),
+            &json!({"spec": {"cidrs": ["10.101.0.0/24"]}}),
+        )
+        .unwrap();
+    assert_eq!(code, 422, "{status}");
+    let (code, status) = server
+        .post(
+            ADDRESSES,
+            &json!({"metadata": {"name": "not-an-ip"}, "spec": {"parentRef": {"resource": "services", "name": "x"}}}),
+        )
+        .unwrap();
+    assert_eq!(code, 422, "{status}");
+}
+
 /// Creates services concurrently on both servers; returns the created ones and the failures.
 fn create_concurrently(
     servers: &[Arc<ApiServer>],

@@ -1,9 +1,11 @@
 //! Service ClusterIP and NodePort allocation, for one range per IP family (dual-stack as
 //! kube-apiserver has it: `ipFamilyPolicy` and `ipFamilies` defaulted and checked here, where the
-//! cluster's ranges are known, and one cluster IP per family). Each allocated address or port is a key in etcd
-//! (`/registry/seine/serviceips/<ip>`, `/registry/seine/nodeports/<port>`, holding the owning
-//! service) claimed in the same transaction that writes the Service: two API servers on one etcd
-//! can race for the same address, and exactly one transaction wins.
+//! cluster's ranges are known, and one cluster IP per family). Each allocated address is an
+//! IPAddress object (networking.k8s.io/v1, named by the address, its parentRef the Service) and
+//! each node port a key (`/registry/seine/nodeports/<port>`), created in the same transaction that
+//! writes the Service: two API servers on one etcd can race for the same address, and exactly one
+//! transaction wins. Addresses come from the ranges of `--service-cluster-ip-range` and of the
+//! ServiceCIDR objects added at run time; an IPAddress made by hand reserves its address.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -16,7 +18,8 @@ use serde_json::{json, Value};
 use super::status::ApiError;
 use crate::storage::{Claims, ObjectKey, Storage, StorageError};
 
-const IP_PREFIX: &str = "/registry/seine/serviceips/";
+const IP_PREFIX: &str = "/registry/ipaddresses/";
+const SERVICE_CIDR_PREFIX: &str = "/registry/servicecidrs/";
 const PORT_PREFIX: &str = "/registry/seine/nodeports/";
 
 /// Random picks before falling back to reading which values are free.
@@ -70,7 +73,7 @@ pub struct IpRange {
 }
 
 impl IpRange {
-    fn parse(cidr: &str) -> Result<Self, String> {
+    pub fn parse(cidr: &str) -> Result<Self, String> {
         let (addr, len) = cidr
             .split_once('/')
             .ok_or_else(|| format!("{cidr:?} is not a CIDR (address/length)"))?;
@@ -192,6 +195,17 @@ impl ServiceRanges {
         self.ranges.iter().find(|r| r.family == family)
     }
 
+    /// The ranges of `family` to allocate from: the flag's first, then those of ServiceCIDRs.
+    fn ranges_of<'a>(&'a self, extra: &'a [IpRange], family: Family) -> Vec<&'a IpRange> {
+        let mut out: Vec<&IpRange> = Vec::new();
+        for r in self.ranges.iter().chain(extra) {
+            if r.family == family && !out.contains(&r) {
+                out.push(r);
+            }
+        }
+        out
+    }
+
     fn dual_stack(&self) -> bool {
         self.ranges.len() == 2
     }
@@ -209,6 +223,40 @@ pub fn ip_key(ip: &str) -> String {
 
 pub fn port_key(port: i64) -> String {
     format!("{PORT_PREFIX}{port}")
+}
+
+/// The ranges of the ServiceCIDR objects.
+async fn service_cidr_ranges(storage: &Storage) -> Result<Vec<IpRange>, ApiError> {
+    let mut out = Vec::new();
+    for object in storage
+        .list(SERVICE_CIDR_PREFIX, 0, None, None)
+        .await?
+        .items
+    {
+        for cidr in object["spec"]["cidrs"].as_array().into_iter().flatten() {
+            if let Some(range) = cidr.as_str().and_then(|c| IpRange::parse(c).ok()) {
+                out.push(range);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The IPAddress object that records `ip` as the address of the service `owner` (ns/name).
+fn ip_address(ip: &str, owner: &str) -> String {
+    let (namespace, name) = owner.split_once('/').unwrap_or(("", owner));
+    let family = ip
+        .parse::<IpAddr>()
+        .map(Family::of)
+        .map_or("", Family::name);
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "IPAddress",
+           "metadata": {"name": ip, "uid": super::handlers::uid(),
+                        "creationTimestamp": super::handlers::now(),
+                        "labels": {"ipaddress.kubernetes.io/ip-family": family,
+                                   "ipaddress.kubernetes.io/managed-by": "ipallocator.k8s.io"}},
+           "spec": {"parentRef": {"group": "", "resource": "services",
+                                  "namespace": namespace, "name": name}}})
+    .to_string()
 }
 
 fn owner(service: &Value) -> String {
@@ -420,6 +468,7 @@ struct Plan {
 /// Fills in and claims the ClusterIP and NodePorts of `service` (new, or updated from `current`).
 async fn plan(
     ranges: &ServiceRanges,
+    extra: &[IpRange],
     storage: &Storage,
     current: Option<&Value>,
     mut service: Value,
@@ -449,28 +498,31 @@ async fn plan(
         } else {
             let mut assigned = Vec::new();
             for (i, family) in families.iter().enumerate() {
-                let range = ranges.range(*family).ok_or_else(|| {
-                    ApiError::internal(format!("no {} service range", family.name()))
-                })?;
+                let family_ranges = ranges.ranges_of(extra, *family);
                 let ip = match ips.get(i) {
                     Some(given) if held.contains(&ip_key(given)) => given.clone(),
                     Some(given) => {
                         let ip: IpAddr = given.parse().map_err(|_| {
                             ApiError::internal(format!("{given:?} was checked as an address"))
                         })?;
-                        if !range.contains_ip(ip) {
+                        if !family_ranges.iter().any(|r| r.contains_ip(ip)) {
+                            let valid = family_ranges
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(",");
                             return Err(ApiError::invalid(
                                 "Service",
                                 service_name(&who),
                                 vec![(
                                     "spec.clusterIPs".into(),
                                     format!(
-                                        "Invalid value: [{given:?}]: failed to allocate IP {given}: the provided IP ({given}) is not in the valid range. The range of valid IPs is {range}"
+                                        "Invalid value: [{given:?}]: failed to allocate IP {given}: the provided IP ({given}) is not in the valid range. The range of valid IPs is {valid}"
                                     ),
                                 )],
                             ));
                         }
-                        claims.claim.push((ip_key(given), who.clone()));
+                        claims.claim.push((ip_key(given), ip_address(given, &who)));
                         requested.push((ip_key(given), format!("spec.clusterIPs: Invalid value: [{given:?}]: failed to allocate IP {given}: provided IP is already allocated")));
                         given.clone()
                     }
@@ -480,13 +532,25 @@ async fn plan(
                         } else {
                             None
                         };
-                        let ip = pick_ip(range, used.as_deref()).ok_or_else(|| {
-                            ApiError::internal(format!(
-                                "failed to allocate a serviceIP: range is full ({range})"
-                            ))
-                        })?;
-                        claims.claim.push((ip_key(&ip.to_string()), who.clone()));
-                        ip.to_string()
+                        // The flag's range first, a ServiceCIDR's once the earlier ones are full
+                        // (random picks that keep colliding list the free addresses).
+                        let order = &family_ranges;
+                        let ip = order
+                            .iter()
+                            .find_map(|r| pick_ip(r, used.as_deref()))
+                            .ok_or_else(|| {
+                                ApiError::internal(format!(
+                                    "failed to allocate a serviceIP: range is full ({})",
+                                    family_ranges
+                                        .iter()
+                                        .map(ToString::to_string)
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                ))
+                            })?
+                            .to_string();
+                        claims.claim.push((ip_key(&ip), ip_address(&ip, &who)));
+                        ip
                     }
                 };
                 keep.push(ip_key(&ip));
@@ -628,8 +692,9 @@ pub async fn write_service(
     service: Value,
     expected_revision: Option<i64>,
 ) -> Result<Value, ApiError> {
+    let extra = service_cidr_ranges(storage).await?;
     for attempt in 0..RANDOM_TRIES + 28 {
-        let plan = plan(ranges, storage, current, service.clone(), attempt).await?;
+        let plan = plan(ranges, &extra, storage, current, service.clone(), attempt).await?;
         let result = match current {
             None => storage.create_with(key, plan.service, &plan.claims).await,
             Some(_) => {

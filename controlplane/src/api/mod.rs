@@ -99,6 +99,29 @@ pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Res
             Err(e) => return Err(e.into()),
         }
     }
+    // The default ServiceCIDR, from --service-cluster-ip-range, as kube-apiserver makes it.
+    let cidrs: Vec<String> = state
+        .ranges
+        .ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let service_cidr = json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": "kubernetes", "uid": handlers::uid(), "creationTimestamp": handlers::now()},
+        "spec": {"cidrs": cidrs},
+        "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "",
+                                   "message": "Kubernetes Service CIDR is ready",
+                                   "lastTransitionTime": handlers::now()}]}});
+    match storage
+        .create(
+            &ObjectKey::new("servicecidrs", None, "kubernetes"),
+            service_cidr,
+        )
+        .await
+    {
+        Ok(_) | Err(StorageError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
     let ip = state.ranges.kubernetes_ip().to_string();
     let labels = json!({"component": "apiserver", "provider": "kubernetes"});
     let service = json!({"apiVersion": "v1", "kind": "Service",

@@ -89,6 +89,13 @@ pub const RESOURCES: &[Resource] = &[
         subresources: &["status"],
         review: false,
     },
+    // The service ranges (the default "kubernetes" one from --service-cluster-ip-range, more
+    // added at run time) and the allocator's record of every cluster IP, as in Kubernetes 1.33.
+    with_subresources(
+        grouped("networking.k8s.io", "ServiceCIDR", "servicecidrs", false),
+        &["status"],
+    ),
+    grouped("networking.k8s.io", "IPAddress", "ipaddresses", false),
     grouped(
         "rbac.authorization.k8s.io",
         "ClusterRole",

@@ -55,6 +55,18 @@ pub fn prepare_create(resource: &Resource, object: &mut Value) -> Result<(), Api
             let causes = validate_service_spec(&object["spec"]);
             invalid("Service", object, causes)
         }
+        "ServiceCIDR" => {
+            let causes = validate_service_cidr(&object["spec"]);
+            invalid("ServiceCIDR", object, causes)?;
+            object["status"] = json!({"conditions": [{"type": "Ready", "status": "True",
+                "reason": "", "message": "Kubernetes Service CIDR is ready",
+                "lastTransitionTime": super::handlers::now()}]});
+            Ok(())
+        }
+        "IPAddress" => {
+            let causes = validate_ip_address(object);
+            invalid("IPAddress", object, causes)
+        }
         "Namespace" => {
             object["status"] = json!({"phase": "Active"});
             object["spec"] = json!({"finalizers": ["kubernetes"]});
@@ -311,6 +323,69 @@ fn default_service_spec(spec: &mut Value) {
     }
 }
 
+/// A ServiceCIDR's `spec.cidrs`: one range, or two of different families.
+fn validate_service_cidr(spec: &Value) -> Causes {
+    let mut causes = Causes::new();
+    let cidrs: Vec<&str> = spec["cidrs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if cidrs.is_empty() {
+        required(&mut causes, "spec.cidrs");
+    }
+    if cidrs.len() > 2 {
+        causes.push((
+            "spec.cidrs".into(),
+            format!("Too many: {}: must have at most 2 items", cidrs.len()),
+        ));
+    }
+    let mut families = Vec::new();
+    for (i, cidr) in cidrs.iter().enumerate() {
+        match super::alloc::IpRange::parse(cidr) {
+            Ok(range) if families.contains(&range.family) => causes.push((
+                "spec.cidrs".into(),
+                format!("Invalid value: {cidrs:?}: may specify no more than one IP for each IP family, i.e 192.168.0.0/24 and 2001:db8::/64"),
+            )),
+            Ok(range) => families.push(range.family),
+            Err(e) => causes.push((
+                format!("spec.cidrs[{i}]"),
+                format!("Invalid value: {cidr:?}: {e}"),
+            )),
+        }
+    }
+    causes
+}
+
+/// An IPAddress: named by an address in canonical form, with a parentRef.
+fn validate_ip_address(object: &Value) -> Causes {
+    let mut causes = Causes::new();
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.to_string() == name => {}
+        Ok(ip) => causes.push((
+            "metadata.name".into(),
+            format!("Invalid value: {name:?}: must be a canonical format IP address ({ip})"),
+        )),
+        Err(_) => causes.push((
+            "metadata.name".into(),
+            format!("Invalid value: {name:?}: must be a valid IP address"),
+        )),
+    }
+    let parent = &object["spec"]["parentRef"];
+    if !parent.is_object() {
+        required(&mut causes, "spec.parentRef");
+    } else {
+        for field in ["resource", "name"] {
+            if parent[field].as_str().is_none_or(str::is_empty) {
+                required(&mut causes, &format!("spec.parentRef.{field}"));
+            }
+        }
+    }
+    causes
+}
+
 fn validate_service_spec(spec: &Value) -> Causes {
     let mut causes = Causes::new();
     let kind = spec["type"].as_str().unwrap_or("ClusterIP");
@@ -529,6 +604,32 @@ pub fn prepare_update(
             default_pod_spec(&mut stored);
             let causes = pod_update_causes(&stored, &new["spec"]);
             invalid("Pod", &new, causes)?;
+        }
+        "ServiceCIDR" => {
+            // A range may gain its other family; it never loses or changes one.
+            let (old, sent) = (&current["spec"]["cidrs"], &new["spec"]["cidrs"]);
+            let grows = old.as_array().is_some_and(|o| o.len() == 1)
+                && sent
+                    .as_array()
+                    .is_some_and(|n| n.len() == 2 && n[0] == old[0]);
+            let mut causes = validate_service_cidr(&new["spec"]);
+            if sent != old && !grows {
+                causes.push((
+                    "spec.cidrs".into(),
+                    format!("Invalid value: {sent}: field is immutable"),
+                ));
+            }
+            invalid("ServiceCIDR", &new, causes)?;
+        }
+        "IPAddress" if new["spec"] != current["spec"] => {
+            invalid(
+                "IPAddress",
+                &new,
+                vec![(
+                    "spec.parentRef".into(),
+                    "Invalid value: field is immutable".into(),
+                )],
+            )?;
         }
         "Service" => {
             // An update that leaves the cluster IP out keeps it; one that changes it is refused.
