@@ -175,7 +175,9 @@ impl IptablesDatapath {
     }
 
     fn restore(&self, payload: &Payload) -> Result<(), DatapathError> {
-        let text = payload.render();
+        // Listing costs a read of the whole table (2.4 s at 10,000 services): only where the
+        // restore names enough chains for the linear search to cost more.
+        let text = payload.render(self.backend == IptablesBackend::Nft && payload.chains() > 1000);
         let mut child = Command::new(self.backend.restore())
             .args(["--noflush", "--wait"])
             .stdin(Stdio::piped())
@@ -478,11 +480,22 @@ impl Payload {
             .insert(chain.to_string());
     }
 
+    /// How many chains this transaction names.
+    fn chains(&self) -> usize {
+        self.replace.values().map(Vec::len).sum::<usize>()
+            + self.delete.values().map(BTreeSet::len).sum::<usize>()
+    }
+
     fn is_empty(&self) -> bool {
         self.replace.values().all(Vec::is_empty) && self.delete.values().all(BTreeSet::is_empty)
     }
 
-    fn render(&self) -> String {
+    /// `list_first`: start each table with a chainless `-S` (nft backend, large restores). iptables-nft
+    /// 1.8.9 under --noflush otherwise keeps the chains a restore names in a list it searches
+    /// linearly for every rule: 10,000 services x 10 took minutes. A chainless command makes it
+    /// fetch the whole table instead (0.75 s for 40,000 jumps where 13.6 s without); `-S` only
+    /// reads, where `-Z` would zero others' counters. Its listing goes to /dev/null.
+    fn render(&self, list_first: bool) -> String {
         let mut out = String::new();
         for table in ["filter", "nat"] {
             let replace = self.replace.get(table).map(Vec::as_slice).unwrap_or(&[]);
@@ -491,6 +504,9 @@ impl Payload {
                 continue;
             }
             let _ = writeln!(out, "*{table}");
+            if list_first {
+                let _ = writeln!(out, "-S");
+            }
             // Declaring a chain under --noflush creates it or empties it.
             for (chain, _) in replace {
                 let _ = writeln!(out, ":{chain} - [0:0]");
@@ -606,10 +622,21 @@ mod tests {
         let mut p = Payload::default();
         p.replace("nat", SERVICES, &["-j RETURN".to_string()]);
         p.delete("nat", "SEINE-SVC-OLD");
-        let text = p.render();
+        let text = p.render(false);
         let rewrite = text.find("-A SEINE-SERVICES").unwrap();
         let delete = text.find("-X SEINE-SVC-OLD").unwrap();
         assert!(rewrite < delete, "{text}");
         assert!(text.starts_with("*nat\n"));
+    }
+
+    #[test]
+    fn an_nft_payload_lists_each_table_first_so_the_restore_is_not_quadratic() {
+        let mut p = Payload::default();
+        p.replace("nat", SERVICES, &["-j RETURN".to_string()]);
+        p.replace("filter", SERVICES, &[]);
+        let text = p.render(true);
+        assert!(text.starts_with("*filter\n-S\n"), "{text}");
+        assert!(text.contains("*nat\n-S\n:SEINE-SERVICES"), "{text}");
+        assert!(!p.render(false).contains("-S\n"));
     }
 }
