@@ -60,6 +60,13 @@ fn kubectl_lists_service_cidrs_and_ip_addresses() {
             "{ip} missing from\n{table}"
         );
     }
+    // The printer columns kube-apiserver serves, and the short name `ip`.
+    let wide = server
+        .kubectl_ok(&["get", "servicecidrs", "--no-headers"])
+        .unwrap();
+    assert!(wide.contains("10.96.0.0/12,fd00:10:96::/112"), "{wide}");
+    let by_short = server.kubectl_ok(&["get", "ip", "--no-headers"]).unwrap();
+    assert!(by_short.contains("services/default/web"), "{by_short}");
     let cidr: Value = serde_json::from_str(
         &server
             .kubectl_ok(&["get", "servicecidr", "kubernetes", "-o", "json"])

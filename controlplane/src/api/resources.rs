@@ -95,7 +95,10 @@ pub const RESOURCES: &[Resource] = &[
         grouped("networking.k8s.io", "ServiceCIDR", "servicecidrs", false),
         &["status"],
     ),
-    grouped("networking.k8s.io", "IPAddress", "ipaddresses", false),
+    Resource {
+        short_names: &["ip"],
+        ..grouped("networking.k8s.io", "IPAddress", "ipaddresses", false)
+    },
     grouped(
         "rbac.authorization.k8s.io",
         "ClusterRole",

@@ -311,6 +311,28 @@ pub fn render(kind: &str, items: &[Value], resource_version: &str, include_objec
         "Lease" => (&[("Holder", "string")], |o| {
             vec![text(&o["spec"]["holderIdentity"])]
         }),
+        // kube-apiserver's columns: NAME CIDRS AGE and NAME PARENTREF.
+        "ServiceCIDR" => (&[("CIDRs", "string")], |o| {
+            let cidrs: Vec<&str> = o["spec"]["cidrs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            vec![json!(cidrs.join(","))]
+        }),
+        "IPAddress" => (&[("ParentRef", "string")], |o| {
+            let p = &o["spec"]["parentRef"];
+            let resource = match p["group"].as_str().unwrap_or_default() {
+                "" => p["resource"].as_str().unwrap_or_default().to_string(),
+                group => format!("{}.{group}", p["resource"].as_str().unwrap_or_default()),
+            };
+            vec![json!(format!(
+                "{resource}/{}/{}",
+                p["namespace"].as_str().unwrap_or_default(),
+                p["name"].as_str().unwrap_or_default()
+            ))]
+        }),
         "ServiceAccount" => (&[("Secrets", "integer")], |o| {
             vec![json!(o["secrets"].as_array().map_or(0, Vec::len))]
         }),
