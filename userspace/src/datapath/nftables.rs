@@ -48,7 +48,14 @@ struct Rendered {
 
 pub struct NftablesDatapath {
     services: BTreeMap<Frontend, ServiceSpec>,
-    written: Option<Rendered>,
+    written: Option<Written>,
+}
+
+/// What the table holds, as last written: the services, and how many of them use each hairpin
+/// element (a backend may serve several).
+struct Written {
+    services: BTreeMap<Frontend, ServiceSpec>,
+    hairpin: BTreeMap<String, usize>,
 }
 
 impl Default for NftablesDatapath {
@@ -76,22 +83,84 @@ impl NftablesDatapath {
     /// Replaces Seine's table with the whole desired state, in one transaction: whatever someone
     /// else changed in it is repaired.
     pub fn full_resync(&mut self) -> Result<(), DatapathError> {
-        let desired = render(&self.services);
-        run_nft(&full_script(&desired))?;
-        self.written = Some(desired);
+        run_nft(&full_script(&render(&self.services)))?;
+        let mut hairpin = BTreeMap::new();
+        for spec in self.services.values() {
+            for e in hairpin_of(spec) {
+                *hairpin.entry(e).or_insert(0) += 1;
+            }
+        }
+        self.written = Some(Written {
+            services: self.services.clone(),
+            hairpin,
+        });
         Ok(())
     }
 
+    /// Writes the services that differ from the last write, and only those: a change costs the
+    /// same with ten services or ten thousand.
     fn sync(&mut self) -> Result<(), DatapathError> {
         let Some(written) = &self.written else {
             return self.full_resync();
         };
-        let desired = render(&self.services);
-        let script = change_script(written, &desired);
+        let changed: BTreeSet<Frontend> = self
+            .services
+            .keys()
+            .chain(written.services.keys())
+            .filter(|f| self.services.get(f) != written.services.get(f))
+            .copied()
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let subset = |from: &BTreeMap<Frontend, ServiceSpec>| -> BTreeMap<Frontend, ServiceSpec> {
+            changed
+                .iter()
+                .filter_map(|f| from.get(f).map(|s| (*f, s.clone())))
+                .collect()
+        };
+        let (old, new) = (subset(&written.services), subset(&self.services));
+        let (mut old_r, mut new_r) = (render(&old), render(&new));
+        old_r.hairpin.clear();
+        new_r.hairpin.clear();
+        let mut script = change_script(&old_r, &new_r);
+        let mut hairpin = written.hairpin.clone();
+        let (mut gone, mut added) = (BTreeSet::new(), BTreeSet::new());
+        for e in old.values().flat_map(hairpin_of) {
+            if let Some(n) = hairpin.get_mut(&e) {
+                *n -= 1;
+                if *n == 0 {
+                    hairpin.remove(&e);
+                    gone.insert(e);
+                }
+            }
+        }
+        for e in new.values().flat_map(hairpin_of) {
+            let n = hairpin.entry(e.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 && !gone.remove(&e) {
+                added.insert(e);
+            }
+        }
+        for e in &gone {
+            let _ = writeln!(script, "delete element ip {TABLE} hairpin {{ {e} }}");
+        }
+        for e in &added {
+            let _ = writeln!(script, "add element ip {TABLE} hairpin {{ {e} }}");
+        }
         if !script.is_empty() {
             run_nft(&script)?;
         }
-        self.written = Some(desired);
+        let mut services = std::mem::take(&mut self.written)
+            .map(|w| w.services)
+            .unwrap_or_default();
+        for f in &changed {
+            match self.services.get(f) {
+                Some(spec) => services.insert(*f, spec.clone()),
+                None => services.remove(f),
+            };
+        }
+        self.written = Some(Written { services, hairpin });
         Ok(())
     }
 
@@ -224,12 +293,20 @@ fn render(services: &BTreeMap<Frontend, ServiceSpec>) -> Rendered {
                 "{pick}{remember}meta l4proto {p} dnat to {}:{}",
                 b.ip, b.port
             ));
-            r.hairpin.insert(format!("{} . {}", b.ip, b.ip));
         }
+        r.hairpin.extend(hairpin_of(spec));
         r.service_ips.insert(key(frontend), format!("goto {chain}"));
         r.chains.insert(chain, rules);
     }
     r
+}
+
+/// The hairpin elements of a service: `B . B` for each backend that takes connections.
+fn hairpin_of(spec: &ServiceSpec) -> BTreeSet<String> {
+    usable_backends(spec)
+        .iter()
+        .map(|b| format!("{} . {}", b.ip, b.ip))
+        .collect()
 }
 
 fn set_decl(name: &str, timeout: u32) -> String {
