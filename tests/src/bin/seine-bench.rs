@@ -12,9 +12,7 @@
 //! request latency through a service VIP versus directly to the backend pod, with 1, 1,000 and
 //! 10,000 services installed (the probe uses the last service inserted); the time to program
 //! 10,000 services x 10 backends from empty; the time to change one service while 10,000 are
-//! present; and the agent's resident memory with 10,000 services of its own. iptables with the nft
-//! backend is measured at 1,000 services: `iptables-nft-restore --noflush` (iptables 1.8.9) grows
-//! with rules x chains, minutes at 10,000 (the nftables mode is the fallback there).
+//! present; and the agent's resident memory with 10,000 services of its own.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -41,6 +39,8 @@ use seine_tests::{stats::quantile, KeepAlive, Node};
 use serde_json::{json, Value};
 
 const PORT: u16 = 8080;
+/// The most services each datapath is measured with.
+const TOP: u32 = 10_000;
 const ROUNDS: usize = 8;
 const ROUND: Duration = Duration::from_millis(1500);
 const CLIENT_THREADS: usize = 2;
@@ -104,14 +104,6 @@ impl Mode {
             Mode::Ebpf => vec!["--datapath", "ebpf"],
             Mode::Iptables(b) => vec!["--datapath", "iptables", "--iptables-backend", b.name()],
             Mode::Nftables => vec!["--datapath", "nftables"],
-        }
-    }
-
-    /// The most services it is measured with (see the module comment).
-    fn top(self) -> u32 {
-        match self {
-            Mode::Iptables(IptablesBackend::Nft) => 1_000,
-            _ => 10_000,
         }
     }
 }
@@ -225,8 +217,7 @@ fn lb(json_path: &PathBuf) -> Result<()> {
                    "latency_samples": LATENCY_SAMPLES,
                    "note": "direct and VIP alternate round by round; rates are medians of the rounds; \
                             programming and update times are the datapath library's; RSS is the agent's \
-                            with the mode's largest service count x 10 backends from its services file; \
-                            iptables-nft at 1,000 services (its --noflush restore grows with rules x chains)"},
+                            with the mode's largest service count x 10 backends from its services file;"},
         "summary": summary,
     });
     for f in &figures {
@@ -315,7 +306,7 @@ fn services(count: u32, probe_ip: Ipv4Addr, real: BackendSpec) -> Vec<ServiceSpe
 
 fn bench_mode(mode: Mode) -> Result<ModeFigures> {
     let name = mode.name();
-    let top = mode.top();
+    let top = TOP;
     println!("bench lb [{name}]: building the topology (node, client pod, backend pod)");
     let mut node = Node::create("bn")?;
     node.add_pod("client", Ipv4Addr::new(10, 244, 0, 2))?;
