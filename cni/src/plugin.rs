@@ -547,11 +547,8 @@ fn check(env: &Env, config: &Config) -> Result<(), CniError> {
         )));
     }
     let host = host_veth_name(container, ifname);
-    let recorded = hostport::read_all(&config.hostports())
-        .0
-        .into_iter()
-        .find(|(name, _)| *name == host)
-        .map(|(_, r)| r.port_mappings)
+    let recorded = hostport::read(&config.hostports(), &host)
+        .map(|r| r.port_mappings)
         .unwrap_or_default();
     if recorded != config.port_mappings {
         return Err(check_failed(format!(

@@ -1,5 +1,6 @@
 //! What seine-apiserver does with objects, against a real etcd: ClusterIP and NodePort allocation
-//! (also by two API servers on one etcd), the default/kubernetes service, pods' defaults, binding,
+//! (also by two API servers on one etcd; dual-stack; ServiceCIDRs and IPAddresses), the
+//! default/kubernetes service, pods' defaults, binding,
 //! status subresource and graceful deletion, finalizers, terminating namespaces, strategic merge
 //! patches from `kubectl apply` and `kubectl patch`, and validation errors with field causes.
 
@@ -163,19 +164,24 @@ fn services_get_cluster_ips_and_node_ports_from_their_ranges() {
     assert!(table.contains("80:30080/TCP"), "{table}");
 }
 
-/// Dual-stack Services as Kubernetes has them: one range per family, `ipFamilyPolicy` and
-/// `ipFamilies` defaulted and checked, a cluster IP per family allocated and given back.
-#[test]
-fn dual_stack_services_get_an_address_per_family() {
-    let etcd = Etcd::start().unwrap();
-    let server = ApiServer::start_with(
-        &etcd,
+/// A seine-apiserver with an IPv4 and an IPv6 service range.
+fn dual_stack_server(etcd: &Etcd) -> ApiServer {
+    ApiServer::start_with(
+        etcd,
         &[
             "--service-cluster-ip-range",
             "10.96.0.0/12,fd00:10:96::/112",
         ],
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Dual-stack Services as Kubernetes has them: one range per family, `ipFamilyPolicy` and
+/// `ipFamilies` defaulted and checked, a cluster IP per family allocated and given back.
+#[test]
+fn dual_stack_services_get_an_address_per_family() {
+    let etcd = Etcd::start().unwrap();
+    let server = dual_stack_server(&etcd);
     let (_, kubernetes) = server.get(&format!("{SVCS}/kubernetes")).unwrap();
     assert_eq!(kubernetes["spec"]["ipFamilies"], json!(["IPv4"]));
 
@@ -1053,4 +1059,88 @@ fn the_kubernetes_service_lists_the_api_servers_that_are_up() {
         .unwrap();
     assert_eq!(slice["endpoints"][0]["addresses"][0], "127.0.0.1");
     assert_eq!(slice["ports"][0]["port"], u64::from(first.addr.port()));
+}
+
+/// `kubectl get servicecidrs,ipaddresses` on a dual-stack server: discovery finds both
+/// networking.k8s.io/v1 resources, with kube-apiserver's columns and the short name `ip`, the
+/// default ServiceCIDR holds both ranges, and each cluster IP of a service is an IPAddress.
+#[test]
+fn kubectl_lists_service_cidrs_and_ip_addresses() {
+    let etcd = Etcd::start().unwrap();
+    let server = dual_stack_server(&etcd);
+    server
+        .kubectl_ok(&["create", "service", "clusterip", "web", "--tcp=80:8080"])
+        .unwrap();
+    server
+        .kubectl_ok(&[
+            "patch",
+            "service",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"ipFamilyPolicy":"PreferDualStack"}}"#,
+        ])
+        .unwrap();
+    let web: Value = serde_json::from_str(
+        &server
+            .kubectl_ok(&["get", "service", "web", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let ips: Vec<String> = web["spec"]["clusterIPs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ips.len(), 2, "{web}");
+    assert_eq!(web["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+
+    let table = server
+        .kubectl_ok(&["get", "servicecidrs,ipaddresses", "--no-headers"])
+        .unwrap();
+    assert!(
+        table.contains("servicecidr.networking.k8s.io/kubernetes"),
+        "{table}"
+    );
+    for ip in &ips {
+        assert!(
+            table.contains(&format!("ipaddress.networking.k8s.io/{ip}")),
+            "{ip} missing from\n{table}"
+        );
+    }
+    // The printer columns kube-apiserver serves, and the short name `ip`.
+    let wide = server
+        .kubectl_ok(&["get", "servicecidrs", "--no-headers"])
+        .unwrap();
+    assert!(wide.contains("10.96.0.0/12,fd00:10:96::/112"), "{wide}");
+    let by_short = server.kubectl_ok(&["get", "ip", "--no-headers"]).unwrap();
+    assert!(by_short.contains("services/default/web"), "{by_short}");
+    let cidr: Value = serde_json::from_str(
+        &server
+            .kubectl_ok(&["get", "servicecidr", "kubernetes", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cidr["spec"]["cidrs"],
+        json!(["10.96.0.0/12", "fd00:10:96::/112"])
+    );
+    let address: Value = serde_json::from_str(
+        &server
+            .kubectl_ok(&["get", "ipaddress", &ips[1], "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(address["spec"]["parentRef"]["resource"], "services");
+    assert_eq!(address["spec"]["parentRef"]["name"], "web");
+
+    // Deleting the service gives both addresses back.
+    server.kubectl_ok(&["delete", "service", "web"]).unwrap();
+    let left = server
+        .kubectl_ok(&["get", "ipaddresses", "-o", "name"])
+        .unwrap();
+    for ip in &ips {
+        assert!(!left.contains(ip.as_str()), "{ip} still held:\n{left}");
+    }
 }

@@ -131,6 +131,16 @@ pub fn remove(dir: &Path, name: &str) -> std::io::Result<()> {
     }
 }
 
+fn read_record(path: &Path) -> Result<Record, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+/// The record of `name`; none when there is no file (or it does not read).
+pub fn read(dir: &Path, name: &str) -> Option<Record> {
+    read_record(&record_path(dir, name)).ok()
+}
+
 /// Every record in `dir` with its name, in name order; files that do not read are reported and
 /// skipped (one broken file never hides the others).
 pub fn read_all(dir: &Path) -> (Vec<(String, Record)>, Vec<String>) {
@@ -149,10 +159,7 @@ pub fn read_all(dir: &Path) -> (Vec<(String, Record)>, Vec<String>) {
         else {
             continue;
         };
-        match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).map_err(|e| e.to_string()))
-        {
+        match read_record(&path) {
             Ok(record) => records.push((name.to_string(), record)),
             Err(e) => problems.push(format!("{}: {e}", path.display())),
         }
@@ -377,6 +384,8 @@ mod tests {
         let before = fingerprint(&dir);
         let (records, problems) = read_all(&dir);
         assert_eq!(records, [("lxc1".to_string(), record.clone())]);
+        assert_eq!(read(&dir, "lxc1"), Some(record.clone()));
+        assert_eq!(read(&dir, "lxc2"), None);
         assert_eq!(problems.len(), 1);
         write(
             &dir,

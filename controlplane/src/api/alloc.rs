@@ -179,14 +179,6 @@ impl ServiceRanges {
         })
     }
 
-    pub fn cidr(&self) -> String {
-        self.ranges
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
     pub fn primary(&self) -> &IpRange {
         &self.ranges[0]
     }
@@ -746,7 +738,8 @@ mod tests {
         assert!(v4.contains_ip("10.100.0.1".parse().unwrap()));
         assert!(!v4.contains_ip("10.112.0.1".parse().unwrap()));
         let dual = ServiceRanges::parse("10.96.0.0/12,fd00:10:96::/112", "30000-32767").unwrap();
-        assert_eq!(dual.cidr(), "10.96.0.0/12,fd00:10:96::/112");
+        let cidrs: Vec<String> = dual.ranges.iter().map(ToString::to_string).collect();
+        assert_eq!(cidrs, ["10.96.0.0/12", "fd00:10:96::/112"]);
         let v6 = dual.range(Family::V6).unwrap();
         assert!(v6.contains_ip("fd00:10:96::a".parse().unwrap()));
         assert!(!v6.contains_ip("10.96.0.10".parse().unwrap()));

@@ -1,8 +1,9 @@
 //! seine-agent: the node agent. Runs the service datapath — eBPF (maps pinned per node, programs
-//! attached to pod veths) or, where eBPF cannot be used, iptables — and programs services from a
-//! watched file of Service and EndpointSlice objects, and pods' hostPorts from what seine-cni
-//! records (attaching the eBPF programs to the uplinks that carry them). Serves /healthz, /readyz and /metrics; stops
-//! on SIGTERM leaving the datapath in place, so a restart breaks no connection.
+//! attached to pod veths) or, where eBPF cannot be used, nftables or iptables — and programs
+//! services from a watched file of Service and EndpointSlice objects, and pods' hostPorts from
+//! what seine-cni records (attaching the eBPF programs to the uplinks that carry them). Serves
+//! /healthz, /readyz and /metrics; stops on SIGTERM leaving the datapath in place, so a restart
+//! breaks no connection.
 
 use std::{
     collections::HashMap,
@@ -787,33 +788,38 @@ fn start_rules(args: &Args, fallback_reason: Option<String>) -> anyhow::Result<A
     if let Err(e) = bpf::unpin_all(&args.bpffs_dir) {
         warn!("removing the pins of an earlier eBPF agent: {e}");
     }
-    let backend = match args.iptables_backend {
-        IptablesChoice::Nft => IptablesBackend::Nft,
-        IptablesChoice::Legacy => IptablesBackend::Legacy,
-        IptablesChoice::Auto => IptablesBackend::detect()?,
+    // Where nft is the system's backend, kube-proxy's nftables mode: one table of Seine's own,
+    // and a change costs the same however many services there are. It needs no iptables.
+    let backend = match args.datapath {
+        Mode::Nftables => None,
+        _ => Some(match args.iptables_backend {
+            IptablesChoice::Nft => IptablesBackend::Nft,
+            IptablesChoice::Legacy => IptablesBackend::Legacy,
+            IptablesChoice::Auto => IptablesBackend::detect()?,
+        }),
     };
-    // Falling back where nft is the system's backend, kube-proxy's nftables mode: iptables-nft
-    // restores with --noflush take minutes for 10,000 services.
-    let nftables = match args.datapath {
-        Mode::Nftables => true,
-        Mode::Auto => backend == IptablesBackend::Nft && NftablesDatapath::available(),
-        Mode::Iptables | Mode::Ebpf => false,
+    let iptables = match (args.datapath, backend) {
+        (Mode::Auto, Some(IptablesBackend::Nft)) if NftablesDatapath::available() => None,
+        (_, backend) => backend,
     };
-    let datapath = if nftables {
-        for backend in iptables_backends(args) {
-            if let Err(e) = IptablesDatapath::cleanup(backend) {
-                warn!("removing iptables rules of an earlier mode: {e}");
-            }
+    let datapath = match iptables {
+        Some(backend) => {
+            remove_nftables_table();
+            info!(backend = backend.name(), "datapath loaded (iptables)");
+            Rules::Iptables(IptablesDatapath::new(backend))
         }
-        info!(
-            "datapath loaded (nftables, table ip {})",
-            seine::datapath::nftables::TABLE
-        );
-        Rules::Nftables(NftablesDatapath::new())
-    } else {
-        remove_nftables_table();
-        info!(backend = backend.name(), "datapath loaded (iptables)");
-        Rules::Iptables(IptablesDatapath::new(backend))
+        None => {
+            for backend in iptables_backends(args) {
+                if let Err(e) = IptablesDatapath::cleanup(backend) {
+                    warn!("removing iptables rules of an earlier mode: {e}");
+                }
+            }
+            info!(
+                "datapath loaded (nftables, table ip {})",
+                seine::datapath::nftables::TABLE
+            );
+            Rules::Nftables(NftablesDatapath::new())
+        }
     };
     Ok(Active::Rules {
         datapath,

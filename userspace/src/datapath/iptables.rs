@@ -10,14 +10,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    io::Write as _,
     net::IpAddr,
     process::{Command, Stdio},
 };
 
 use sha2::{Digest, Sha256};
 
-use super::{usable_backends, ApplyReport, Change, Datapath, DatapathError, RuleSet};
+use super::{usable_backends, DatapathError, RuleSet};
 use crate::model::{Frontend, ServiceSpec};
 
 /// Every chain Seine owns starts with this; kube-proxy's `KUBE-` chains are never touched.
@@ -178,32 +177,8 @@ impl IptablesDatapath {
         // Listing costs a read of the whole table (2.4 s at 10,000 services): only where the
         // restore names enough chains for the linear search to cost more.
         let text = payload.render(self.backend == IptablesBackend::Nft && payload.chains() > 1000);
-        let mut child = Command::new(self.backend.restore())
-            .args(["--noflush", "--wait"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| {
-                DatapathError::Iptables(format!("starting {}: {e}", self.backend.restore()))
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(text.as_bytes()).map_err(|e| {
-                DatapathError::Iptables(format!("writing to iptables-restore: {e}"))
-            })?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| DatapathError::Iptables(format!("waiting for iptables-restore: {e}")))?;
-        if !out.status.success() {
-            return Err(DatapathError::Iptables(format!(
-                "{} failed ({}): {}",
-                self.backend.restore(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        super::run_with_input(&self.backend.restore(), &["--noflush", "--wait"], &text)
+            .map_err(DatapathError::Iptables)
     }
 
     /// Seine chains present in the kernel now.
@@ -285,34 +260,17 @@ impl IptablesDatapath {
 }
 
 impl RuleSet for IptablesDatapath {
-    fn services(&mut self) -> &mut BTreeMap<Frontend, ServiceSpec> {
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+    fn services(&self) -> &BTreeMap<Frontend, ServiceSpec> {
+        &self.services
+    }
+    fn services_mut(&mut self) -> &mut BTreeMap<Frontend, ServiceSpec> {
         &mut self.services
     }
     fn write(&mut self) -> Result<(), DatapathError> {
         self.sync()
-    }
-}
-
-impl Datapath for IptablesDatapath {
-    fn mode(&self) -> &'static str {
-        "iptables"
-    }
-
-    /// One transaction for the whole desired state.
-    fn apply(&mut self, desired: &[ServiceSpec]) -> ApplyReport {
-        super::apply_rules(self, desired)
-    }
-
-    fn upsert(&mut self, spec: &ServiceSpec) -> Result<Change, DatapathError> {
-        super::upsert_rule(self, spec)
-    }
-
-    fn delete(&mut self, frontend: &Frontend) -> Result<bool, DatapathError> {
-        super::delete_rule(self, frontend)
-    }
-
-    fn frontends(&self) -> Vec<Frontend> {
-        self.services.keys().copied().collect()
     }
 }
 

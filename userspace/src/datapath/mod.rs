@@ -115,12 +115,47 @@ pub(crate) fn usable_backends(spec: &ServiceSpec) -> Vec<&BackendSpec> {
 }
 
 /// A datapath of kernel rules rendered from the whole desired state (iptables, nftables): it
-/// keeps the services and writes the difference in one transaction.
-pub(crate) trait RuleSet {
-    fn services(&mut self) -> &mut BTreeMap<Frontend, ServiceSpec>;
+/// keeps the services and writes the difference in one transaction. Every such type is a
+/// `Datapath` through the one implementation below.
+pub trait RuleSet {
+    /// The mode's name, as shown in metrics and `seinectl status`.
+    fn mode(&self) -> &'static str;
+    fn services(&self) -> &BTreeMap<Frontend, ServiceSpec>;
+    fn services_mut(&mut self) -> &mut BTreeMap<Frontend, ServiceSpec>;
     /// Writes what differs from the last write, in one transaction; on error the kernel keeps
     /// the previous state.
     fn write(&mut self) -> Result<(), DatapathError>;
+}
+
+/// Runs `program args`, feeding it `input` (a ruleset transaction); the error says what failed,
+/// with at most the first three lines of its stderr (nft quotes whole offending lines).
+pub(crate) fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {program}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| format!("writing to {program}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for {program}: {e}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let reason: Vec<&str> = stderr.lines().take(3).map(str::trim).collect();
+        return Err(format!(
+            "{program} failed ({}): {}",
+            out.status,
+            reason.join(" | ")
+        ));
+    }
+    Ok(())
 }
 
 fn check_ipv4(spec: &ServiceSpec) -> Result<(), DatapathError> {
@@ -130,74 +165,76 @@ fn check_ipv4(spec: &ServiceSpec) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// `Datapath::apply` for a rule set: the whole desired state in one transaction.
-pub(crate) fn apply_rules(rules: &mut impl RuleSet, desired: &[ServiceSpec]) -> ApplyReport {
-    let mut report = ApplyReport::default();
-    let mut next = BTreeMap::new();
-    for spec in desired {
-        let spec = spec.normalized();
-        if let Err(e) = check_ipv4(&spec) {
+impl<T: RuleSet> Datapath for T {
+    fn mode(&self) -> &'static str {
+        RuleSet::mode(self)
+    }
+
+    /// The whole desired state in one transaction.
+    fn apply(&mut self, desired: &[ServiceSpec]) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut next = BTreeMap::new();
+        for spec in desired {
+            let spec = spec.normalized();
+            if let Err(e) = check_ipv4(&spec) {
+                report.failed.push(e);
+                continue;
+            }
+            match self.services().get(&spec.frontend) {
+                None => report.created += 1,
+                Some(old) if *old == spec => report.unchanged += 1,
+                Some(_) => report.updated += 1,
+            }
+            next.insert(spec.frontend, spec);
+        }
+        report.deleted = self
+            .services()
+            .keys()
+            .filter(|f| !next.contains_key(f))
+            .count();
+        let previous = std::mem::replace(self.services_mut(), next);
+        if let Err(e) = self.write() {
+            // The transaction is atomic: the kernel still holds the previous state.
+            *self.services_mut() = previous;
             report.failed.push(e);
-            continue;
+            report.created = 0;
+            report.updated = 0;
+            report.deleted = 0;
         }
-        match rules.services().get(&spec.frontend) {
-            None => report.created += 1,
-            Some(old) if *old == spec => report.unchanged += 1,
-            Some(_) => report.updated += 1,
-        }
-        next.insert(spec.frontend, spec);
+        report
     }
-    report.deleted = rules
-        .services()
-        .keys()
-        .filter(|f| !next.contains_key(f))
-        .count();
-    let previous = std::mem::replace(rules.services(), next);
-    if let Err(e) = rules.write() {
-        // The transaction is atomic: the kernel still holds the previous state.
-        *rules.services() = previous;
-        report.failed.push(e);
-        report.created = 0;
-        report.updated = 0;
-        report.deleted = 0;
-    }
-    report
-}
 
-/// `Datapath::upsert` for a rule set.
-pub(crate) fn upsert_rule(
-    rules: &mut impl RuleSet,
-    spec: &ServiceSpec,
-) -> Result<Change, DatapathError> {
-    let spec = spec.normalized();
-    check_ipv4(&spec)?;
-    let change = match rules.services().get(&spec.frontend) {
-        Some(old) if *old == spec => return Ok(Change::Unchanged),
-        Some(_) => Change::Updated,
-        None => Change::Created,
-    };
-    let previous = rules.services().insert(spec.frontend, spec.clone());
-    if let Err(e) = rules.write() {
-        match previous {
-            Some(old) => rules.services().insert(spec.frontend, old),
-            None => rules.services().remove(&spec.frontend),
+    fn upsert(&mut self, spec: &ServiceSpec) -> Result<Change, DatapathError> {
+        let spec = spec.normalized();
+        check_ipv4(&spec)?;
+        let change = match self.services().get(&spec.frontend) {
+            Some(old) if *old == spec => return Ok(Change::Unchanged),
+            Some(_) => Change::Updated,
+            None => Change::Created,
         };
-        return Err(e);
+        let previous = self.services_mut().insert(spec.frontend, spec.clone());
+        if let Err(e) = self.write() {
+            match previous {
+                Some(old) => self.services_mut().insert(spec.frontend, old),
+                None => self.services_mut().remove(&spec.frontend),
+            };
+            return Err(e);
+        }
+        Ok(change)
     }
-    Ok(change)
-}
 
-/// `Datapath::delete` for a rule set.
-pub(crate) fn delete_rule(
-    rules: &mut impl RuleSet,
-    frontend: &Frontend,
-) -> Result<bool, DatapathError> {
-    let Some(old) = rules.services().remove(frontend) else {
-        return Ok(false);
-    };
-    if let Err(e) = rules.write() {
-        rules.services().insert(*frontend, old);
-        return Err(e);
+    fn delete(&mut self, frontend: &Frontend) -> Result<bool, DatapathError> {
+        let Some(old) = self.services_mut().remove(frontend) else {
+            return Ok(false);
+        };
+        if let Err(e) = self.write() {
+            self.services_mut().insert(*frontend, old);
+            return Err(e);
+        }
+        Ok(true)
     }
-    Ok(true)
+
+    fn frontends(&self) -> Vec<Frontend> {
+        self.services().keys().copied().collect()
+    }
 }

@@ -17,13 +17,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    io::Write as _,
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use sha2::{Digest, Sha256};
 
-use super::{usable_backends, ApplyReport, Change, Datapath, DatapathError, RuleSet};
+use super::{usable_backends, DatapathError, RuleSet};
 use crate::model::{Frontend, Protocol, ServiceSpec};
 
 /// The table Seine owns (family `ip`).
@@ -172,7 +171,13 @@ impl NftablesDatapath {
 }
 
 impl RuleSet for NftablesDatapath {
-    fn services(&mut self) -> &mut BTreeMap<Frontend, ServiceSpec> {
+    fn mode(&self) -> &'static str {
+        "nftables"
+    }
+    fn services(&self) -> &BTreeMap<Frontend, ServiceSpec> {
+        &self.services
+    }
+    fn services_mut(&mut self) -> &mut BTreeMap<Frontend, ServiceSpec> {
         &mut self.services
     }
     fn write(&mut self) -> Result<(), DatapathError> {
@@ -180,51 +185,8 @@ impl RuleSet for NftablesDatapath {
     }
 }
 
-impl Datapath for NftablesDatapath {
-    fn mode(&self) -> &'static str {
-        "nftables"
-    }
-    fn apply(&mut self, desired: &[ServiceSpec]) -> ApplyReport {
-        super::apply_rules(self, desired)
-    }
-    fn upsert(&mut self, spec: &ServiceSpec) -> Result<Change, DatapathError> {
-        super::upsert_rule(self, spec)
-    }
-    fn delete(&mut self, frontend: &Frontend) -> Result<bool, DatapathError> {
-        super::delete_rule(self, frontend)
-    }
-    fn frontends(&self) -> Vec<Frontend> {
-        self.services.keys().copied().collect()
-    }
-}
-
 fn run_nft(script: &str) -> Result<(), DatapathError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| DatapathError::Nftables(format!("starting nft: {e}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| DatapathError::Nftables(format!("writing to nft: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| DatapathError::Nftables(format!("waiting for nft: {e}")))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        // nft quotes the whole offending line; the first lines say what is wrong.
-        let reason: Vec<&str> = stderr.lines().take(3).collect();
-        return Err(DatapathError::Nftables(format!(
-            "nft failed ({}): {}",
-            out.status,
-            reason.join(" | ")
-        )));
-    }
-    Ok(())
+    super::run_with_input("nft", &["-f", "-"], script).map_err(DatapathError::Nftables)
 }
 
 fn hash(kind: &str, key: &str) -> String {
