@@ -13,3 +13,4 @@ pub mod nodelifecycle;
 pub mod queue;
 pub mod scheduler;
 pub mod serviceaccount;
+pub mod servicecidr;

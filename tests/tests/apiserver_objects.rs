@@ -404,6 +404,45 @@ fn service_cidrs_add_ranges_at_run_time_and_ip_addresses_record_cluster_ips() {
         )
         .unwrap();
     assert_eq!(code, 422, "{status}");
+
+    // A cluster IP recorded the way earlier versions did (no IPAddress, a key of Seine's own)
+    // gets its IPAddress when an API server starts, and the old record goes.
+    let etcdctl = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .args(["--endpoints", &etcd.client_url])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    etcdctl(&["del", &format!("/registry/ipaddresses/{ip}")]);
+    etcdctl(&[
+        "put",
+        &format!("/registry/seine/serviceips/{ip}"),
+        "default/b",
+    ]);
+    drop(server);
+    let server =
+        ApiServer::start_with(&etcd, &["--service-cluster-ip-range", "10.96.0.0/30"]).unwrap();
+    let (code, recorded) = server.get(&format!("{ADDRESSES}/{ip}")).unwrap();
+    assert_eq!(code, 200, "{recorded}");
+    assert_eq!(recorded["spec"]["parentRef"]["name"], "b", "{recorded}");
+    let old = etcdctl(&[
+        "get",
+        "--prefix",
+        "--keys-only",
+        "/registry/seine/serviceips/",
+    ]);
+    assert_eq!(old.trim(), "", "the old records are gone");
+    let (code, status) = server
+        .post(
+            SVCS,
+            &service("d", json!({"clusterIP": ip, "ports": ports})),
+        )
+        .unwrap();
+    assert_eq!(code, 422, "the address is still b's: {status}");
 }
 
 /// Creates services concurrently on both servers; returns the created ones and the failures.
@@ -1134,6 +1173,30 @@ fn kubectl_lists_service_cidrs_and_ip_addresses() {
     .unwrap();
     assert_eq!(address["spec"]["parentRef"]["resource"], "services");
     assert_eq!(address["spec"]["parentRef"]["name"], "web");
+    // Both kinds have their Kubernetes schemas: explain reads them, and a field neither has
+    // is refused under strict validation.
+    let explained = server
+        .kubectl_ok(&["explain", "servicecidrs.spec.cidrs"])
+        .unwrap();
+    assert!(
+        explained.contains("CIDRs defines the IP blocks"),
+        "{explained}"
+    );
+    let explained = server
+        .kubectl_ok(&["explain", "ipaddresses.spec.parentRef"])
+        .unwrap();
+    assert!(explained.contains("ParentReference"), "{explained}");
+    let manifest = write_manifest(
+        &server,
+        "typo.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: typo}\nspec: {cidr: [10.120.0.0/24]}\n",
+    );
+    let refused = server
+        .kubectl(&["create", "--validate=strict", "-f", &manifest])
+        .unwrap();
+    assert!(!refused.status.success(), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("spec.cidr"), "{stderr}");
 
     // Deleting the service gives both addresses back.
     server.kubectl_ok(&["delete", "service", "web"]).unwrap();

@@ -11,7 +11,7 @@ use kube::Client;
 use seine_controllers::serviceaccount::{self, root_ca, token};
 use seine_controllers::{
     daemon::{self, parse_duration, DaemonArgs},
-    endpointslice, ipam, nodelifecycle,
+    endpointslice, ipam, nodelifecycle, servicecidr,
 };
 use seine_controllers::{gc, job, namespace};
 use tokio::task::JoinSet;
@@ -30,13 +30,14 @@ const CONTROLLERS: &[&str] = &[
     "serviceaccount",
     "serviceaccount-token",
     "root-ca-cert-publisher",
+    "service-cidr-controller",
 ];
 
 #[derive(Debug, Parser)]
 #[command(
     name = "seine-controller-manager",
     version,
-    about = "Kubernetes' controllers (endpoints, node lifecycle, node IPAM, service accounts and tokens, jobs, namespaces, garbage collection) as API clients"
+    about = "Kubernetes' controllers (endpoints, node lifecycle, node IPAM, service accounts and tokens, jobs, namespaces, garbage collection, service CIDRs) as API clients"
 )]
 struct Args {
     #[command(flatten)]
@@ -191,6 +192,10 @@ fn start(
         })),
         "namespace" => Some(Box::pin(async move {
             namespace::run(client).await;
+            Ok(())
+        })),
+        "service-cidr-controller" => Some(Box::pin(async move {
+            servicecidr::run(client).await;
             Ok(())
         })),
         other => bail!("controller {other} is not wired"),

@@ -217,7 +217,10 @@ pub fn port_key(port: i64) -> String {
     format!("{PORT_PREFIX}{port}")
 }
 
-/// The ranges of the ServiceCIDR objects.
+/// The ranges of the ServiceCIDR objects that take new addresses: not those being deleted (the
+/// service-cidr controller holds them until their addresses are gone) nor those whose Ready
+/// condition is False. One with no Ready condition yet is taken, as kube-apiserver does, so
+/// that ranges work without the controller manager.
 async fn service_cidr_ranges(storage: &Storage) -> Result<Vec<IpRange>, ApiError> {
     let mut out = Vec::new();
     for object in storage
@@ -225,6 +228,14 @@ async fn service_cidr_ranges(storage: &Storage) -> Result<Vec<IpRange>, ApiError
         .await?
         .items
     {
+        let not_ready = object["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "False");
+        if not_ready || !object["metadata"]["deletionTimestamp"].is_null() {
+            continue;
+        }
         for cidr in object["spec"]["cidrs"].as_array().into_iter().flatten() {
             if let Some(range) = cidr.as_str().and_then(|c| IpRange::parse(c).ok()) {
                 out.push(range);
@@ -236,6 +247,10 @@ async fn service_cidr_ranges(storage: &Storage) -> Result<Vec<IpRange>, ApiError
 
 /// The IPAddress object that records `ip` as the address of the service `owner` (ns/name).
 fn ip_address(ip: &str, owner: &str) -> String {
+    ip_address_object(ip, owner).to_string()
+}
+
+fn ip_address_object(ip: &str, owner: &str) -> Value {
     let (namespace, name) = owner.split_once('/').unwrap_or(("", owner));
     let family = ip
         .parse::<IpAddr>()
@@ -248,7 +263,6 @@ fn ip_address(ip: &str, owner: &str) -> String {
                                    "ipaddress.kubernetes.io/managed-by": "ipallocator.k8s.io"}},
            "spec": {"parentRef": {"group": "", "resource": "services",
                                   "namespace": namespace, "name": name}}})
-    .to_string()
 }
 
 fn owner(service: &Value) -> String {
@@ -714,6 +728,73 @@ pub async fn write_service(
     Err(ApiError::internal(
         "failed to allocate the service's addresses: too many concurrent allocations; try again",
     ))
+}
+
+/// Where versions before the IPAddress API recorded cluster IPs.
+const OLD_IP_PREFIX: &str = "/registry/seine/serviceips/";
+
+/// Gives every cluster IP of a stored Service its IPAddress where it has none (as
+/// kube-apiserver's IP repair loop does at start), then drops the records of earlier versions,
+/// which these replace. The IPAddress is written with the Service, at the revision read, so a
+/// Service deleted or changed meanwhile gets none.
+pub async fn repair(storage: &Storage) -> Result<(), ApiError> {
+    let recorded: std::collections::HashSet<String> =
+        storage.keys(IP_PREFIX).await?.into_iter().collect();
+    let services = storage
+        .list(
+            &crate::storage::list_prefix("services", None),
+            0,
+            None,
+            None,
+        )
+        .await?;
+    let mut repaired = 0;
+    for (service, etcd_key) in services.items.into_iter().zip(services.keys) {
+        let who = owner(&service);
+        let claim: Vec<(String, String)> = cluster_ips(&service["spec"])
+            .into_iter()
+            .filter(|ip| ip.parse::<IpAddr>().is_ok() && !recorded.contains(&ip_key(ip)))
+            .map(|ip| (ip_key(&ip), ip_address(&ip, &who)))
+            .collect();
+        if claim.is_empty() {
+            continue;
+        }
+        let (namespace, name) = who.split_once('/').unwrap_or_default();
+        let key = ObjectKey::new("services", Some(namespace), name);
+        let revision = crate::storage::resource_version(&service);
+        let claims = Claims {
+            claim,
+            release: Vec::new(),
+        };
+        match storage
+            .update_with(&key, service, Some(revision), &claims)
+            .await
+        {
+            Ok(_) => repaired += 1,
+            Err(
+                StorageError::Conflict { .. }
+                | StorageError::NotFound { .. }
+                | StorageError::Claimed(_),
+            ) => tracing::warn!(
+                service = %who,
+                key = %etcd_key,
+                "cluster IP not recorded: the service changed meanwhile or its address is another's"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let old = storage.keys(OLD_IP_PREFIX).await?;
+    for key in &old {
+        storage.delete_key(key).await?;
+    }
+    if repaired > 0 || !old.is_empty() {
+        tracing::info!(
+            services = repaired,
+            old_records = old.len(),
+            "cluster IPs without an IPAddress were given one"
+        );
+    }
+    Ok(())
 }
 
 /// The claims a deletion releases.

@@ -122,6 +122,7 @@ pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Res
         Ok(_) | Err(StorageError::AlreadyExists { .. }) => {}
         Err(e) => return Err(e.into()),
     }
+    alloc::repair(storage).await?;
     let ip = state.ranges.kubernetes_ip().to_string();
     let labels = json!({"component": "apiserver", "provider": "kubernetes"});
     let service = json!({"apiVersion": "v1", "kind": "Service",

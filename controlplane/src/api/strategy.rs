@@ -58,9 +58,8 @@ pub fn prepare_create(resource: &Resource, object: &mut Value) -> Result<(), Api
         "ServiceCIDR" => {
             let causes = validate_service_cidr(&object["spec"]);
             invalid("ServiceCIDR", object, causes)?;
-            object["status"] = json!({"conditions": [{"type": "Ready", "status": "True",
-                "reason": "", "message": "Kubernetes Service CIDR is ready",
-                "lastTransitionTime": super::handlers::now()}]});
+            // Ready is the service-cidr controller's to say.
+            object["status"] = json!({});
             Ok(())
         }
         "IPAddress" => {

@@ -20,6 +20,8 @@ macro_rules! for_kind {
             "Event" => Some($body::<k8s_openapi::api::core::v1::Event>($($arg),*)),
             "EndpointSlice" => Some($body::<k8s_openapi::api::discovery::v1::EndpointSlice>($($arg),*)),
             "Lease" => Some($body::<k8s_openapi::api::coordination::v1::Lease>($($arg),*)),
+            "ServiceCIDR" => Some($body::<k8s_openapi::api::networking::v1::ServiceCIDR>($($arg),*)),
+            "IPAddress" => Some($body::<k8s_openapi::api::networking::v1::IPAddress>($($arg),*)),
             "Job" => Some($body::<k8s_openapi::api::batch::v1::Job>($($arg),*)),
             "ClusterRole" => Some($body::<k8s_openapi::api::rbac::v1::ClusterRole>($($arg),*)),
             "ClusterRoleBinding" => Some($body::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>($($arg),*)),
