@@ -104,8 +104,8 @@ type ChainId = (&'static str, String);
 pub struct IptablesDatapath {
     backend: IptablesBackend,
     services: BTreeMap<Frontend, ServiceSpec>,
-    /// What the kernel holds, as last written by us: chain -> rules.
-    written: BTreeMap<ChainId, Vec<String>>,
+    /// What the kernel holds, as last written by us: each service and its rules.
+    written: BTreeMap<Frontend, (ServiceSpec, ServiceRules)>,
     synced_once: bool,
 }
 
@@ -131,45 +131,100 @@ impl IptablesDatapath {
     /// Rewrites every Seine chain, deletes stray ones and restores the jumps from the built-in
     /// chains.
     pub fn full_resync(&mut self) -> Result<(), DatapathError> {
-        let desired = render(&self.services);
-        let existing = self.existing_chains()?;
+        let rendered: BTreeMap<Frontend, ServiceRules> = self
+            .services
+            .iter()
+            .map(|(f, spec)| (*f, render_service(f, spec)))
+            .collect();
+        let desired = render(&rendered);
+        let present = self.present()?;
         let mut payload = Payload::default();
         for ((table, chain), rules) in &desired {
             payload.replace(table, chain, rules);
         }
-        for (table, chain) in existing {
+        for (table, chain) in present.chains {
             if !desired.contains_key(&(table, chain.clone())) {
                 payload.delete(table, &chain);
             }
         }
+        // The jumps go in with the chains, in the same transaction: a separate check and insert
+        // per jump would read (and on legacy, rewrite) the whole table each time.
+        for (table, chain, rule) in jumps() {
+            if !present.jumps.contains(&(table, chain)) {
+                payload.insert_first(table, chain, &rule);
+            }
+        }
         self.restore(&payload)?;
-        self.ensure_jumps()?;
-        self.written = desired;
+        self.written = rendered
+            .into_iter()
+            .filter_map(|(f, rules)| Some((f, (self.services.get(&f)?.clone(), rules))))
+            .collect();
         self.synced_once = true;
         Ok(())
     }
 
-    /// Writes only the chains whose rules differ from what was written last.
+    /// Writes only the services that differ from what was written last, and of those only the
+    /// chains whose rules differ (a services chain only when a service's line in it does): a
+    /// change costs the same with ten services or ten thousand, up to the backend's own cost.
     fn sync(&mut self) -> Result<(), DatapathError> {
         if !self.synced_once {
             return self.full_resync();
         }
-        let desired = render(&self.services);
+        let changed: BTreeSet<Frontend> = self
+            .services
+            .keys()
+            .chain(self.written.keys())
+            .filter(|f| self.services.get(f) != self.written.get(f).map(|(spec, _)| spec))
+            .copied()
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
         let mut payload = Payload::default();
-        for (id, rules) in &desired {
-            if self.written.get(id) != Some(rules) {
-                payload.replace(id.0, &id.1, rules);
+        let mut updates: BTreeMap<Frontend, Option<(ServiceSpec, ServiceRules)>> = BTreeMap::new();
+        let mut dispatch_tables = BTreeSet::new();
+        for f in &changed {
+            let old = self.written.get(f).map(|(_, rules)| rules);
+            let new = self
+                .services
+                .get(f)
+                .map(|spec| (spec.clone(), render_service(f, spec)));
+            let old_chains: BTreeMap<&String, &Vec<String>> = old
+                .iter()
+                .flat_map(|r| r.chains.iter().map(|(c, rules)| (c, rules)))
+                .collect();
+            let new_rules = new.as_ref().map(|(_, rules)| rules);
+            for (chain, rules) in new_rules.iter().flat_map(|r| &r.chains) {
+                if old_chains.get(chain) != Some(&rules) {
+                    payload.replace("nat", chain, rules);
+                }
             }
-        }
-        for id in self.written.keys() {
-            if !desired.contains_key(id) {
-                payload.delete(id.0, &id.1);
+            for chain in old_chains.keys() {
+                if !new_rules.is_some_and(|r| r.chains.iter().any(|(c, _)| c == *chain)) {
+                    payload.delete("nat", chain);
+                }
             }
+            let (old_line, new_line) = (old.map(|r| &r.dispatch), new_rules.map(|r| &r.dispatch));
+            if old_line != new_line {
+                dispatch_tables.extend(old_line.iter().chain(&new_line).map(|(t, _)| *t));
+            }
+            updates.insert(*f, new);
         }
-        if !payload.is_empty() {
-            self.restore(&payload)?;
+        let current = self.services.keys().filter_map(|f| match updates.get(f) {
+            Some(update) => update.as_ref().map(|(_, rules)| rules),
+            None => self.written.get(f).map(|(_, rules)| rules),
+        });
+        for table in dispatch_tables {
+            let ((table, chain), rules) = services_chain(table, current.clone());
+            payload.replace(table, &chain, &rules);
         }
-        self.written = desired;
+        self.restore(&payload)?;
+        for (f, update) in updates {
+            match update {
+                Some(entry) => self.written.insert(f, entry),
+                None => self.written.remove(&f),
+            };
+        }
         Ok(())
     }
 
@@ -195,78 +250,71 @@ impl IptablesDatapath {
         Some(if held < 10_000 { "-S" } else { "-Z" })
     }
 
-    /// Seine chains present in the kernel now: from nft's list of chains on the nft backend (a
-    /// third of a second at 110,000 chains, where iptables-nft-save takes a minute), else from
-    /// iptables-save.
-    fn existing_chains(&self) -> Result<Vec<ChainId>, DatapathError> {
+    /// Seine's chains in the kernel now, and which jumps into them the built-in chains hold. On
+    /// the nft backend the chains come from nft's list of chains (a third of a second at 110,000
+    /// chains, where iptables-nft-save takes a minute) and the built-in chains are listed one by
+    /// one (each alone is quick); on legacy one iptables-save per table gives both.
+    fn present(&self) -> Result<Present, DatapathError> {
+        let mut present = Present::default();
+        let wanted = jumps();
         if self.backend == IptablesBackend::Nft {
             if let Some(listed) = nft_chains() {
-                return Ok(listed
+                present.chains = listed
                     .into_iter()
                     .filter(|(_, c)| c.starts_with(CHAIN_PREFIX))
-                    .filter_map(|(t, c)| match t.as_str() {
-                        "filter" => Some(("filter", c)),
-                        "nat" => Some(("nat", c)),
-                        _ => None,
-                    })
-                    .collect());
+                    .filter_map(|(t, c)| Some((known_table(&t)?, c)))
+                    .collect();
+                for (table, chain, rule) in &wanted {
+                    let listing = self.list(&["-t", table, "-S", chain])?;
+                    if listing.lines().any(|l| is_jump(l, chain, rule)) {
+                        present.jumps.insert((*table, *chain));
+                    }
+                }
+                return Ok(present);
             }
         }
-        let mut chains = Vec::new();
         for table in ["filter", "nat"] {
-            let out = Command::new(self.backend.save())
-                .args(["-t", table])
-                .output()
-                .map_err(|e| {
-                    DatapathError::Iptables(format!("running {}: {e}", self.backend.save()))
-                })?;
-            // A crash must not read as "no chains": the stray ones would stay.
-            if !out.status.success() {
-                return Err(DatapathError::Iptables(format!(
-                    "{} -t {table} failed ({}): {}",
-                    self.backend.save(),
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let listing = self.list(&["-t", table])?;
+            for line in listing.lines() {
                 if let Some(name) = line
                     .strip_prefix(':')
                     .and_then(|l| l.split_whitespace().next())
                 {
                     if name.starts_with(CHAIN_PREFIX) {
-                        chains.push((table, name.to_string()));
+                        present.chains.push((table, name.to_string()));
+                    }
+                }
+                for (t, chain, rule) in &wanted {
+                    if *t == table && is_jump(line, chain, rule) {
+                        present.jumps.insert((*t, *chain));
                     }
                 }
             }
         }
-        Ok(chains)
+        Ok(present)
     }
 
-    fn ensure_jumps(&self) -> Result<(), DatapathError> {
-        for (table, chain, rule) in jumps() {
-            let ipt = self.backend.iptables();
-            let present = Command::new(&ipt)
-                .args(["-w", "-t", table, "-C", chain])
-                .args(&rule)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !present {
-                let out = Command::new(&ipt)
-                    .args(["-w", "-t", table, "-I", chain, "1"])
-                    .args(&rule)
-                    .output()
-                    .map_err(|e| DatapathError::Iptables(format!("running {ipt}: {e}")))?;
-                if !out.status.success() {
-                    return Err(DatapathError::Iptables(format!(
-                        "adding the jump from {table}/{chain}: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
-                }
-            }
+    /// The output of `iptables -w ARGS` (with `-S`) or else `iptables-save ARGS`; a failure is an
+    /// error, never an empty listing (which would read as "nothing there").
+    fn list(&self, args: &[&str]) -> Result<String, DatapathError> {
+        let (program, args): (String, Vec<&str>) = if args.contains(&"-S") {
+            (self.backend.iptables(), [&["-w"], args].concat())
+        } else {
+            (self.backend.save(), args.to_vec())
+        };
+        let out = Command::new(&program)
+            .args(&args)
+            .output()
+            .map_err(|e| DatapathError::Iptables(format!("running {program}: {e}")))?;
+        if !out.status.success() {
+            return Err(DatapathError::Iptables(format!(
+                "{program} {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
         }
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Removes every Seine rule and chain from this backend's tables.
@@ -287,7 +335,7 @@ impl IptablesDatapath {
             }
         }
         let mut payload = Payload::default();
-        for (table, chain) in dp.existing_chains()? {
+        for (table, chain) in dp.present()?.chains {
             payload.delete(table, &chain);
         }
         if !payload.is_empty() {
@@ -384,6 +432,44 @@ fn jumps() -> Vec<(&'static str, &'static str, Vec<String>)> {
     ]
 }
 
+/// What a full resync finds in the kernel before it writes.
+#[derive(Default)]
+struct Present {
+    chains: Vec<ChainId>,
+    /// (table, built-in chain) pairs whose jump into Seine's chains is there.
+    jumps: BTreeSet<(&'static str, &'static str)>,
+}
+
+fn known_table(table: &str) -> Option<&'static str> {
+    match table {
+        "filter" => Some("filter"),
+        "nat" => Some("nat"),
+        _ => None,
+    }
+}
+
+/// A rule's arguments as iptables-save prints them (arguments with spaces quoted).
+fn rule_text(rule: &[String]) -> String {
+    rule.iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Whether a listing's line is Seine's jump from `chain`.
+fn is_jump(line: &str, chain: &str, rule: &[String]) -> bool {
+    line.strip_prefix("-A ")
+        .and_then(|l| l.strip_prefix(chain))
+        .and_then(|l| l.strip_prefix(' '))
+        .is_some_and(|l| l.trim_end() == rule_text(rule))
+}
+
 fn chain_name(kind: &str, key: &str) -> String {
     let digest = Sha256::digest(key.as_bytes());
     let mut name = format!("{CHAIN_PREFIX}{kind}-");
@@ -405,80 +491,122 @@ fn ip4(ip: IpAddr) -> String {
     format!("{ip}/32")
 }
 
-/// Every Seine chain with its rules, for the whole desired state.
-fn render(services: &BTreeMap<Frontend, ServiceSpec>) -> BTreeMap<ChainId, Vec<String>> {
-    let mut chains: BTreeMap<ChainId, Vec<String>> = BTreeMap::new();
-    let mut nat_services = Vec::new();
-    let mut filter_services = Vec::new();
-    chains.insert(
-        ("nat", MARK_MASQ.to_string()),
-        vec![format!("-j MARK --or-mark {MASQ_MARK}")],
+/// One service's share of the rules: its line in a services chain (`nat` when it has endpoints,
+/// `filter`'s REJECT when not) and its own `nat` chains (the service chain and one per endpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServiceRules {
+    dispatch: (&'static str, String),
+    chains: Vec<(String, Vec<String>)>,
+}
+
+fn render_service(frontend: &Frontend, spec: &ServiceSpec) -> ServiceRules {
+    let proto = proto_args(frontend);
+    let fe = frontend.to_string();
+    let endpoints = usable_backends(spec);
+    if endpoints.is_empty() {
+        return ServiceRules {
+            dispatch: (
+                "filter",
+                format!(
+                    "-d {} {proto} --dport {} -m comment --comment \"{fe} has no endpoints\" -j REJECT --reject-with icmp-port-unreachable",
+                    ip4(frontend.ip),
+                    frontend.port
+                ),
+            ),
+            chains: Vec::new(),
+        };
+    }
+    let svc_chain = chain_name("SVC", &fe);
+    let dispatch = format!(
+        "-d {} {proto} --dport {} -m comment --comment \"{fe}\" -j {svc_chain}",
+        ip4(frontend.ip),
+        frontend.port
     );
-    chains.insert(
-        ("nat", POSTROUTING.to_string()),
-        vec![
-            format!("-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
-            format!("-j MARK --xor-mark {MASQ_MARK}"),
-            "-j MASQUERADE --random-fully".to_string(),
-        ],
-    );
-    for (frontend, spec) in services {
-        let proto = proto_args(frontend);
-        let fe = frontend.to_string();
-        let endpoints = usable_backends(spec);
-        if endpoints.is_empty() {
-            filter_services.push(format!(
-                "-d {} {proto} --dport {} -m comment --comment \"{fe} has no endpoints\" -j REJECT --reject-with icmp-port-unreachable",
-                ip4(frontend.ip),
-                frontend.port
+    let sep_chains: Vec<String> = endpoints
+        .iter()
+        .map(|b| chain_name("SEP", &format!("{fe} {}:{}", b.ip, b.port)))
+        .collect();
+    let mut svc_rules = Vec::new();
+    if let Some(timeout) = spec.affinity_timeout_secs {
+        for sep in &sep_chains {
+            svc_rules.push(format!(
+                "-m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}"
             ));
-            continue;
-        }
-        let svc_chain = chain_name("SVC", &fe);
-        nat_services.push(format!(
-            "-d {} {proto} --dport {} -m comment --comment \"{fe}\" -j {svc_chain}",
-            ip4(frontend.ip),
-            frontend.port
-        ));
-        let sep_chains: Vec<String> = endpoints
-            .iter()
-            .map(|b| chain_name("SEP", &format!("{fe} {}:{}", b.ip, b.port)))
-            .collect();
-        let mut svc_rules = Vec::new();
-        if let Some(timeout) = spec.affinity_timeout_secs {
-            for sep in &sep_chains {
-                svc_rules.push(format!(
-                    "-m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}"
-                ));
-            }
-        }
-        let n = sep_chains.len();
-        for (i, sep) in sep_chains.iter().enumerate() {
-            if i + 1 < n {
-                // Each rule takes 1/(remaining) of what reaches it: an even spread overall.
-                let p = 1.0 / (n - i) as f64;
-                svc_rules.push(format!(
-                    "-m statistic --mode random --probability {p:.11} -j {sep}"
-                ));
-            } else {
-                svc_rules.push(format!("-j {sep}"));
-            }
-        }
-        chains.insert(("nat", svc_chain), svc_rules);
-        for (b, sep) in endpoints.iter().zip(&sep_chains) {
-            let mut rules = vec![format!("-s {} -j {MARK_MASQ}", ip4(b.ip))];
-            if spec.affinity_timeout_secs.is_some() {
-                rules.push(format!("-m recent --name {sep} --set"));
-            }
-            rules.push(format!(
-                "{proto} -j DNAT --to-destination {}:{}",
-                b.ip, b.port
-            ));
-            chains.insert(("nat", sep.clone()), rules);
         }
     }
-    chains.insert(("nat", SERVICES.to_string()), nat_services);
-    chains.insert(("filter", SERVICES.to_string()), filter_services);
+    let n = sep_chains.len();
+    for (i, sep) in sep_chains.iter().enumerate() {
+        if i + 1 < n {
+            // Each rule takes 1/(remaining) of what reaches it: an even spread overall.
+            let p = 1.0 / (n - i) as f64;
+            svc_rules.push(format!(
+                "-m statistic --mode random --probability {p:.11} -j {sep}"
+            ));
+        } else {
+            svc_rules.push(format!("-j {sep}"));
+        }
+    }
+    let mut chains = vec![(svc_chain, svc_rules)];
+    for (b, sep) in endpoints.iter().zip(sep_chains) {
+        let mut rules = vec![format!("-s {} -j {MARK_MASQ}", ip4(b.ip))];
+        if spec.affinity_timeout_secs.is_some() {
+            rules.push(format!("-m recent --name {sep} --set"));
+        }
+        rules.push(format!(
+            "{proto} -j DNAT --to-destination {}:{}",
+            b.ip, b.port
+        ));
+        chains.push((sep, rules));
+    }
+    ServiceRules {
+        dispatch: ("nat", dispatch),
+        chains,
+    }
+}
+
+/// The chains that do not depend on the services: the masquerade mark and its POSTROUTING.
+fn fixed_chains() -> [(ChainId, Vec<String>); 2] {
+    [
+        (
+            ("nat", MARK_MASQ.to_string()),
+            vec![format!("-j MARK --or-mark {MASQ_MARK}")],
+        ),
+        (
+            ("nat", POSTROUTING.to_string()),
+            vec![
+                format!("-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
+                format!("-j MARK --xor-mark {MASQ_MARK}"),
+                "-j MASQUERADE --random-fully".to_string(),
+            ],
+        ),
+    ]
+}
+
+/// `table`'s services chain: every service's line there, in frontend order.
+fn services_chain<'a>(
+    table: &str,
+    services: impl Iterator<Item = &'a ServiceRules>,
+) -> (ChainId, Vec<String>) {
+    let table = if table == "nat" { "nat" } else { "filter" };
+    let rules = services
+        .filter(|r| r.dispatch.0 == table)
+        .map(|r| r.dispatch.1.clone())
+        .collect();
+    ((table, SERVICES.to_string()), rules)
+}
+
+/// Every Seine chain with its rules, for the whole desired state.
+fn render(services: &BTreeMap<Frontend, ServiceRules>) -> BTreeMap<ChainId, Vec<String>> {
+    let mut chains: BTreeMap<ChainId, Vec<String>> = fixed_chains().into_iter().collect();
+    for table in ["nat", "filter"] {
+        let (id, rules) = services_chain(table, services.values());
+        chains.insert(id, rules);
+    }
+    for rules in services.values() {
+        for (chain, chain_rules) in &rules.chains {
+            chains.insert(("nat", chain.clone()), chain_rules.clone());
+        }
+    }
     chains
 }
 
@@ -486,6 +614,9 @@ fn render(services: &BTreeMap<Frontend, ServiceSpec>) -> BTreeMap<ChainId, Vec<S
 #[derive(Default)]
 struct Payload {
     replace: BTreeMap<&'static str, Vec<(String, Vec<String>)>>,
+    /// Rules put first in built-in chains: the jumps into Seine's chains, whose targets must be
+    /// rewritten by the same payload.
+    insert: BTreeMap<&'static str, Vec<(&'static str, String)>>,
     delete: BTreeMap<&'static str, BTreeSet<String>>,
 }
 
@@ -497,6 +628,13 @@ impl Payload {
             .push((chain.to_string(), rules.to_vec()));
     }
 
+    fn insert_first(&mut self, table: &'static str, chain: &'static str, rule: &[String]) {
+        self.insert
+            .entry(table)
+            .or_default()
+            .push((chain, rule_text(rule)));
+    }
+
     fn delete(&mut self, table: &'static str, chain: &str) {
         self.delete
             .entry(table)
@@ -505,7 +643,9 @@ impl Payload {
     }
 
     fn is_empty(&self) -> bool {
-        self.replace.values().all(Vec::is_empty) && self.delete.values().all(BTreeSet::is_empty)
+        self.replace.values().all(Vec::is_empty)
+            && self.insert.values().all(Vec::is_empty)
+            && self.delete.values().all(BTreeSet::is_empty)
     }
 
     /// The restore's text; `prefetch(table, chains named)` gives the chainless command that
@@ -514,12 +654,23 @@ impl Payload {
         let mut out = String::new();
         for table in ["filter", "nat"] {
             let replace = self.replace.get(table).map(Vec::as_slice).unwrap_or(&[]);
+            let insert = self.insert.get(table).map(Vec::as_slice).unwrap_or(&[]);
             let delete = self.delete.get(table);
             let named = replace.len() + delete.map_or(0, BTreeSet::len);
-            if named == 0 {
+            if named == 0 && insert.is_empty() {
                 continue;
             }
             let _ = writeln!(out, "*{table}");
+            // Jumps first, each after its target's declaration: after a chainless prefetch of a
+            // table that did not exist yet, iptables-nft 1.8.9 finds no built-in chains to add
+            // rules to ("RULE_INSERT failed"). Only a full rewrite inserts, so the target is
+            // rewritten below anyway.
+            for (chain, rule) in insert {
+                if let Some(target) = rule.rsplit(' ').next() {
+                    let _ = writeln!(out, ":{target} - [0:0]");
+                }
+                let _ = writeln!(out, "-I {chain} 1 {rule}");
+            }
             if let Some(command) = prefetch(table, named) {
                 let _ = writeln!(out, "{command}");
             }
@@ -557,7 +708,12 @@ mod tests {
     }
 
     fn rendered(specs: &[ServiceSpec]) -> BTreeMap<ChainId, Vec<String>> {
-        render(&specs.iter().map(|s| (s.frontend, s.normalized())).collect())
+        render(
+            &specs
+                .iter()
+                .map(|s| (s.frontend, render_service(&s.frontend, &s.normalized())))
+                .collect(),
+        )
     }
 
     #[test]
@@ -658,6 +814,31 @@ mod tests {
         assert!(text.starts_with("*filter\n:SEINE-SERVICES"), "{text}");
         assert!(text.contains("*nat\n-Z\n:SEINE-SERVICES"), "{text}");
         assert!(!p.render(|_, _| None).contains("-Z\n"));
+    }
+
+    #[test]
+    fn jumps_are_recognised_in_listings_and_inserted_in_the_same_restore() {
+        let (table, chain, rule) = jumps().remove(3);
+        assert_eq!((table, chain), ("filter", "FORWARD"));
+        let listed = "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"seine service portals\" -j SEINE-SERVICES";
+        assert!(is_jump(listed, chain, &rule));
+        assert!(!is_jump(&listed.replace("FORWARD", "INPUT"), chain, &rule));
+        assert!(!is_jump(&listed.replace(" NEW", ""), chain, &rule));
+        let mut p = Payload::default();
+        p.replace("filter", SERVICES, &[]);
+        p.insert_first(table, chain, &rule);
+        let text = p.render(|_, _| None);
+        let declared = text.find(":SEINE-SERVICES").unwrap();
+        let inserted = text
+            .find(&format!("-I FORWARD 1 {}", &listed[11..]))
+            .unwrap();
+        assert!(declared < inserted, "{text}");
+        // Before a prefetch, which would leave a new table without its built-in chains.
+        let text = p.render(|_, _| Some("-S"));
+        assert!(
+            text.find(&listed[11..]).unwrap() < text.find("\n-S\n").unwrap(),
+            "{text}"
+        );
     }
 
     #[test]
