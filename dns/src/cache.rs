@@ -18,7 +18,7 @@ use hickory_proto::{
 use crate::{
     corefile::{self, in_zone, CacheBucket},
     metrics::{CacheLabels, CacheTypeLabels, Metrics},
-    server::Reply,
+    reply::Reply,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

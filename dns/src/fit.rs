@@ -11,7 +11,7 @@ use hickory_proto::{
 };
 use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 
-use crate::server::Reply;
+use crate::reply::Reply;
 
 /// The most a client takes: 512 bytes over UDP without EDNS0 (RFC 1035 4.2.1), the advertised
 /// buffer with it (which `handle_request` has already bounded), 64 KiB over TCP.

@@ -3,7 +3,7 @@
 //! of the Kubernetes DNS specification and CoreDNS's kubernetes plugin from a view of the cluster
 //! (`cluster`), that view built from the Kubernetes objects (`view`) and kept current by watches
 //! (`sync`, into a `handle`); the query path on hickory-server with CoreDNS's plugin chain
-//! (`server`, `cache`, `forward`) with answers cut to the client's size (`fit`), its metrics under CoreDNS's names (`metrics`), and the running
+//! (`server`, `cache`, `forward`) on one `reply` type, with answers cut to the client's size (`fit`), its metrics under CoreDNS's names (`metrics`), and the running
 //! server made from a Corefile, with reload and the HTTP endpoints (`app`, and the `seine-dns`
 //! binary). Without the default `server` feature the crate has no Kubernetes client (the fuzz
 //! target builds it that way).
@@ -17,6 +17,7 @@ pub mod fit;
 pub mod forward;
 pub mod handle;
 pub mod metrics;
+pub mod reply;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod sync;
