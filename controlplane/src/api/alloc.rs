@@ -247,10 +247,6 @@ async fn service_cidr_ranges(storage: &Storage) -> Result<Vec<IpRange>, ApiError
 
 /// The IPAddress object that records `ip` as the address of the service `owner` (ns/name).
 fn ip_address(ip: &str, owner: &str) -> String {
-    ip_address_object(ip, owner).to_string()
-}
-
-fn ip_address_object(ip: &str, owner: &str) -> Value {
     let (namespace, name) = owner.split_once('/').unwrap_or(("", owner));
     let family = ip
         .parse::<IpAddr>()
@@ -263,6 +259,7 @@ fn ip_address_object(ip: &str, owner: &str) -> Value {
                                    "ipaddress.kubernetes.io/managed-by": "ipallocator.k8s.io"}},
            "spec": {"parentRef": {"group": "", "resource": "services",
                                   "namespace": namespace, "name": name}}})
+    .to_string()
 }
 
 fn owner(service: &Value) -> String {

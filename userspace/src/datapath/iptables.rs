@@ -131,12 +131,12 @@ impl IptablesDatapath {
     /// Rewrites every Seine chain, deletes stray ones and restores the jumps from the built-in
     /// chains.
     pub fn full_resync(&mut self) -> Result<(), DatapathError> {
-        let rendered: BTreeMap<Frontend, ServiceRules> = self
+        let next: BTreeMap<Frontend, (ServiceSpec, ServiceRules)> = self
             .services
             .iter()
-            .map(|(f, spec)| (*f, render_service(f, spec)))
+            .map(|(f, spec)| (*f, (spec.clone(), render_service(f, spec))))
             .collect();
-        let desired = render(&rendered);
+        let desired = render(next.values().map(|(_, rules)| rules));
         let present = self.present()?;
         let mut payload = Payload::default();
         for ((table, chain), rules) in &desired {
@@ -155,10 +155,7 @@ impl IptablesDatapath {
             }
         }
         self.restore(&payload)?;
-        self.written = rendered
-            .into_iter()
-            .filter_map(|(f, rules)| Some((f, (self.services.get(&f)?.clone(), rules))))
-            .collect();
+        self.written = next;
         self.synced_once = true;
         Ok(())
     }
@@ -265,7 +262,8 @@ impl IptablesDatapath {
                     .filter_map(|(t, c)| Some((known_table(&t)?, c)))
                     .collect();
                 for (table, chain, rule) in &wanted {
-                    let listing = self.list(&["-t", table, "-S", chain])?;
+                    let listing =
+                        self.list(&self.backend.iptables(), &["-w", "-t", table, "-S", chain])?;
                     if listing.lines().any(|l| is_jump(l, chain, rule)) {
                         present.jumps.insert((*table, *chain));
                     }
@@ -274,7 +272,7 @@ impl IptablesDatapath {
             }
         }
         for table in ["filter", "nat"] {
-            let listing = self.list(&["-t", table])?;
+            let listing = self.list(&self.backend.save(), &["-t", table])?;
             for line in listing.lines() {
                 if let Some(name) = line
                     .strip_prefix(':')
@@ -294,16 +292,11 @@ impl IptablesDatapath {
         Ok(present)
     }
 
-    /// The output of `iptables -w ARGS` (with `-S`) or else `iptables-save ARGS`; a failure is an
-    /// error, never an empty listing (which would read as "nothing there").
-    fn list(&self, args: &[&str]) -> Result<String, DatapathError> {
-        let (program, args): (String, Vec<&str>) = if args.contains(&"-S") {
-            (self.backend.iptables(), [&["-w"], args].concat())
-        } else {
-            (self.backend.save(), args.to_vec())
-        };
-        let out = Command::new(&program)
-            .args(&args)
+    /// A listing's output (`iptables -S`, `iptables-save`); a failure is an error, never an empty
+    /// listing (which would read as "nothing there").
+    fn list(&self, program: &str, args: &[&str]) -> Result<String, DatapathError> {
+        let out = Command::new(program)
+            .args(args)
             .output()
             .map_err(|e| DatapathError::Iptables(format!("running {program}: {e}")))?;
         if !out.status.success() {
@@ -584,10 +577,9 @@ fn fixed_chains() -> [(ChainId, Vec<String>); 2] {
 
 /// `table`'s services chain: every service's line there, in frontend order.
 fn services_chain<'a>(
-    table: &str,
+    table: &'static str,
     services: impl Iterator<Item = &'a ServiceRules>,
 ) -> (ChainId, Vec<String>) {
-    let table = if table == "nat" { "nat" } else { "filter" };
     let rules = services
         .filter(|r| r.dispatch.0 == table)
         .map(|r| r.dispatch.1.clone())
@@ -596,13 +588,15 @@ fn services_chain<'a>(
 }
 
 /// Every Seine chain with its rules, for the whole desired state.
-fn render(services: &BTreeMap<Frontend, ServiceRules>) -> BTreeMap<ChainId, Vec<String>> {
+fn render<'a>(
+    services: impl Iterator<Item = &'a ServiceRules> + Clone,
+) -> BTreeMap<ChainId, Vec<String>> {
     let mut chains: BTreeMap<ChainId, Vec<String>> = fixed_chains().into_iter().collect();
     for table in ["nat", "filter"] {
-        let (id, rules) = services_chain(table, services.values());
+        let (id, rules) = services_chain(table, services.clone());
         chains.insert(id, rules);
     }
-    for rules in services.values() {
+    for rules in services {
         for (chain, chain_rules) in &rules.chains {
             chains.insert(("nat", chain.clone()), chain_rules.clone());
         }
@@ -708,12 +702,11 @@ mod tests {
     }
 
     fn rendered(specs: &[ServiceSpec]) -> BTreeMap<ChainId, Vec<String>> {
-        render(
-            &specs
-                .iter()
-                .map(|s| (s.frontend, render_service(&s.frontend, &s.normalized())))
-                .collect(),
-        )
+        let rules: Vec<ServiceRules> = specs
+            .iter()
+            .map(|s| render_service(&s.frontend, &s.normalized()))
+            .collect();
+        render(rules.iter())
     }
 
     #[test]
