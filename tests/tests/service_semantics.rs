@@ -305,6 +305,15 @@ fn pod_reaches_itself_through_its_own_service(mode: Mode) {
     set(&node, "10.96.0.70:80/tcp", &["client"], None);
     let answers = spread(&node, vip("10.96.0.70:80"), 10);
     assert_eq!(answers.get("client"), Some(&10), "{answers:?}");
+    // With a second endpoint the pod is one of two picks (the first, by its lower address):
+    // every connection still succeeds, those to itself too.
+    set(&node, "10.96.0.70:80/tcp", &["client", "backend-1"], None);
+    let answers = spread(&node, vip("10.96.0.70:80"), 40);
+    assert_eq!(answers.values().sum::<u64>(), 40, "{answers:?}");
+    assert!(
+        answers.get("client").is_some_and(|n| *n > 0) && answers.contains_key("backend-1"),
+        "{answers:?}"
+    );
 }
 
 fn bulk_transfer_keeps_its_checksum_with_offloads_off(mode: Mode) {
