@@ -458,6 +458,9 @@ pub struct Node {
     /// The Service/EndpointSlice file the agent watches, and what it holds.
     pub services_file: PathBuf,
     services: RefCell<BTreeMap<Frontend, ServiceSpec>>,
+    /// The cgroup (v2) that stands for the node's own processes: the agent's socket programs
+    /// hang there, so that nothing else on the machine meets them.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Node {
@@ -488,6 +491,11 @@ impl Node {
         ns.ip(&["link", "set", "svcrange", "up"])?;
         ns.ip(&["link", "set", "svcrange-peer", "up"])?;
         ns.ip(&["route", "add", SERVICE_RANGE, "dev", "svcrange"])?;
+        let cgroup =
+            seine::sock_lb::cgroup2_mount().map(|root| root.join(format!("seine-{prefix}")));
+        if let Some(dir) = &cgroup {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         let node = Node {
             bpffs_dir: PathBuf::from(BPFFS_ROOT).join(format!("seine-{prefix}")),
             services_file: std::env::temp_dir().join(format!("{prefix}-services.json")),
@@ -498,6 +506,7 @@ impl Node {
             agent_args: Vec::new(),
             agent_wrapper: Vec::new(),
             services: RefCell::new(BTreeMap::new()),
+            cgroup,
         };
         node.write_services()?;
         Ok(node)
@@ -633,6 +642,9 @@ impl Node {
         if !self.agent_args.iter().any(|a| a == "--services-file") {
             command.arg("--services-file").arg(&self.services_file);
         }
+        if let Some(cgroup) = &self.cgroup {
+            command.arg("--cgroup-root").arg(cgroup);
+        }
         let child = command
             .arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
@@ -675,6 +687,33 @@ impl Node {
             agent.stop()?;
         }
         Ok(())
+    }
+
+    /// Runs `program args` as one of the node's own processes (host network): in the node's
+    /// namespace and its cgroup. Returns stdout; fails with stderr when the program does.
+    pub fn host_exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let cgroup = self
+            .cgroup
+            .as_ref()
+            .context("no cgroup v2 hierarchy is mounted")?;
+        let script = r#"cg=$1 ns=$2; shift 2; echo $$ > "$cg/cgroup.procs" && exec nsenter --net="$ns" "$@""#;
+        let out = Command::new("sh")
+            .args(["-c", script, "sh"])
+            .arg(cgroup)
+            .arg(self.ns.path())
+            .arg(program)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {program}"))?;
+        if !out.status.success() {
+            bail!(
+                "{program} {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs seinectl against this node's maps; returns the whole output, failing or not.
@@ -796,6 +835,10 @@ impl Drop for Node {
         let _ = std::fs::remove_dir_all(&self.bpffs_dir);
         let _ = std::fs::remove_file(&self.services_file);
         seine::bpf::remove_node_files(&self.bpffs_dir);
+        // Empty once the processes run in it have exited.
+        if let Some(cgroup) = &self.cgroup {
+            let _ = std::fs::remove_dir(cgroup);
+        }
     }
 }
 

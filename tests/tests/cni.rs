@@ -496,8 +496,8 @@ fn chains_with_the_reference_portmap_plugin() {
 }
 
 /// hostPorts without portmap: seine-cni records the runtime's `portMappings` and the agent
-/// programs them in its own datapath, so a client outside the node and a pod on it reach the pod
-/// through the node's address; DEL closes the port again.
+/// programs them in its own datapath, so a client outside the node, a pod on it and the node's
+/// own processes reach the pod through the node's address; DEL closes the port again.
 fn host_ports_in_seines_own_datapath(tag: &str, datapath: &str) {
     let mut s = Standalone::new(tag);
     let client = Netns::create(&format!("{}-cl", s.node.prefix)).unwrap();
@@ -534,6 +534,18 @@ fn host_ports_in_seines_own_datapath(tag: &str, datapath: &str) {
         s.node.pod("peer").http_get(host_port).unwrap(),
         "web",
         "{datapath}: a pod on the node reaches the host port"
+    );
+    let from_node = s
+        .node
+        .host_exec(
+            "curl",
+            &["-sS", "--max-time", "3", "http://192.168.50.1:18080/"],
+        )
+        .unwrap();
+    assert_eq!(
+        from_node.trim(),
+        "web",
+        "{datapath}: the node's own processes reach the host port"
     );
     if datapath == "ebpf" {
         let lb = s.node.seinectl_json(&["bpf", "lb", "list"]).unwrap();

@@ -62,6 +62,7 @@ in_both_modes!(
     terminating_backends_serve_only_when_no_ready_backend_is_left,
     client_ip_affinity_holds_until_its_timeout,
     pod_reaches_itself_through_its_own_service,
+    the_nodes_own_processes_reach_services_and_see_the_service_as_peer,
     bulk_transfer_keeps_its_checksum_with_offloads_off,
     ten_thousand_services_are_programmed_and_the_last_is_reachable,
     agent_restart_during_a_request_loop_fails_no_request,
@@ -314,6 +315,62 @@ fn pod_reaches_itself_through_its_own_service(mode: Mode) {
         answers.get("client").is_some_and(|n| *n > 0) && answers.contains_key("backend-1"),
         "{answers:?}"
     );
+}
+
+/// A host-network client: TCP to `vip:80` and UDP to `vip:53`, printing the peer each socket
+/// reports and the answer, or `refused`.
+const HOST_CLIENT: &str = r#"
+import socket, sys
+vip = sys.argv[1]
+try:
+    s = socket.create_connection((vip, 80), timeout=3)
+except ConnectionRefusedError:
+    print("refused")
+    sys.exit(0)
+s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+peer = s.getpeername()
+print("tcp", "%s:%d" % peer, data.split(b"\r\n\r\n", 1)[-1].decode().strip())
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(3)
+u.sendto(b"ping", (vip, 53))
+msg, src = u.recvfrom(64)
+print("udp", "%s:%d" % src, msg.decode().strip())
+"#;
+
+/// The node's own processes (kubelet, host-network pods) reach services too: in eBPF mode at
+/// the socket, in the rule modes through the OUTPUT hooks; either way the peer they see is the
+/// service, and a service without endpoints refuses them at once.
+fn the_nodes_own_processes_reach_services_and_see_the_service_as_peer(mode: Mode) {
+    let node = ready_node("ho", 2, mode);
+    let both = ["backend-1", "backend-2"];
+    set(&node, "10.96.0.80:80/tcp", &both, None);
+    set(&node, "10.96.0.80:53/udp", &both, None);
+    let ask = || {
+        node.host_exec("python3", &["-c", HOST_CLIENT, "10.96.0.80"])
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", node.agent.as_ref().unwrap().log_text()))
+    };
+    let mut answered = HashSet::new();
+    for _ in 0..12 {
+        let out = ask();
+        let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split(' ').collect()).collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert_eq!(lines[0][..2], ["tcp", "10.96.0.80:80"], "{out}");
+        assert_eq!(lines[1][..2], ["udp", "10.96.0.80:53"], "{out}");
+        answered.insert(lines[0][2].to_string());
+        answered.insert(lines[1][2].to_string());
+    }
+    assert_eq!(answered, HashSet::from(both.map(String::from)));
+    if mode == Mode::Ebpf {
+        assert!(node.counter("sock_translated").unwrap() >= 24);
+    }
+    set(&node, "10.96.0.80:80/tcp", &[], None);
+    assert_eq!(ask().trim(), "refused");
 }
 
 fn bulk_transfer_keeps_its_checksum_with_offloads_off(mode: Mode) {

@@ -234,7 +234,7 @@ pub fn load(dir: &Path, sizes: MapSizes) -> Result<Ebpf, BpfError> {
 /// (or, for the counters, size) differs from what this version's programs read.
 fn check_pinned_layouts(dir: &Path) -> Result<(), BpfError> {
     use std::mem::size_of;
-    let expected: [(&str, usize, usize, u32); 7] = [
+    let expected: [(&str, usize, usize, u32); 9] = [
         (
             MAP_SERVICES,
             size_of::<ServiceKey>(),
@@ -252,6 +252,13 @@ fn check_pinned_layouts(dir: &Path) -> Result<(), BpfError> {
             0,
         ),
         (MAP_STATS, size_of::<u32>(), size_of::<u64>(), STAT_COUNT),
+        (MAP_SOCK_NETNS, size_of::<u32>(), size_of::<u64>(), 1),
+        (
+            MAP_SOCK_REVNAT,
+            size_of::<SockRevKey>(),
+            size_of::<RevNat>(),
+            0,
+        ),
     ];
     for (name, key, value, min_entries) in expected {
         let path = dir.join(name);

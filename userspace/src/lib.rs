@@ -12,3 +12,4 @@ pub mod net;
 pub mod nodenet;
 pub mod overlay;
 pub mod pins;
+pub mod sock_lb;

@@ -19,8 +19,16 @@ pub const MAP_CT: &str = "seine_ct";
 pub const MAP_REVNAT: &str = "seine_revnat";
 pub const MAP_AFFINITY: &str = "seine_affinity";
 pub const MAP_STATS: &str = "seine_stats";
+pub const MAP_SOCK_NETNS: &str = "seine_sock_netns";
+pub const MAP_SOCK_REVNAT: &str = "seine_sock_revnat";
 pub const PROG_FROM_POD: &str = "seine_from_pod";
 pub const PROG_TO_POD: &str = "seine_to_pod";
+/// The socket-level programs, each with the cgroup hook it attaches to.
+pub const PROG_SOCK_CONNECT4: &str = "seine_sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "seine_sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "seine_sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "seine_sock_getpeername4";
+pub const DEFAULT_SOCK_REVNAT_SIZE: u32 = 65_536;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -171,6 +179,17 @@ pub struct RevNat {
     pub _pad: u8,
 }
 
+/// A socket the node's own processes pointed at a service: (socket cookie, backend) -> the
+/// frontend, so that the peer a process reads back (getpeername, recvfrom) is the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
 /// ClientIP session affinity: (client, service) -> backend, refreshed on each new connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -205,7 +224,9 @@ pub const STAT_DROP_REJECT_FAILED: u32 = 10;
 pub const STAT_DROP_NAT_FAILED: u32 = 11;
 /// A connection that bypasses the service reused the tuple of an earlier translated flow.
 pub const STAT_CT_TUPLE_REUSED: u32 = 12;
-pub const STAT_COUNT: u32 = 13;
+/// A connect or send of the node's own processes sent to a backend at the socket.
+pub const STAT_SOCK_TRANSLATED: u32 = 13;
+pub const STAT_COUNT: u32 = 14;
 
 /// Counter names, indexed as above; seinectl and the agent's metrics use them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -222,6 +243,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_reject_failed",
     "drop_nat_failed",
     "ct_tuple_reused",
+    "sock_translated",
 ];
 
 #[cfg(feature = "user")]
@@ -238,4 +260,5 @@ mod pod {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SockRevKey {}
 }

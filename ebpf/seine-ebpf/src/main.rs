@@ -4,7 +4,8 @@
 //! map, picks a backend (conntrack, then ClientIP affinity, then a random ready backend, then a random
 //! terminating one), records the flow and rewrites the destination. A service with no backend is
 //! answered with ICMP port unreachable, as kube-proxy's REJECT does. `seine_to_pod` (tc egress: packets
-//! entering the pod) restores the service address on replies.
+//! entering the pod) restores the service address on replies. The node's own processes are served
+//! at the socket instead (`sock`).
 #![no_std]
 #![no_main]
 
@@ -12,6 +13,7 @@ mod csum;
 mod maps;
 mod packet;
 mod reject;
+mod sock;
 
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
@@ -73,7 +75,7 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
             backend
         }
         None => {
-            let Some((backend_id, backend)) = select_backend(&svc, &t, now) else {
+            let Some((backend_id, backend)) = select_backend(&svc, t.saddr, now) else {
                 count(STAT_NO_BACKEND);
                 return Ok(reject::port_unreachable(ctx, t.proto));
             };
@@ -234,9 +236,10 @@ fn tcp_lifetime(flags: u8) -> u64 {
     }
 }
 
-fn select_backend(svc: &ServiceValue, t: &Tuple, now: u64) -> Option<(u32, Backend)> {
+/// A backend for a new flow from `client` (the key of its ClientIP affinity).
+fn select_backend(svc: &ServiceValue, client: u32, now: u64) -> Option<(u32, Backend)> {
     let affinity_key = AffinityKey {
-        client: [t.saddr, 0, 0, 0],
+        client: [client, 0, 0, 0],
         service_id: svc.service_id,
         family: FAMILY_V4,
         _pad: [0; 3],

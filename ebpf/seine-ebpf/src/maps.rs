@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use seine_common::*;
 
@@ -27,6 +27,15 @@ pub static REVNAT: HashMap<u32, RevNat> = HashMap::pinned(DEFAULT_MAX_SERVICES, 
 #[map(name = "seine_affinity")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(DEFAULT_AFFINITY_SIZE, 0);
+
+/// The network namespace cookie of the node whose processes the socket programs serve (0: none
+/// yet). The programs hang off a cgroup, which processes of every namespace share.
+#[map(name = "seine_sock_netns")]
+pub static SOCK_NETNS: Array<u64> = Array::pinned(1, 0);
+
+#[map(name = "seine_sock_revnat")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, RevNat> =
+    LruHashMap::pinned(DEFAULT_SOCK_REVNAT_SIZE, 0);
 
 #[map(name = "seine_stats")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);

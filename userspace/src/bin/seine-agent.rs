@@ -34,7 +34,7 @@ use seine::{
     hostport,
     k8s::Objects,
     model::ServiceSpec,
-    nodenet,
+    nodenet, sock_lb,
 };
 use seine_common::STAT_NAMES;
 use tracing::{error, info, warn};
@@ -76,6 +76,14 @@ struct Args {
     ct_size: u32,
     #[arg(long, default_value_t = seine_common::DEFAULT_AFFINITY_SIZE)]
     affinity_size: u32,
+    /// Serve the node's own processes (host network) at the socket, as Cilium's socket LB does:
+    /// in eBPF mode their connects and sends to a service or host port go straight to a backend.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_lb: bool,
+    /// The cgroup v2 directory whose processes' sockets are served [default: the root of the
+    /// unified hierarchy, as mounted].
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
     /// Remove Seine's filters from matching interfaces, its pinned maps and its iptables chains,
     /// then exit.
     #[arg(long)]
@@ -754,6 +762,7 @@ fn start_ebpf(args: &Args) -> anyhow::Result<Active> {
         bpf::attach(&mut ebpf, &name)?;
         attached.insert(name, index);
     }
+    start_socket_lb(args, &mut ebpf);
     // Rules a previous iptables-mode agent left would translate the same traffic twice.
     for backend in iptables_backends(args) {
         if let Err(e) = IptablesDatapath::cleanup(backend) {
@@ -774,6 +783,29 @@ fn start_ebpf(args: &Args) -> anyhow::Result<Active> {
         uplinks: Vec::new(),
         last_gc: Instant::now(),
     })
+}
+
+/// Socket load balancing is a part of the eBPF mode that a node can lack (no cgroup v2, an old
+/// kernel) while pods are still served: its failure is logged, not a reason to fall back.
+fn start_socket_lb(args: &Args, ebpf: &mut aya::Ebpf) {
+    if !args.socket_lb {
+        sock_lb::detach(&args.bpffs_dir);
+        return;
+    }
+    let Some(cgroup) = args.cgroup_root.clone().or_else(sock_lb::cgroup2_mount) else {
+        warn!("socket load balancing off: no cgroup v2 hierarchy is mounted (give --cgroup-root)");
+        return;
+    };
+    match sock_lb::attach(ebpf, &args.bpffs_dir, &cgroup) {
+        Ok(()) => {
+            info!(cgroup = %cgroup.display(), "socket load balancing on for this node's processes")
+        }
+        Err(e) => warn!(
+            cgroup = %cgroup.display(),
+            "socket load balancing off: {:#}; the node's own processes do not reach services",
+            anyhow::Error::from(e)
+        ),
+    }
 }
 
 fn start_rules(args: &Args, fallback_reason: Option<String>) -> anyhow::Result<Active> {
