@@ -516,7 +516,7 @@ fn release_bpffs() -> Result<()> {
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     setup()?;
-    // seine-ebpf builds only for the BPF target, from userspace/build.rs.
+    // seine-ebpf builds only for the BPF target, from userspace/agent/build.rs.
     let exclude = ["--workspace", "--exclude", "seine-ebpf"];
     check(cargo_in(root).arg("build").args(exclude))?;
     check(cargo_in(root).args(["fmt", "--all", "--", "--check"]))?;

@@ -8,14 +8,14 @@ use anyhow::Context as _;
 fn main() -> anyhow::Result<()> {
     let manifest_dir =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?);
-    let root = manifest_dir.join("../ebpf/seine-ebpf");
+    let root = manifest_dir.join("../../ebpf/seine-ebpf");
     let root = root
         .canonicalize()
         .with_context(|| format!("eBPF crate not found at {}", root.display()))?;
     let root_dir = root.to_str().context("eBPF crate path is not UTF-8")?;
     println!(
         "cargo:rerun-if-changed={}",
-        manifest_dir.join("../ebpf/seine-common").display()
+        manifest_dir.join("../../ebpf/seine-common").display()
     );
     aya_build::build_ebpf(
         [aya_build::Package {
