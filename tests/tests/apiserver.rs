@@ -63,6 +63,28 @@ fn kubectl_sees_the_system_namespaces_and_manages_objects() {
         .kubectl_ok(&["get", "configmaps", "-l", "app=db", "-o", "name"])
         .unwrap();
     assert!(none.trim().is_empty(), "{none}");
+    // Set-based selectors, as kubectl sends them.
+    for (selector, found) in [
+        ("app in (db,web)", true),
+        ("app notin (web)", false),
+        ("app,!legacy", true),
+        ("app in (db)", false),
+    ] {
+        let selected = server
+            .kubectl_ok(&["get", "configmaps", "-l", selector, "-o", "name"])
+            .unwrap();
+        assert_eq!(
+            selected.trim() == "configmap/web",
+            found,
+            "{selector}: {selected}"
+        );
+    }
+    let refused = server
+        .kubectl(&["get", "configmaps", "-l", "app in ()"])
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("unable to parse requirement"), "{stderr}");
 
     let deleted = server.kubectl_ok(&["delete", "configmap", "web"]).unwrap();
     assert!(deleted.contains("deleted"), "{deleted}");

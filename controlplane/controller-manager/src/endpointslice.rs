@@ -35,6 +35,7 @@ use kube::{
     Api, Client, ResourceExt as _,
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
+use seine_apimachinery::labels::Selector;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -109,11 +110,7 @@ fn selects(service: &Service, pod: &Pod) -> bool {
     let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
         return false;
     };
-    if selector.is_empty() || service.namespace() != pod.namespace() {
-        return false;
-    }
-    let labels = pod.labels();
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    service.namespace() == pod.namespace() && Selector::from_map(selector).matches(pod.labels())
 }
 
 /// Runs the controllers until a watch ends for good.

@@ -699,18 +699,18 @@ async fn sync(ctx: &Context, jobs: &Api<Job>, mut job: Job) -> Result<Action, Jo
     let valid_index = |p: &Pod| completion_index(p).filter(|i| index_limit.is_some_and(|c| *i < c));
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let selector = spec.selector.clone().unwrap_or_default();
-    let server_selector: Vec<String> = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    let listed = pods_api
-        .list(&ListParams::default().labels(&server_selector.join(",")))
-        .await?;
     let pod_selector = Selector::from_label_selector(Some(&selector));
+    // The server filters by the whole selector, set-based expressions too; one with an unknown
+    // operator selects nothing, so there is nothing to ask for.
+    let listed = if pod_selector.is_nothing() {
+        Vec::new()
+    } else {
+        pods_api
+            .list(&ListParams::default().labels(&pod_selector.to_string()))
+            .await?
+            .items
+    };
     let pods: Vec<Pod> = listed
-        .items
         .into_iter()
         .filter(|p| controller_ref(p).is_some_and(|o| o.uid == uid))
         .filter(|p| pod_selector.matches(p.labels()))

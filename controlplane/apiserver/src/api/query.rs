@@ -1,6 +1,7 @@
-//! Query parameters of list, watch and deletecollection requests: label and field selectors,
-//! continue tokens, percent-decoding.
+//! Query parameters of list, watch and deletecollection requests: label selectors (set-based, from
+//! `seine-apimachinery`), field selectors, continue tokens, percent-decoding.
 
+use seine_apimachinery::labels;
 use serde_json::Value;
 
 use super::status::ApiError;
@@ -37,9 +38,9 @@ pub fn decode_continue(token: &str) -> Result<(String, i64), ApiError> {
 }
 
 /// The label and field selectors of a list, watch or deletecollection request.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct Selector {
-    labels: Vec<LabelRequirement>,
+    labels: labels::Selector,
     /// (field path, value, negated).
     fields: Vec<(&'static str, String, bool)>,
 }
@@ -82,10 +83,16 @@ fn selectable_fields(kind: &str) -> &'static [&'static str] {
 impl Selector {
     /// The selectors among a request's parameters, for objects of `kind`.
     pub fn from_params(params: &[(String, String)], kind: &str) -> Result<Self, ApiError> {
-        let mut selector = Selector::default();
+        let mut selector = Selector {
+            labels: labels::Selector::everything(),
+            fields: Vec::new(),
+        };
         for (key, value) in params {
             match key.as_str() {
-                "labelSelector" => selector.labels.extend(parse_label_selector(value)?),
+                "labelSelector" => selector.labels.extend(
+                    labels::Selector::parse(value)
+                        .map_err(|e| ApiError::bad_request(e.to_string()))?,
+                ),
                 "fieldSelector" => {
                     for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
                         let (field, wanted, negated) = if let Some((f, v)) = part.split_once("!=") {
@@ -125,11 +132,13 @@ impl Selector {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty() && self.fields.is_empty()
+        self.labels.is_everything() && self.fields.is_empty()
     }
 
     pub fn matches(&self, object: &Value) -> bool {
-        self.labels.iter().all(|r| r.matches(object))
+        let labels = &object["metadata"]["labels"];
+        self.labels
+            .matches_by(|k| labels.get(k).and_then(Value::as_str))
             && self.fields.iter().all(|(field, value, negated)| {
                 let actual = field.split('.').fold(object, |v, part| &v[part]);
                 let actual = match actual {
@@ -143,64 +152,25 @@ impl Selector {
     }
 }
 
-/// One requirement of an equality-based label selector.
-#[derive(Debug, PartialEq, Clone)]
-enum LabelRequirement {
-    Equals(String, String),
-    NotEquals(String, String),
-    Exists(String),
-    NotExists(String),
-}
-
-impl LabelRequirement {
-    fn matches(&self, object: &Value) -> bool {
-        let labels = &object["metadata"]["labels"];
-        let label = |k: &str| labels.get(k).and_then(Value::as_str);
-        match self {
-            LabelRequirement::Equals(k, v) => label(k) == Some(v.as_str()),
-            LabelRequirement::NotEquals(k, v) => label(k) != Some(v.as_str()),
-            LabelRequirement::Exists(k) => label(k).is_some(),
-            LabelRequirement::NotExists(k) => label(k).is_none(),
-        }
-    }
-}
-
-fn parse_label_selector(text: &str) -> Result<Vec<LabelRequirement>, ApiError> {
-    let mut out = Vec::new();
-    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let requirement = if let Some((k, v)) = part.split_once("!=") {
-            LabelRequirement::NotEquals(k.trim().into(), v.trim().into())
-        } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
-            LabelRequirement::Equals(k.trim().into(), v.trim().into())
-        } else if let Some(k) = part.strip_prefix('!') {
-            LabelRequirement::NotExists(k.trim().into())
-        } else if part
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-        {
-            LabelRequirement::Exists(part.into())
-        } else {
-            return Err(ApiError::bad_request(format!(
-                "unable to parse requirement: {part:?}"
-            )));
-        };
-        out.push(requirement);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     #[test]
-    fn label_selectors_parse_equality_and_existence() {
-        let sel = parse_label_selector("app=web,tier!=db,env,!legacy").unwrap();
-        assert_eq!(sel.len(), 4);
+    fn label_selectors_take_equality_sets_and_existence() {
+        let params = |text: &str| vec![("labelSelector".to_string(), text.to_string())];
         let obj = json!({"metadata": {"labels": {"app": "web", "env": "prod"}}});
-        assert!(sel.iter().all(|r| r.matches(&obj)));
-        assert!(parse_label_selector("a in (b)").is_err());
+        let sel = Selector::from_params(&params("app=web,tier!=db,env,!legacy"), "Pod").unwrap();
+        assert!(sel.matches(&obj));
+        let sel = Selector::from_params(&params("app in (db,web),env notin (dev)"), "Pod").unwrap();
+        assert!(sel.matches(&obj));
+        let sel = Selector::from_params(&params("app in (db)"), "Pod").unwrap();
+        assert!(!sel.matches(&obj));
+        assert!(Selector::from_params(&params("app in ()"), "Pod").is_err());
+        assert!(Selector::from_params(&params(""), "Pod")
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -1,136 +1,32 @@
-//! Label selectors (`matchLabels` / `matchExpressions`), node selector terms (node affinity) and
-//! taint tolerations, with the API's rules: a null label selector matches nothing and an empty
-//! one everything; node selector terms are ORed and an empty term matches nothing.
+//! Node selector terms (node affinity) and taint tolerations, with the API's rules: node selector
+//! terms are ORed and an empty term matches nothing. Label selectors are apimachinery's.
 
-use std::collections::BTreeMap;
+use k8s_openapi::api::core::v1::{NodeSelectorRequirement, NodeSelectorTerm, Taint, Toleration};
 
-use k8s_openapi::{
-    api::core::v1::{NodeSelectorRequirement, NodeSelectorTerm, Taint, Toleration},
-    apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement},
-};
+pub use seine_apimachinery::labels::{Labels, Requirement, Selector};
 
-pub type Labels = BTreeMap<String, String>;
-
-/// One requirement of a label selector.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Requirement {
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    DoesNotExist(String),
-}
-
-impl Requirement {
-    pub fn matches(&self, labels: &Labels) -> bool {
-        match self {
-            Requirement::In(k, values) => labels.get(k).is_some_and(|v| values.contains(v)),
-            Requirement::NotIn(k, values) => labels.get(k).is_none_or(|v| !values.contains(v)),
-            Requirement::Exists(k) => labels.contains_key(k),
-            Requirement::DoesNotExist(k) => !labels.contains_key(k),
-        }
-    }
-}
-
-/// A parsed label selector; `None` requirements means it matches nothing (an invalid or null
-/// selector).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Selector {
-    requirements: Option<Vec<Requirement>>,
-}
-
-impl Selector {
-    pub fn nothing() -> Self {
-        Selector { requirements: None }
-    }
-
-    /// `matchLabels` as a map (a Service's selector). An empty map selects nothing, as a
-    /// Service without a selector has no pods of its own.
-    pub fn from_map(map: &Labels) -> Self {
-        if map.is_empty() {
-            return Selector::nothing();
-        }
-        Selector {
-            requirements: Some(
-                map.iter()
-                    .map(|(k, v)| Requirement::In(k.clone(), vec![v.clone()]))
-                    .collect(),
-            ),
-        }
-    }
-
-    pub fn from_label_selector(selector: Option<&LabelSelector>) -> Self {
-        let Some(selector) = selector else {
-            return Selector::nothing();
-        };
-        let mut out = Vec::new();
-        for (k, v) in selector.match_labels.iter().flatten() {
-            out.push(Requirement::In(k.clone(), vec![v.clone()]));
-        }
-        for e in selector.match_expressions.iter().flatten() {
-            match requirement(e) {
-                Some(r) => out.push(r),
-                None => return Selector::nothing(),
-            }
-        }
-        Selector {
-            requirements: Some(out),
-        }
-    }
-
-    pub fn push(&mut self, r: Requirement) {
-        if let Some(reqs) = &mut self.requirements {
-            reqs.push(r);
-        }
-    }
-
-    pub fn matches(&self, labels: &Labels) -> bool {
-        self.requirements
-            .as_ref()
-            .is_some_and(|reqs| reqs.iter().all(|r| r.matches(labels)))
-    }
-
-    pub fn is_everything(&self) -> bool {
-        self.requirements.as_ref().is_some_and(Vec::is_empty)
-    }
-}
-
-fn requirement(e: &LabelSelectorRequirement) -> Option<Requirement> {
-    let values = e.values.clone().unwrap_or_default();
-    Some(match e.operator.as_str() {
-        "In" => Requirement::In(e.key.clone(), values),
-        "NotIn" => Requirement::NotIn(e.key.clone(), values),
-        "Exists" => Requirement::Exists(e.key.clone()),
-        "DoesNotExist" => Requirement::DoesNotExist(e.key.clone()),
+/// A node selector requirement as a label requirement; None for an unknown operator or a `Gt`
+/// or `Lt` without exactly one integer, which match no node.
+fn node_requirement(r: &NodeSelectorRequirement) -> Option<Requirement> {
+    let values = r.values.clone().unwrap_or_default();
+    let key = r.key.clone();
+    let bound = || match values.as_slice() {
+        [one] => one.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    Some(match r.operator.as_str() {
+        "In" => Requirement::In(key, values),
+        "NotIn" => Requirement::NotIn(key, values),
+        "Exists" => Requirement::Exists(key),
+        "DoesNotExist" => Requirement::DoesNotExist(key),
+        "Gt" => Requirement::Gt(key, bound()?),
+        "Lt" => Requirement::Lt(key, bound()?),
         _ => return None,
     })
 }
 
 fn node_requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool {
-    let values = r.values.as_deref().unwrap_or_default();
-    let number = |s: &str| s.trim().parse::<i64>().ok();
-    match r.operator.as_str() {
-        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
-        "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        "Gt" | "Lt" => {
-            let (Some(v), Some(bound)) = (
-                value.and_then(number),
-                values.first().and_then(|b| number(b)),
-            ) else {
-                return false;
-            };
-            if values.len() != 1 {
-                return false;
-            }
-            if r.operator == "Gt" {
-                v > bound
-            } else {
-                v < bound
-            }
-        }
-        _ => false,
-    }
+    node_requirement(r).is_some_and(|req| req.matches_value(value))
 }
 
 /// Whether a node (its name and labels) matches one node selector term: every expression on
@@ -191,24 +87,6 @@ mod tests {
             operator: op.into(),
             values: Some(values.iter().map(|v| v.to_string()).collect()),
         }
-    }
-
-    #[test]
-    fn label_selectors_follow_the_api_rules() {
-        let l = labels(&[("app", "db"), ("tier", "back")]);
-        assert!(!Selector::from_label_selector(None).matches(&l));
-        assert!(Selector::from_label_selector(Some(&LabelSelector::default())).matches(&l));
-        let s = LabelSelector {
-            match_labels: Some([("app".to_string(), "db".to_string())].into()),
-            match_expressions: Some(vec![LabelSelectorRequirement {
-                key: "tier".into(),
-                operator: "NotIn".into(),
-                values: Some(vec!["front".into()]),
-            }]),
-        };
-        assert!(Selector::from_label_selector(Some(&s)).matches(&l));
-        assert!(!Selector::from_label_selector(Some(&s)).matches(&labels(&[("app", "web")])));
-        assert!(!Selector::from_map(&Labels::new()).matches(&l));
     }
 
     #[test]

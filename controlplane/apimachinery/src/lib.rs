@@ -1,0 +1,7 @@
+//! What Seine's components share that does no I/O, staged as Kubernetes stages its apimachinery:
+//! types and rules every client of the API applies the same way.
+//!
+//! - `labels`: label selectors, from the string form (`kubectl get -l`, `?labelSelector=`) or a
+//!   `LabelSelector` object, and matching them against an object's labels.
+
+pub mod labels;
