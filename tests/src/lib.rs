@@ -12,6 +12,7 @@ pub mod cni_bench;
 pub mod controllers;
 pub mod dns;
 pub mod dns_bench;
+pub mod echo;
 pub mod endpoints_bench;
 pub mod etcd;
 pub mod objects;

@@ -3,7 +3,6 @@
 
 pub mod bpf;
 pub mod datapath;
-pub mod echo;
 pub mod hostport;
 pub mod inspect;
 pub mod k8s;

@@ -24,14 +24,14 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(e) = seine::echo::spawn_all(args.listen, &args.name) {
+    if let Err(e) = seine_tests::echo::spawn_all(args.listen, &args.name) {
         eprintln!("seine-echo: listening on {}: {e}", args.listen);
         return ExitCode::from(1);
     }
     if let Some(addr) = args.stream_echo {
         match std::net::TcpListener::bind(addr) {
             Ok(listener) => {
-                std::thread::spawn(move || seine::echo::serve_stream_echo(listener));
+                std::thread::spawn(move || seine_tests::echo::serve_stream_echo(listener));
             }
             Err(e) => {
                 eprintln!("seine-echo: listening on {addr}: {e}");
