@@ -18,6 +18,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use seine_apimachinery::duration;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("Corefile line {line}: {message}")]
 pub struct CorefileError {
@@ -226,59 +228,6 @@ pub fn parse_blocks(
         return err(1, "no server block");
     }
     Ok(blocks)
-}
-
-/// The longest duration Go's `time.Duration` holds (2562047h47m16.854775807s): CoreDNS reads
-/// its Corefile with Go, and no timer or deadline here can overflow below it.
-pub const MAX_DURATION: Duration = Duration::new(9_223_372_036, 854_775_807);
-
-/// Why a Corefile duration was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DurationError {
-    /// Not a Go duration (`5s`, `500ms`, `1m30s`, `2h`).
-    Malformed,
-    /// Longer than [`MAX_DURATION`].
-    TooLarge,
-}
-
-/// A Go-style duration: `5s`, `500ms`, `1m30s`, `2h`, at most [`MAX_DURATION`].
-pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
-    if text.is_empty() {
-        return Err(DurationError::Malformed);
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let number: f64 = rest[..digits]
-            .parse()
-            .map_err(|_| DurationError::Malformed)?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let seconds = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(DurationError::Malformed),
-        };
-        rest = &rest[unit_len..];
-        // A huge number of digits reads as infinity; both that and an overflowing sum are
-        // "too large", never a panic.
-        let term =
-            Duration::try_from_secs_f64(number * seconds).map_err(|_| DurationError::TooLarge)?;
-        total = total
-            .checked_add(term)
-            .filter(|t| *t <= MAX_DURATION)
-            .ok_or(DurationError::TooLarge)?;
-    }
-    Ok(total)
 }
 
 /// Where a server block listens, and for which zones.
@@ -522,14 +471,9 @@ fn address(text: &str, default_port: u16, line: usize) -> Result<SocketAddr, Cor
 
 fn duration_arg(d: &Directive, index: usize) -> Result<Duration, CorefileError> {
     let text = d.args.get(index).map(String::as_str).unwrap_or_default();
-    parse_duration(text).map_err(|e| CorefileError {
+    duration::parse(text).map_err(|e| CorefileError {
         line: d.line,
-        message: match e {
-            DurationError::Malformed => format!("{}: {text:?} is not a duration (like 5s)", d.name),
-            DurationError::TooLarge => {
-                format!("{}: {text:?} is too large (at most 2562047h)", d.name)
-            }
-        },
+        message: format!("{}: {text:?} is {e}", d.name),
     })
 }
 
@@ -1115,38 +1059,6 @@ dns://.:{$PORT} {
             let e = parse(text, 53, &no_env).unwrap_err();
             assert_eq!(e.line, line, "{text:?}: {e}");
             assert!(e.to_string().contains(words), "{text:?}: {e}");
-        }
-    }
-
-    #[test]
-    fn durations_read_as_go_writes_them() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
-        assert_eq!(
-            parse_duration("2562047h"),
-            Ok(Duration::from_secs(2562047 * 3600))
-        );
-        assert_eq!(parse_duration("5"), Err(DurationError::Malformed));
-        assert_eq!(parse_duration(""), Err(DurationError::Malformed));
-        assert_eq!(parse_duration("5 s"), Err(DurationError::Malformed));
-        for huge in [
-            "2562048h",
-            "99999999999999999999h",
-            "6000000000000000000s1s",
-            &"9".repeat(400),
-        ] {
-            let huge = if huge.ends_with(['h', 's']) {
-                huge.to_string()
-            } else {
-                format!("{huge}s")
-            };
-            assert_eq!(
-                parse_duration(&huge),
-                Err(DurationError::TooLarge),
-                "{huge}"
-            );
         }
     }
 

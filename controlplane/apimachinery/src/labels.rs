@@ -5,6 +5,7 @@
 
 use std::{collections::BTreeMap, fmt};
 
+#[cfg(feature = "k8s-openapi")]
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
 pub type Labels = BTreeMap<String, String>;
@@ -109,6 +110,7 @@ impl Selector {
     }
 
     /// A spec's selector object; an expression with an unknown operator makes it select nothing.
+    #[cfg(feature = "k8s-openapi")]
     pub fn from_label_selector(selector: Option<&LabelSelector>) -> Self {
         let Some(selector) = selector else {
             return Selector::nothing();
@@ -189,6 +191,7 @@ impl fmt::Display for Selector {
     }
 }
 
+#[cfg(feature = "k8s-openapi")]
 fn expression(e: &LabelSelectorRequirement) -> Option<Requirement> {
     let values = e.values.clone().unwrap_or_default();
     Some(match e.operator.as_str() {
@@ -439,6 +442,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "k8s-openapi")]
     fn selector_objects_follow_the_api_rules() {
         let l = labels(&[("app", "db"), ("tier", "back")]);
         assert!(!Selector::from_label_selector(None).matches(&l));

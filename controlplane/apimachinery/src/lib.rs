@@ -3,5 +3,7 @@
 //!
 //! - `labels`: label selectors, from the string form (`kubectl get -l`, `?labelSelector=`) or a
 //!   `LabelSelector` object, and matching them against an object's labels.
+//! - `duration`: durations as Go writes them, for flags and the Corefile.
 
+pub mod duration;
 pub mod labels;

@@ -29,42 +29,7 @@ use crate::{
     metrics,
 };
 
-/// A duration as Kubernetes flags write it: `40s`, `5m`, `1h30m`, `500ms` (a bare number is
-/// seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(seconds) = text.parse::<f64>() {
-        return Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"));
-    }
-    let mut total = 0f64;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("{text:?}: a number needs a unit (ms, s, m, h)"))?;
-        let (number, tail) = rest.split_at(digits);
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("{text:?}: not a duration"))?;
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, next) = tail.split_at(unit_len);
-        total += value
-            * match unit {
-                "ms" => 0.001,
-                "s" => 1.0,
-                "m" => 60.0,
-                "h" => 3600.0,
-                _ => return Err(format!("{text:?}: unknown unit {unit:?}")),
-            };
-        rest = next;
-    }
-    if text.is_empty() {
-        return Err("an empty duration".into());
-    }
-    Duration::try_from_secs_f64(total).map_err(|e| format!("{text:?}: {e}"))
-}
+pub use seine_apimachinery::duration::parse_flag as parse_duration;
 
 /// The flags both daemons take, with kube-controller-manager's and kube-scheduler's names.
 #[derive(Debug, Clone, clap::Args)]
@@ -314,21 +279,4 @@ where
         }
     }
     outcome
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_as_kubernetes_writes_them() {
-        assert_eq!(parse_duration("40s"), Ok(Duration::from_secs(40)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("4x").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("s").is_err());
-    }
 }
