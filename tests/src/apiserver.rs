@@ -80,6 +80,14 @@ impl ApiServer {
         })
     }
 
+    /// SIGTERM, then the exit status (a kill after 5 s, if it comes to that).
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        match &mut self.process {
+            Some(process) => process.stop(),
+            None => bail!("seine-apiserver is not running"),
+        }
+    }
+
     /// The server's process, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(Process::pid)
