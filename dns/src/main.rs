@@ -61,21 +61,12 @@ fn normalized_args() -> Vec<String> {
 
 fn main() -> ExitCode {
     let args = Args::parse_from(normalized_args());
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(if args.quiet {
-            "error"
-        } else {
-            "info,hickory_server=warn,hickory_proto=warn,hickory_net=warn"
-        })
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_json {
-        builder.json().init();
+    let filter = if args.quiet {
+        "error"
     } else {
-        builder.init();
-    }
+        "info,hickory_server=warn,hickory_proto=warn,hickory_net=warn"
+    };
+    seine_component_base::init_logging(args.log_json, filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -109,7 +109,7 @@ impl ApiServer {
 
     /// A kube-rs client with the admin kubeconfig, as Seine's agents make one.
     pub async fn kube_client(&self) -> kube::Client {
-        seine::nodenet::client(Some(&self.kubeconfig))
+        seine_component_base::client(Some(&self.kubeconfig))
             .await
             .expect("a client from the admin kubeconfig")
     }

@@ -51,7 +51,9 @@ fn the_agent_exits_0_on_sigterm_and_leaves_the_datapath_serving() {
     let spec = "10.96.0.90:80/tcp".parse().unwrap();
     node.set_service(seine::model::ServiceSpec {
         frontend: spec,
-        backends: vec![format!("{}:8080", node.pod("backend-1").ip).parse().unwrap()],
+        backends: vec![format!("{}:8080", node.pod("backend-1").ip)
+            .parse()
+            .unwrap()],
         affinity_timeout_secs: None,
     })
     .unwrap();
@@ -60,5 +62,8 @@ fn the_agent_exits_0_on_sigterm_and_leaves_the_datapath_serving() {
     assert!(status.success(), "{status}:\n{}", agent.log_text());
     node.agent = None;
     let answer = node.pod("client").http_get(vip("10.96.0.90:80")).unwrap();
-    assert_eq!(answer, "backend-1", "the pinned datapath serves without its agent");
+    assert_eq!(
+        answer, "backend-1",
+        "the pinned datapath serves without its agent"
+    );
 }

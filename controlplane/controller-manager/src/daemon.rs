@@ -17,10 +17,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use axum::{extract::State, http::StatusCode, routing::get, Router};
-use kube::{
-    config::{KubeConfigOptions, Kubeconfig},
-    Client, Config,
-};
+use kube::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -61,36 +58,6 @@ pub struct DaemonArgs {
     /// Logs as JSON lines.
     #[arg(long)]
     pub log_json: bool,
-}
-
-pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-/// The API client: `--kubeconfig` when given, else what kube infers.
-pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("the kubeconfig {}", path.display()))?
-        }
-        None => Config::infer()
-            .await
-            .context("no --kubeconfig and no in-cluster or default configuration")?,
-    };
-    Client::try_from(config).context("building the API client")
 }
 
 /// This machine's hostname ("seine" when it cannot be read).
@@ -158,18 +125,11 @@ async fn serve_health(
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.
-fn stop_on_signals(token: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+fn stop_on_signals(token: CancellationToken) {
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: stopping"),
-            _ = int.recv() => info!("SIGINT: stopping"),
-        }
+        seine_component_base::stop_signal().await;
         token.cancel();
     });
-    Ok(())
 }
 
 /// Runs a daemon: logs, health and metrics on `default_port` (unless `--port`), then `work`
@@ -181,7 +141,7 @@ where
     F: FnOnce(Client, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    init_logging(args.log_json);
+    seine_component_base::init_logging(args.log_json, "info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -215,13 +175,13 @@ where
         bail!("--leader-elect-renew-deadline must be shorter than --leader-elect-lease-duration");
     }
     let shutdown = CancellationToken::new();
-    stop_on_signals(shutdown.clone())?;
+    stop_on_signals(shutdown.clone());
     let health = Health {
         ready: Arc::new(AtomicBool::new(false)),
     };
     let addr = SocketAddr::new(args.bind_address, args.port.unwrap_or(default_port));
     serve_health(addr, health.clone(), shutdown.clone()).await?;
-    let client = client(args.kubeconfig.as_ref()).await?;
+    let client = seine_component_base::client(args.kubeconfig.as_deref()).await?;
 
     let lease_name = args
         .leader_elect_resource_name

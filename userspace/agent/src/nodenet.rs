@@ -90,24 +90,6 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeNetError
     move |source| NodeNetError::Io { context, source }
 }
 
-/// A client from a kubeconfig file, or the in-cluster configuration (a DaemonSet's service
-/// account) when none is given.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, kube::Error> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file =
-                kube::config::Kubeconfig::read_from(path).map_err(kube::Error::InferKubeconfig)?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .map_err(kube::Error::InferKubeconfig)?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(kube::Error::InferConfig)?,
-    };
-    Client::try_from(config)
-}
-
 fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
     node.status
         .as_ref()?

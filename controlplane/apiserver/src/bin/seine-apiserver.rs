@@ -86,13 +86,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    seine_component_base::init_logging(false, "info");
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -234,7 +228,7 @@ async fn run(args: Args) -> Result<()> {
     let storage = state.storage.clone();
     let app = api::router(state);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
-    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut shutdown = std::pin::pin!(seine_component_base::stop_signal());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -317,17 +311,4 @@ fn admin_token(dir: &std::path::Path) -> Result<String> {
         .with_context(|| format!("writing {}", path.display()))?;
     file.write_all(token.as_bytes())?;
     Ok(token)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = tokio::signal::ctrl_c() => {},
-            }
-        }
-        Err(_) => std::future::pending::<()>().await,
-    }
 }

@@ -229,7 +229,7 @@ struct Shared {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.log_format);
+    seine_component_base::init_logging(args.log_format == LogFormat::Json, "info");
     match run(args) {
         Ok(code) => code,
         Err(e) => {
@@ -237,18 +237,6 @@ fn main() -> ExitCode {
             eprintln!("seine-agent: {e:#}");
             ExitCode::from(1)
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }
 
@@ -284,7 +272,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::from(2));
             }
-            match runtime.block_on(nodenet::client(args.kubeconfig.as_deref())) {
+            match runtime.block_on(seine_component_base::client(args.kubeconfig.as_deref())) {
                 Ok(client) => Some(client),
                 Err(e) => {
                     eprintln!("seine-agent: the API server client: {e}");
@@ -346,7 +334,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let server_shared = shared.clone();
     runtime.spawn(async move {
         let shutdown = async move {
-            wait_for_signal().await;
+            seine_component_base::stop_signal().await;
             server_shared.stopping.store(true, Ordering::SeqCst);
         };
         if let Err(e) = axum::serve(listener, app)
@@ -973,21 +961,5 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             [("content-type", "text/plain")],
             e.to_string(),
         ),
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the default action (exit) still applies.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
     }
 }
