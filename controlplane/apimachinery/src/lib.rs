@@ -4,6 +4,10 @@
 //! - `labels`: label selectors, from the string form (`kubectl get -l`, `?labelSelector=`) or a
 //!   `LabelSelector` object, and matching them against an object's labels.
 //! - `duration`: durations as Go writes them, for flags and the Corefile.
+//! - `jwt` (feature `jwt`): the service account token key, shared by the API server and the
+//!   controller manager.
 
 pub mod duration;
+#[cfg(feature = "jwt")]
+pub mod jwt;
 pub mod labels;

@@ -11,26 +11,12 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use base64::Engine as _;
-use ring::{
-    rand::SystemRandom,
-    signature::{self, EcdsaKeyPair, KeyPair as _, UnparsedPublicKey},
-};
+use seine_apimachinery::jwt::SigningKey;
+pub use seine_apimachinery::jwt::LEGACY_ISSUER;
 use serde_json::{json, Value};
 
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn unb64(text: &str) -> Result<Vec<u8>, String> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(text)
-        .map_err(|_| "the token is not base64url".to_string())
-}
-
 pub struct TokenSigner {
-    key: EcdsaKeyPair,
-    key_id: String,
+    key: SigningKey,
     pub issuer: String,
     pub audiences: Vec<String>,
 }
@@ -45,9 +31,6 @@ pub struct TokenClaims {
     pub pod: Option<(String, String)>,
     pub expires: i64,
 }
-
-/// The issuer of legacy (Secret-based) tokens, as kube-controller-manager writes them.
-pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
 
 /// What a valid legacy token says: the Secret that holds it and the service account it names.
 /// It is good only while that Secret still holds it and the service account has that uid.
@@ -70,25 +53,18 @@ impl TokenSigner {
     /// Reads the PKCS#8 P-256 key at `path` (`--service-account-signing-key-file`), creating one
     /// there (0600) when the file does not exist.
     pub fn load_or_generate(path: &Path, issuer: &str, audiences: Vec<String>) -> Result<Self> {
-        use tokio_rustls::rustls::pki_types::{pem::PemObject as _, PrivatePkcs8KeyDer};
         if !path.exists() {
             let key = rcgen::KeyPair::generate()?;
             super::tls::write_private(path, &key.serialize_pem())?;
         }
-        let der = PrivatePkcs8KeyDer::from_pem_file(path)
+        let pem = std::fs::read_to_string(path)
             .with_context(|| format!("reading the service account key {}", path.display()))?;
-        let key = EcdsaKeyPair::from_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            der.secret_pkcs8_der(),
-            &SystemRandom::new(),
-        )
-        .map_err(|e| anyhow::anyhow!("{}: not a PKCS#8 P-256 key: {e}", path.display()))?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref());
+        let key =
+            SigningKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if issuer.is_empty() {
             bail!("--service-account-issuer must not be empty");
         }
         Ok(TokenSigner {
-            key_id: b64(&digest.as_ref()[..16]),
             key,
             issuer: issuer.to_string(),
             audiences,
@@ -124,17 +100,7 @@ impl TokenSigner {
 
     /// `payload` as a JWT signed with this server's key.
     fn sign(&self, payload: &Value) -> Result<String> {
-        let header = json!({"alg": "ES256", "kid": self.key_id, "typ": "JWT"});
-        let signing_input = format!(
-            "{}.{}",
-            b64(header.to_string().as_bytes()),
-            b64(payload.to_string().as_bytes())
-        );
-        let signature = self
-            .key
-            .sign(&SystemRandom::new(), signing_input.as_bytes())
-            .map_err(|_| anyhow::anyhow!("signing the token failed"))?;
-        Ok(format!("{signing_input}.{}", b64(signature.as_ref())))
+        self.key.sign(payload).map_err(anyhow::Error::msg)
     }
 
     /// Checks a bound token's signature, issuer, audience and lifetime; returns what it claims.
@@ -156,27 +122,7 @@ impl TokenSigner {
 
     /// The payload of a token whose signature this server's key made.
     fn signed_claims(&self, token: &str) -> Result<Value, String> {
-        let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(sig), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err("not a JWT".into());
-        };
-        let header: Value = serde_json::from_slice(&unb64(header)?)
-            .map_err(|_| "the token header is not JSON".to_string())?;
-        if header["alg"] != "ES256" {
-            return Err(format!("unsupported token algorithm {}", header["alg"]));
-        }
-        let public = UnparsedPublicKey::new(
-            &signature::ECDSA_P256_SHA256_FIXED,
-            self.key.public_key().as_ref(),
-        );
-        let signed = token.rsplit_once('.').map(|(s, _)| s).unwrap_or_default();
-        public
-            .verify(signed.as_bytes(), &unb64(sig)?)
-            .map_err(|_| "invalid token signature".to_string())?;
-        serde_json::from_slice(&unb64(payload)?)
-            .map_err(|_| "the token payload is not JSON".to_string())
+        self.key.verify(token)
     }
 
     /// What a signed bound token claims, once its issuer, audience and lifetime are checked.
@@ -276,7 +222,8 @@ mod tests {
         let other = signer.issue(&claims, &["vault".into()], 1_000).unwrap();
         assert!(signer.verify(&other, 1_500).is_err());
         let mut parts: Vec<&str> = token.split('.').collect();
-        let forged = b64(br#"{"iss":"x"}"#);
+        use base64::Engine as _;
+        let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"iss":"x"}"#);
         parts[1] = &forged;
         assert!(signer
             .verify(&parts.join("."), 1_500)

@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use base64::Engine as _;
 use k8s_openapi::{
     api::core::v1::{Secret, ServiceAccount},
     ByteString,
@@ -15,11 +14,7 @@ use kube::{
     runtime::{controller, reflector::ObjectRef, watcher, Controller},
     Api, Client, ResourceExt as _,
 };
-use ring::{
-    rand::SystemRandom,
-    signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING},
-};
-use serde_json::json;
+use seine_apimachinery::jwt::{self, SigningKey};
 use tracing::{debug, info};
 
 use super::{api_code, drive, error_policy, reconciled, Context, Error, CONCURRENT_SYNCS};
@@ -31,20 +26,13 @@ pub const SERVICE_ACCOUNT_NAME_ANNOTATION: &str = "kubernetes.io/service-account
 /// The annotation the controller sets to the service account's uid.
 pub const SERVICE_ACCOUNT_UID_ANNOTATION: &str = "kubernetes.io/service-account.uid";
 /// The issuer of legacy tokens (kube's `serviceaccount.LegacyIssuer`).
-pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+pub use jwt::LEGACY_ISSUER;
 
-fn b64url(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// Signs legacy service account tokens with a PKCS#8 P-256 key (its Debug shows only the
-/// public half).
+/// Signs legacy service account tokens with the API server's key (its Debug shows only the
+/// key id).
 #[derive(Debug)]
 pub struct TokenGenerator {
-    key: EcdsaKeyPair,
-    /// As the API server names the same key in its tokens' headers.
-    key_id: String,
-    rng: SystemRandom,
+    key: SigningKey,
 }
 
 impl TokenGenerator {
@@ -60,33 +48,15 @@ impl TokenGenerator {
 
     /// A generator for the first `PRIVATE KEY` (PKCS#8) block of `pem`.
     pub fn from_pem(pem: &str) -> Result<Self, String> {
-        use rustls_pki_types::{pem::PemObject as _, PrivatePkcs8KeyDer};
-        let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| {
-            if pem.contains("-----BEGIN EC PRIVATE KEY-----") {
-                "a SEC1 key; convert it to PKCS#8 (openssl pkcs8 -topk8 -nocrypt)".to_string()
-            } else {
-                "no PEM PRIVATE KEY block".to_string()
-            }
-        })?;
-        let rng = SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P256_SHA256_FIXED_SIGNING,
-            der.secret_pkcs8_der(),
-            &rng,
-        )
-        .map_err(|e| format!("not a PKCS#8 P-256 key: {e}"))?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref());
         Ok(TokenGenerator {
-            key_id: b64url(&digest.as_ref()[..16]),
-            key,
-            rng,
+            key: SigningKey::from_pem(pem)?,
         })
     }
 
     /// The uncompressed P-256 point that verifies this generator's tokens.
     #[cfg(test)]
     pub fn public_key(&self) -> &[u8] {
-        self.key.public_key().as_ref()
+        self.key.public_key()
     }
 
     /// A legacy token for the service account `namespace/name` (`uid`) held in Secret `secret`,
@@ -98,25 +68,9 @@ impl TokenGenerator {
         uid: &str,
         secret: &str,
     ) -> Result<String, Error> {
-        let header = json!({"alg": "ES256", "kid": self.key_id, "typ": "JWT"});
-        let claims = json!({
-            "iss": LEGACY_ISSUER,
-            "sub": format!("system:serviceaccount:{namespace}:{name}"),
-            "kubernetes.io/serviceaccount/namespace": namespace,
-            "kubernetes.io/serviceaccount/secret.name": secret,
-            "kubernetes.io/serviceaccount/service-account.name": name,
-            "kubernetes.io/serviceaccount/service-account.uid": uid,
-        });
-        let signing_input = format!(
-            "{}.{}",
-            b64url(header.to_string().as_bytes()),
-            b64url(claims.to_string().as_bytes())
-        );
-        let signature = self
-            .key
-            .sign(&self.rng, signing_input.as_bytes())
-            .map_err(|_| Error::Signing)?;
-        Ok(format!("{signing_input}.{}", b64url(signature.as_ref())))
+        self.key
+            .sign(&jwt::legacy_claims(namespace, name, uid, secret))
+            .map_err(|_| Error::Signing)
     }
 }
 
@@ -280,8 +234,16 @@ fn filled(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
     use kube::api::ObjectMeta;
-    use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
+    use ring::{
+        rand::SystemRandom,
+        signature::{
+            EcdsaKeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED,
+            ECDSA_P256_SHA256_FIXED_SIGNING,
+        },
+    };
+    use serde_json::json;
 
     fn generator() -> TokenGenerator {
         let der =
