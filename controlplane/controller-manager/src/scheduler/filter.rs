@@ -6,11 +6,12 @@
 
 use std::collections::HashSet;
 
+pub use super::framework::{Plugin, Rejection};
 use super::{
     cluster::{Cluster, NodeUsage},
     node::{no_schedule, NodeInfo, UNSCHEDULABLE},
-    pod::PodInfo,
-    selector::{term_matches, tolerated, Labels},
+    pod::{node_affinity_matches, PodInfo},
+    selector::{tolerated, Labels},
     topology_spread::SpreadFilter,
 };
 
@@ -22,37 +23,6 @@ pub const AFFINITY_REASON: &str = "node(s) didn't match pod affinity rules";
 pub const ANTI_AFFINITY_REASON: &str = "node(s) didn't match pod anti-affinity rules";
 pub const EXISTING_ANTI_AFFINITY_REASON: &str =
     "node(s) didn't satisfy existing pods anti-affinity rules";
-
-/// The filter (kube-scheduler's plugin) that turned a node down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Plugin {
-    NodeUnschedulable,
-    TaintToleration,
-    NodeAffinity,
-    NodePorts,
-    NodeResourcesFit,
-    PodTopologySpread,
-    InterPodAffinity,
-}
-
-/// Why a node cannot take the pod. `unresolvable` when evicting pods would not help either
-/// (kube-scheduler's UnschedulableAndUnresolvable).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    pub plugin: Plugin,
-    pub reasons: Vec<String>,
-    pub unresolvable: bool,
-}
-
-impl Rejection {
-    pub(super) fn new(plugin: Plugin, reason: impl Into<String>, unresolvable: bool) -> Self {
-        Rejection {
-            plugin,
-            reasons: vec![reason.into()],
-            unresolvable,
-        }
-    }
-}
 
 type Pair = (String, String);
 
@@ -189,19 +159,6 @@ impl<'a> Filters<'a> {
         }
         Ok(())
     }
-}
-
-pub(super) fn node_affinity_matches(pod: &PodInfo, node: &NodeInfo) -> bool {
-    let selector_ok = pod
-        .node_selector
-        .iter()
-        .all(|(k, v)| node.labels.get(k) == Some(v));
-    selector_ok
-        && pod.required_node_affinity.as_ref().is_none_or(|terms| {
-            terms
-                .iter()
-                .any(|t| term_matches(t, &node.name, &node.labels))
-        })
 }
 
 fn resources_fit(pod: &PodInfo, node: &NodeInfo, usage: &NodeUsage) -> Result<(), Rejection> {

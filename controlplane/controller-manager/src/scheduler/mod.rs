@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod filter;
+pub mod framework;
 pub mod node;
 pub mod placement;
 pub mod pod;

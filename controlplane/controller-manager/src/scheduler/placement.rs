@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::{
     cluster::{Cluster, NodeUsage},
-    filter::{Filters, Plugin, Rejection},
+    filter::Filters,
+    framework::{Plugin, Rejection},
     node::NodeInfo,
     pod::PodInfo,
     score,

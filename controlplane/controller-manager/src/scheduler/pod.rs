@@ -12,10 +12,12 @@ use k8s_openapi::api::core::v1::{
     Container, NodeSelectorTerm, Pod, PodAffinityTerm, PodSpec, Toleration,
 };
 
+use k8s_openapi::api::core::v1::TopologySpreadConstraint;
+
 use super::{
+    node::NodeInfo,
     quantity::{milli_value, Resources},
-    selector::{Labels, Requirement, Selector},
-    topology_spread::SpreadConstraint,
+    selector::{term_matches, tolerated, Labels, Requirement, Selector},
 };
 
 /// kube-scheduler's stand-ins for a container that requests no CPU or memory, used only to
@@ -391,6 +393,79 @@ impl PodInfo {
     pub fn has_affinity_terms(&self) -> bool {
         !self.required_affinity.is_empty() || !self.required_anti_affinity.is_empty()
     }
+}
+
+/// One constraint, its selector completed from `matchLabelKeys`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpreadConstraint {
+    pub max_skew: i64,
+    pub topology_key: String,
+    /// `DoNotSchedule` (a filter) rather than `ScheduleAnyway` (a score).
+    pub hard: bool,
+    pub selector: Selector,
+    pub min_domains: i64,
+    /// nodeAffinityPolicy: Honor (the default) counts only nodes the pod's node selector and
+    /// required node affinity accept.
+    pub honor_node_affinity: bool,
+    /// nodeTaintsPolicy: Honor counts only nodes whose taints the pod tolerates (default Ignore).
+    pub honor_taints: bool,
+}
+
+impl SpreadConstraint {
+    /// None for a `whenUnsatisfiable` the API does not know (the API server rejects those).
+    pub fn parse(c: &TopologySpreadConstraint, pod_labels: &Labels) -> Option<Self> {
+        let hard = match c.when_unsatisfiable.as_str() {
+            "DoNotSchedule" => true,
+            "ScheduleAnyway" => false,
+            _ => return None,
+        };
+        let mut selector = Selector::from_label_selector(c.label_selector.as_ref());
+        for key in c.match_label_keys.iter().flatten() {
+            if let Some(v) = pod_labels.get(key) {
+                selector.push(Requirement::In(key.clone(), vec![v.clone()]));
+            }
+        }
+        Some(SpreadConstraint {
+            max_skew: i64::from(c.max_skew),
+            topology_key: c.topology_key.clone(),
+            hard,
+            selector,
+            min_domains: i64::from(c.min_domains.unwrap_or(1)),
+            honor_node_affinity: c.node_affinity_policy.as_deref() != Some("Ignore"),
+            honor_taints: c.node_taints_policy.as_deref() == Some("Honor"),
+        })
+    }
+
+    /// Whether `node`'s pods count towards this constraint's domains.
+    pub fn includes(&self, pod: &PodInfo, node: &NodeInfo) -> bool {
+        if self.honor_node_affinity && !node_affinity_matches(pod, node) {
+            return false;
+        }
+        if self.honor_taints {
+            let untolerated = node.taints.iter().any(|t| {
+                (t.effect == "NoSchedule" || t.effect == "NoExecute")
+                    && !tolerated(&pod.tolerations, t)
+            });
+            if untolerated {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Whether `node` passes the pod's node selector and required node affinity.
+pub fn node_affinity_matches(pod: &PodInfo, node: &NodeInfo) -> bool {
+    let selector_ok = pod
+        .node_selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k) == Some(v));
+    selector_ok
+        && pod.required_node_affinity.as_ref().is_none_or(|terms| {
+            terms
+                .iter()
+                .any(|t| term_matches(t, &node.name, &node.labels))
+        })
 }
 
 #[cfg(test)]

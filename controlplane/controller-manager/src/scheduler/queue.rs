@@ -11,7 +11,7 @@ use std::{
 };
 
 use super::{
-    filter::Plugin,
+    framework::Plugin,
     pod::{PodInfo, PodKey},
 };
 

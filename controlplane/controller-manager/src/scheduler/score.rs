@@ -6,13 +6,13 @@
 
 use super::{
     cluster::{Cluster, NodeUsage},
+    framework::MAX_NODE_SCORE,
     node::NodeInfo,
     pod::PodInfo,
     selector::{term_matches, tolerates, Selector},
     topology_spread,
 };
 
-pub const MAX_NODE_SCORE: i64 = 100;
 const LEAST_ALLOCATED_WEIGHT: i64 = 1;
 const BALANCED_ALLOCATION_WEIGHT: i64 = 1;
 const SPREAD_WEIGHT: i64 = 2;

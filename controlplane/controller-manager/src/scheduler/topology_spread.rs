@@ -5,79 +5,17 @@
 
 use std::collections::HashMap;
 
-use k8s_openapi::api::core::v1::TopologySpreadConstraint;
-
 use super::{
     cluster::{Cluster, NodeUsage},
-    filter::{node_affinity_matches, Plugin, Rejection},
+    framework::{Plugin, Rejection, MAX_NODE_SCORE},
     node::{NodeInfo, HOSTNAME},
-    pod::PodInfo,
-    score::MAX_NODE_SCORE,
-    selector::{tolerated, Labels, Requirement, Selector},
+    pod::{PodInfo, SpreadConstraint},
+    selector::Selector,
 };
 
 pub const MISSING_LABEL_REASON: &str =
     "node(s) didn't match pod topology spread constraints (missing required label)";
 pub const SKEW_REASON: &str = "node(s) didn't match pod topology spread constraints";
-
-/// One constraint, its selector completed from `matchLabelKeys`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpreadConstraint {
-    pub max_skew: i64,
-    pub topology_key: String,
-    /// `DoNotSchedule` (a filter) rather than `ScheduleAnyway` (a score).
-    pub hard: bool,
-    pub selector: Selector,
-    pub min_domains: i64,
-    /// nodeAffinityPolicy: Honor (the default) counts only nodes the pod's node selector and
-    /// required node affinity accept.
-    pub honor_node_affinity: bool,
-    /// nodeTaintsPolicy: Honor counts only nodes whose taints the pod tolerates (default Ignore).
-    pub honor_taints: bool,
-}
-
-impl SpreadConstraint {
-    /// None for a `whenUnsatisfiable` the API does not know (the API server rejects those).
-    pub fn parse(c: &TopologySpreadConstraint, pod_labels: &Labels) -> Option<Self> {
-        let hard = match c.when_unsatisfiable.as_str() {
-            "DoNotSchedule" => true,
-            "ScheduleAnyway" => false,
-            _ => return None,
-        };
-        let mut selector = Selector::from_label_selector(c.label_selector.as_ref());
-        for key in c.match_label_keys.iter().flatten() {
-            if let Some(v) = pod_labels.get(key) {
-                selector.push(Requirement::In(key.clone(), vec![v.clone()]));
-            }
-        }
-        Some(SpreadConstraint {
-            max_skew: i64::from(c.max_skew),
-            topology_key: c.topology_key.clone(),
-            hard,
-            selector,
-            min_domains: i64::from(c.min_domains.unwrap_or(1)),
-            honor_node_affinity: c.node_affinity_policy.as_deref() != Some("Ignore"),
-            honor_taints: c.node_taints_policy.as_deref() == Some("Honor"),
-        })
-    }
-
-    /// Whether `node`'s pods count towards this constraint's domains.
-    fn includes(&self, pod: &PodInfo, node: &NodeInfo) -> bool {
-        if self.honor_node_affinity && !node_affinity_matches(pod, node) {
-            return false;
-        }
-        if self.honor_taints {
-            let untolerated = node.taints.iter().any(|t| {
-                (t.effect == "NoSchedule" || t.effect == "NoExecute")
-                    && !tolerated(&pod.tolerations, t)
-            });
-            if untolerated {
-                return false;
-            }
-        }
-        true
-    }
-}
 
 /// Whether `node` has every constraint's topology key (nodes without one are left out of the
 /// counts altogether, as in kube-scheduler).
