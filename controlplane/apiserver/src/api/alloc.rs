@@ -253,8 +253,8 @@ fn ip_address(ip: &str, owner: &str) -> String {
         .map(Family::of)
         .map_or("", Family::name);
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "IPAddress",
-           "metadata": {"name": ip, "uid": super::handlers::uid(),
-                        "creationTimestamp": super::handlers::now(),
+           "metadata": {"name": ip, "uid": super::meta::uid(),
+                        "creationTimestamp": super::meta::now(),
                         "labels": {"ipaddress.kubernetes.io/ip-family": family,
                                    "ipaddress.kubernetes.io/managed-by": "ipallocator.k8s.io"}},
            "spec": {"parentRef": {"group": "", "resource": "services",

@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 use serde_json::{json, Value};
 use tracing::warn;
 
-use super::{handlers, status::ApiError};
+use super::{meta, status::ApiError};
 use crate::storage::{resource_version, ObjectKey, Storage, StorageError};
 
 const PREFIX: &str = "/registry/masterleases/";
@@ -122,8 +122,8 @@ async fn upsert(
         };
         let mut object = current.clone().unwrap_or_else(|| {
             let mut o = empty.clone();
-            o["metadata"]["uid"] = handlers::uid().into();
-            o["metadata"]["creationTimestamp"] = handlers::now().into();
+            o["metadata"]["uid"] = meta::uid().into();
+            o["metadata"]["creationTimestamp"] = meta::now().into();
             o
         });
         set(&mut object);

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod auth;
 pub mod endpoints;
 pub mod handlers;
+pub mod meta;
 pub mod metrics;
 pub mod openapi;
 pub mod patch;
@@ -88,7 +89,7 @@ pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Res
     rbac::bootstrap(storage).await?;
     for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let object = json!({"apiVersion": "v1", "kind": "Namespace",
-                            "metadata": {"name": name, "uid": handlers::uid(), "creationTimestamp": handlers::now(),
+                            "metadata": {"name": name, "uid": meta::uid(), "creationTimestamp": meta::now(),
                                          "labels": {"kubernetes.io/metadata.name": name}},
                             "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
         match storage
@@ -107,11 +108,11 @@ pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Res
         .map(ToString::to_string)
         .collect();
     let service_cidr = json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
-        "metadata": {"name": "kubernetes", "uid": handlers::uid(), "creationTimestamp": handlers::now()},
+        "metadata": {"name": "kubernetes", "uid": meta::uid(), "creationTimestamp": meta::now()},
         "spec": {"cidrs": cidrs},
         "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "",
                                    "message": "Kubernetes Service CIDR is ready",
-                                   "lastTransitionTime": handlers::now()}]}});
+                                   "lastTransitionTime": meta::now()}]}});
     match storage
         .create(
             &ObjectKey::new("servicecidrs", None, "kubernetes"),
@@ -126,8 +127,8 @@ pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Res
     let ip = state.ranges.kubernetes_ip().to_string();
     let labels = json!({"component": "apiserver", "provider": "kubernetes"});
     let service = json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "kubernetes", "namespace": "default", "uid": handlers::uid(),
-                     "creationTimestamp": handlers::now(), "labels": labels},
+        "metadata": {"name": "kubernetes", "namespace": "default", "uid": meta::uid(),
+                     "creationTimestamp": meta::now(), "labels": labels},
         "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "sessionAffinity": "None",
                  "ipFamilies": [state.ranges.primary().family.name()], "ipFamilyPolicy": "SingleStack", "internalTrafficPolicy": "Cluster",
                  "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": advertise.port()}]},

@@ -583,7 +583,7 @@ fn default_policy() -> Vec<(Value, Vec<Value>)> {
 /// Creates the built-in ClusterRoles and ClusterRoleBindings that are missing.
 pub async fn bootstrap(storage: &Storage) -> Result<(), StorageError> {
     let meta = |name: &str| {
-        json!({"name": name, "uid": super::handlers::uid(), "creationTimestamp": super::handlers::now(),
+        json!({"name": name, "uid": super::meta::uid(), "creationTimestamp": super::meta::now(),
                "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
                "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}})
     };

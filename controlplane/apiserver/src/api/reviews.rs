@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 
 use super::{
     auth::{AuthError, User},
-    handlers::{now, parse_object, ApiResult, Target},
+    handlers::{parse_object, ApiResult, Target},
+    meta::now,
     rbac::Decision,
     request_info::RequestInfo,
     sa_token::TokenClaims,

@@ -92,7 +92,7 @@ impl TokenSigner {
             "exp": claims.expires,
             "iat": now,
             "nbf": now,
-            "jti": super::handlers::uid(),
+            "jti": super::meta::uid(),
             "kubernetes.io": kubernetes,
         });
         self.sign(&payload)
