@@ -6,7 +6,6 @@
 use std::{collections::HashMap, net::IpAddr, path::Path};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use serde::Deserialize as _;
 
 use crate::model::{BackendSpec, BackendState, Frontend, Protocol, ServiceSpec};
 
@@ -57,8 +56,9 @@ impl Objects {
             objects.add_json(text)?;
             return Ok(objects);
         }
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = serde_json::Value::deserialize(doc).map_err(|e| (i + 1, e.to_string()))?;
+        let mut bytes = text.as_bytes();
+        for (i, doc) in serde_saphyr::read::<_, serde_json::Value>(&mut bytes).enumerate() {
+            let value = doc.map_err(|e| (i + 1, e.to_string()))?;
             if value.is_null() {
                 continue;
             }
@@ -356,6 +356,18 @@ spec: {clusterIP: None, ports: [{port: 80}]}
         let err = Objects::parse(&bad).unwrap_err();
         assert!(err.1.contains("invalid EndpointSlice"), "{}", err.1);
         assert!(Objects::parse(r#"{"kind": "Pod"}"#).is_err());
+    }
+
+    #[test]
+    fn yaml_alias_bombs_are_refused_not_expanded() {
+        // Ten levels of ten aliases each: 10^10 nodes if expanded.
+        let mut text = String::from("l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..10 {
+            let refs = vec![format!("*l{}", level - 1); 10].join(", ");
+            text += &format!("l{level}: &l{level} [{refs}]\n");
+        }
+        let err = Objects::parse(&text).unwrap_err();
+        assert_eq!(err.0, 1, "{}", err.1);
     }
 
     #[test]

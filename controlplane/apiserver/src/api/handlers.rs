@@ -564,7 +564,7 @@ async fn server_side_apply(state: &ApiState, target: &Target, body: &Bytes) -> A
             "PATCH requests with the apply content type must have a fieldManager",
         ));
     }
-    let config: Value = serde_yaml::from_slice(body).map_err(|e| {
+    let config: Value = serde_saphyr::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!("the applied configuration is not valid YAML: {e}"))
     })?;
     let mut config = if config.is_object() {
