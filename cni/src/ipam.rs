@@ -80,7 +80,7 @@ struct Lock {
 impl Store {
     /// The network address and prefix length of an IPv4 CIDR the store can serve.
     pub fn parse_cidr(cidr: &str) -> Option<(u32, u8)> {
-        seine::overlay::Cidr::parse(cidr)
+        seine_apimachinery::cidr::Ipv4Cidr::parse(cidr)
             .filter(|c| (8..=30).contains(&c.len))
             .map(|c| (u32::from(c.network), c.len))
     }

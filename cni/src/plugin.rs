@@ -12,9 +12,9 @@ use sha2::{Digest as _, Sha256};
 
 use seine::{
     hostport::{self, PortMapping},
-    net::{self, NetError},
     overlay::OVERHEAD as VXLAN_OVERHEAD,
 };
+use seine_netlink::{self as net, NetError};
 
 use crate::{
     ipam::{Allocation, Store},

@@ -3,10 +3,12 @@
 //!
 //! - `labels`: label selectors, from the string form (`kubectl get -l`, `?labelSelector=`) or a
 //!   `LabelSelector` object, and matching them against an object's labels.
+//! - `cidr`: IPv4 CIDRs as node and pod ranges are written.
 //! - `duration`: durations as Go writes them, for flags and the Corefile.
 //! - `jwt` (feature `jwt`): the service account token key, shared by the API server and the
 //!   controller manager.
 
+pub mod cidr;
 pub mod duration;
 #[cfg(feature = "jwt")]
 pub mod jwt;

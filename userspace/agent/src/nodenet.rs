@@ -22,12 +22,13 @@ use kube::{
 };
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use rtnetlink::Handle;
+use seine_apimachinery::cidr::Ipv4Cidr;
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
 
 use crate::{
     net::{self, NetError},
-    overlay::{self, Cidr, Device},
+    overlay::{self, Device},
 };
 
 /// What install-cni writes: the plugin binary and the conflist, by these names.
@@ -118,7 +119,7 @@ async fn uplink_mtu(handle: &Handle, address: Ipv4Addr) -> Result<Option<u32>, N
 /// The conflist for a node: Seine's plugin with the node's pod CIDR, handling hostPorts itself
 /// (the `portMappings` capability) unless `portmap` is chained, then the chained plugins.
 /// `versions` are the CNI versions every plugin of the chain speaks ([`chain_versions`]).
-pub fn conflist(opts: &Options, pod_cidr: Cidr, mtu: u32, versions: &[String]) -> Value {
+pub fn conflist(opts: &Options, pod_cidr: Ipv4Cidr, mtu: u32, versions: &[String]) -> Value {
     let portmap_chained = opts.cni_chain.iter().any(|t| t == "portmap");
     let mut seine = json!({"type": "seine-cni", "podCIDR": pod_cidr.to_string(), "mtu": mtu,
                            "vxlanDevice": opts.device, "dataDir": opts.cni_data_dir,
@@ -232,7 +233,7 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NodeNetE
 
 /// Installs the plugin binary and the conflist (binary first: a runtime that sees the conflist
 /// finds the plugin).
-pub fn install_cni(opts: &Options, pod_cidr: Cidr, mtu: u32) -> Result<(), NodeNetError> {
+pub fn install_cni(opts: &Options, pod_cidr: Ipv4Cidr, mtu: u32) -> Result<(), NodeNetError> {
     let (Some(bin_dir), Some(conf_dir)) = (&opts.cni_bin_dir, &opts.cni_conf_dir) else {
         return Ok(());
     };
@@ -303,7 +304,7 @@ pub async fn run(client: Client, opts: Options, status: Status) -> Result<(), No
             .spec
             .as_ref()
             .and_then(|s| s.pod_cidr.as_deref())
-            .and_then(Cidr::parse);
+            .and_then(Ipv4Cidr::parse);
         match (cidr, opts.vtep_address.or_else(|| internal_ip(&node))) {
             (Some(cidr), Some(vtep)) => break (cidr, vtep),
             (None, _) if say => {
@@ -465,7 +466,7 @@ mod tests {
 
     #[test]
     fn the_default_conflist_handles_host_ports_itself_and_needs_no_other_plugin() {
-        let cidr = Cidr::parse("10.244.1.0/24").unwrap();
+        let cidr = Ipv4Cidr::parse("10.244.1.0/24").unwrap();
         let all = versions(&CNI_VERSIONS);
         let list = conflist(&options(&[]), cidr, 1450, &all);
         let plugins = list["plugins"].as_array().unwrap();

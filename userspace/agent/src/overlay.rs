@@ -23,6 +23,7 @@ use netlink_packet_route::{
     AddressFamily,
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
+use seine_apimachinery::cidr::Ipv4Cidr;
 
 use crate::net::{self, nl, NetError};
 
@@ -47,37 +48,11 @@ pub struct Device {
     pub mtu: u32,
 }
 
-/// An IPv4 CIDR: network address and prefix length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Cidr {
-    pub network: Ipv4Addr,
-    pub len: u8,
-}
-
-impl Cidr {
-    pub fn parse(text: &str) -> Option<Self> {
-        let (addr, len) = text.split_once('/')?;
-        let addr: Ipv4Addr = addr.parse().ok()?;
-        let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-        Some(Cidr {
-            network: Ipv4Addr::from(u32::from(addr) & mask),
-            len,
-        })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.network, self.len)
-    }
-}
-
 /// Another node as the overlay sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Peer {
     pub node: String,
-    pub pod_cidr: Cidr,
+    pub pod_cidr: Ipv4Cidr,
     pub vtep_ip: Ipv4Addr,
     pub vtep_mac: [u8; 6],
 }
@@ -93,7 +68,7 @@ pub fn peers(nodes: &[Node], own: &str) -> Vec<Peer> {
                 return None;
             }
             let annotations = node.metadata.annotations.as_ref()?;
-            let pod_cidr = Cidr::parse(node.spec.as_ref()?.pod_cidr.as_deref()?)?;
+            let pod_cidr = Ipv4Cidr::parse(node.spec.as_ref()?.pod_cidr.as_deref()?)?;
             Some(Peer {
                 node: name.to_string(),
                 pod_cidr,
@@ -146,7 +121,7 @@ pub fn vtep_mac(local: Ipv4Addr) -> [u8; 6] {
 pub async fn ensure_device(
     handle: &Handle,
     device: &Device,
-    pod_cidr: Cidr,
+    pod_cidr: Ipv4Cidr,
 ) -> Result<[u8; 6], NetError> {
     if let Some(link) = net::link(handle, &device.name).await? {
         let wanted = (device.vni, device.port, Some(device.local));
