@@ -1,7 +1,10 @@
 //! Seine's CNI plugin, as a library: the CNI protocol (`spec`: versions, configuration, results
-//! and errors with the spec's codes), the node-local address store (`ipam`) and the commands
-//! (`plugin`, with netlink from `seine::net`). The `seine-cni` binary that runtimes call is built on these.
+//! and errors with the spec's codes), the node-local address store (`ipam`), the host-port
+//! records the agent reads (`hostport`) and the commands (`plugin`, with netlink from
+//! `seine-netlink` and the tc attachment from `seine-common`). The `seine-cni` binary that
+//! runtimes call is built on these; it does not depend on the agent.
 
+pub mod hostport;
 pub mod ipam;
 pub mod plugin;
 pub mod spec;

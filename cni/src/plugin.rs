@@ -3,20 +3,17 @@
 //! pod's address (/32) with the node's gateway address as its next hop; the host side (`lxc…`)
 //! holds the gateway address and the /32 route to the pod, so the node routes between pods, to
 //! other nodes (over the overlay) and to services. A pod's `portMappings` (hostPorts) are
-//! recorded for the agent, which programs them in its datapath (`seine::hostport`).
+//! recorded for the agent (`hostport`), which programs them in its datapath.
 
 use std::{fs::File, net::Ipv4Addr, path::PathBuf};
 
 use serde_json::{json, Map, Value};
 use sha2::{Digest as _, Sha256};
 
-use seine::{
-    hostport::{self, PortMapping},
-    overlay::OVERHEAD as VXLAN_OVERHEAD,
-};
-use seine_netlink::{self as net, NetError};
+use seine_netlink::{self as net, NetError, VXLAN_OVERHEAD};
 
 use crate::{
+    hostport::{self, PortMapping},
     ipam::{Allocation, Store},
     spec::{self, CniError, Code},
 };
@@ -24,7 +21,7 @@ use crate::{
 /// Where allocations are kept unless the configuration says otherwise.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/seine";
 /// The prefix of host-side veth names (the agent attaches the service datapath to these).
-pub const HOST_PREFIX: &str = seine::nodenet::POD_VETH_PREFIX;
+pub const HOST_PREFIX: &str = "lxc";
 const ALIAS_PREFIX: &str = "seine-cni";
 
 /// The CNI_* environment of one invocation.
@@ -201,7 +198,7 @@ impl Config {
             data_dir: text("dataDir")?
                 .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from),
             bpffs_dir: text("bpffsDir")?.map_or_else(
-                || PathBuf::from(seine::bpf::DEFAULT_BPFFS_DIR),
+                || PathBuf::from(seine_common::DEFAULT_BPFFS_DIR),
                 PathBuf::from,
             ),
             vxlan_device: text("vxlanDevice")?,
@@ -434,7 +431,7 @@ fn setup(
         })
     })
     .map_err(io_failure("setting up the pod side"))?;
-    seine::bpf::attach_pinned(&config.bpffs_dir, host).map_err(|e| {
+    seine_common::tc::attach_pinned(&config.bpffs_dir, host).map_err(|e| {
         CniError::new(
             Code::IoFailure,
             "attaching the service datapath to the pod's veth",

@@ -3,7 +3,16 @@
 //! Every type is `#[repr(C)]`, has explicit padding and holds addresses and ports in network byte
 //! order, exactly as the datapath reads them from packets. Addresses are 16 bytes wide with a family
 //! field, so IPv6 services fit the same maps; IPv4 uses the first word.
-#![no_std]
+//!
+//! With the `user` feature (userspace only) it also holds `tc`: attaching the programs to an
+//! interface, which the agent and the CNI plugin both do.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+#[cfg(feature = "user")]
+pub mod tc;
+
+/// Where the agent pins a node's maps and programs unless told otherwise.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/seine";
 
 /// Default capacities, overridable by the agent (`--max-services`, `--max-backends`, `--ct-size`).
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;

@@ -8,23 +8,18 @@ use std::{io, path::Path};
 
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{
-        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
-        SchedClassifier, TcAttachType,
-    },
+    programs::SchedClassifier,
     Ebpf, EbpfLoader,
 };
-use seine_common::*;
+use seine_common::{tc, *};
 
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/seine-ebpf"));
 
-pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/seine";
-
-/// tc filter priority and handle of Seine's programs: fixed, so that a restarted agent replaces its
-/// own filter in place instead of stacking a second one.
-const TC_PRIORITY: u16 = 1;
-const TC_HANDLE: TcHandle = TcHandle::new(0x5e1, 1);
+pub use seine_common::{
+    tc::{attach_pinned, detach},
+    DEFAULT_BPFFS_DIR,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -73,6 +68,15 @@ pub enum BpfError {
         #[source]
         source: io::Error,
     },
+}
+
+impl From<tc::AttachError> for BpfError {
+    fn from(e: tc::AttachError) -> Self {
+        BpfError::Attach {
+            interface: e.interface,
+            message: e.message,
+        }
+    }
 }
 
 /// Map capacities, fixed when the maps are first created.
@@ -296,86 +300,13 @@ fn classifier<'a>(
         .map_err(|source| BpfError::Program { name, source })
 }
 
-/// Attaches the programs to a pod's host-side veth in the current network namespace: ingress
-/// translates what the pod sends, egress restores replies. An existing Seine filter is replaced in
-/// place, so packets never pass untranslated. The filters stay after this process exits.
+/// Attaches the programs to a pod's host-side veth in the current network namespace (see
+/// `seine_common::tc`).
 pub fn attach(ebpf: &mut Ebpf, interface: &str) -> Result<(), BpfError> {
-    add_clsact(interface)?;
-    for (name, attach_type) in [
-        (PROG_FROM_POD, TcAttachType::Ingress),
-        (PROG_TO_POD, TcAttachType::Egress),
-    ] {
-        attach_one(classifier(ebpf, name)?, name, interface, attach_type)?;
+    tc::add_clsact(interface)?;
+    for (name, attach_type) in tc::PROGRAMS {
+        tc::attach_one(classifier(ebpf, name)?, name, interface, attach_type)?;
     }
-    Ok(())
-}
-
-/// Attaches the programs an agent pinned in `dir` to `interface` (current network namespace), as
-/// the CNI plugin does for a new pod. Returns false, attaching nothing, when no agent pinned them
-/// there (the iptables datapath, or no agent).
-pub fn attach_pinned(dir: &Path, interface: &str) -> Result<bool, BpfError> {
-    let pins = [
-        (PROG_FROM_POD, TcAttachType::Ingress),
-        (PROG_TO_POD, TcAttachType::Egress),
-    ];
-    if !pins.iter().all(|(name, _)| dir.join(name).exists()) {
-        return Ok(false);
-    }
-    add_clsact(interface)?;
-    for (name, attach_type) in pins {
-        let mut prog = SchedClassifier::from_pin(dir.join(name))
-            .map_err(|source| BpfError::Program { name, source })?;
-        attach_one(&mut prog, name, interface, attach_type)?;
-    }
-    Ok(true)
-}
-
-fn add_clsact(interface: &str) -> Result<(), BpfError> {
-    match tc::qdisc_add_clsact(interface) {
-        Ok(()) => Ok(()),
-        // EEXIST: the clsact qdisc is there already.
-        Err(tc::TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        Err(e) => Err(BpfError::Attach {
-            interface: interface.to_string(),
-            message: format!("adding clsact qdisc: {e}"),
-        }),
-    }
-}
-
-fn attach_one(
-    prog: &mut SchedClassifier,
-    name: &'static str,
-    interface: &str,
-    attach_type: TcAttachType,
-) -> Result<(), BpfError> {
-    let attach_err = |message: String| BpfError::Attach {
-        interface: interface.to_string(),
-        message,
-    };
-    let options = TcAttachOptions::Netlink(NlOptions {
-        priority: TC_PRIORITY,
-        handle: TC_HANDLE,
-        classid: None,
-    });
-    let link_id = match prog.attach_with_options(interface, attach_type, options) {
-        Ok(id) => id,
-        // Our filter is there already (an earlier agent): swap the program in place.
-        Err(create_err) => {
-            let existing =
-                SchedClassifierLink::attached(interface, attach_type, TC_PRIORITY, TC_HANDLE, None)
-                    .map_err(|e| attach_err(format!("{name}: {e}")))?;
-            prog.attach_to_link(existing).map_err(|e| {
-                attach_err(format!(
-                    "{name}: creating the filter: {create_err}; replacing it: {e}"
-                ))
-            })?
-        }
-    };
-    // Keep the filter when this process exits: dropping the link would detach it.
-    let link = prog
-        .take_link(link_id)
-        .map_err(|e| attach_err(format!("{name}: {e}")))?;
-    std::mem::forget(link);
     Ok(())
 }
 
@@ -463,14 +394,4 @@ pub fn interfaces() -> Vec<(u32, String)> {
         libc::if_freenameindex(list);
     }
     out
-}
-
-/// Removes Seine's filters from `interface` (current network namespace), if any.
-pub fn detach(interface: &str) {
-    for (name, attach_type) in [
-        (PROG_FROM_POD, TcAttachType::Ingress),
-        (PROG_TO_POD, TcAttachType::Egress),
-    ] {
-        let _ = tc::qdisc_detach_program(interface, attach_type, name);
-    }
 }

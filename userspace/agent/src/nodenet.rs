@@ -35,7 +35,7 @@ use crate::{
 pub const PLUGIN_FILE: &str = "seine-cni";
 pub const CONFLIST_FILE: &str = "10-seine.conflist";
 /// The prefix of the host sides of the veths seine-cni makes: pod-facing, never an uplink.
-pub const POD_VETH_PREFIX: &str = "lxc";
+pub const POD_VETH_PREFIX: &str = seine_cni::plugin::HOST_PREFIX;
 
 /// The CNI versions the plugin speaks (its conflist offers them all).
 pub const CNI_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];

@@ -34,8 +34,7 @@ pub const DEFAULT_DEVICE: &str = "seine.vxlan";
 pub const DEFAULT_VNI: u32 = 1;
 /// The Linux kernel's (and Flannel's) VXLAN port; IANA's is 4789.
 pub const DEFAULT_PORT: u16 = 8472;
-/// Outer IPv4 (20), UDP (8), VXLAN (8) and inner Ethernet (14) headers.
-pub const OVERHEAD: u32 = 50;
+pub use seine_netlink::VXLAN_OVERHEAD as OVERHEAD;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {

@@ -19,6 +19,10 @@ use netlink_packet_route::{
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
+/// What VXLAN encapsulation adds to a packet: outer IPv4 (20), UDP (8), VXLAN (8) and inner
+/// Ethernet (14) headers.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("{context}: {source}")]
