@@ -98,12 +98,14 @@ impl Watch {
 /// names (pod veths, the overlay device): where host ports are offered.
 pub fn node_addresses(
     skip: impl Fn(&str) -> bool,
-) -> Result<Vec<(String, Ipv4Addr)>, crate::net::NetError> {
-    let mut out = crate::net::with_netlink(|handle| async move {
+) -> Result<Vec<(String, Ipv4Addr)>, seine_netlink::NetError> {
+    let mut out = seine_netlink::with_netlink(|handle| async move {
         let mut out = Vec::new();
-        for link in crate::net::links(&handle).await? {
-            let name = crate::net::link_name(&link).unwrap_or_default().to_string();
-            for (ip, _) in crate::net::addresses(&handle, link.header.index).await? {
+        for link in seine_netlink::links(&handle).await? {
+            let name = seine_netlink::link_name(&link)
+                .unwrap_or_default()
+                .to_string();
+            for (ip, _) in seine_netlink::addresses(&handle, link.header.index).await? {
                 out.push((name.clone(), ip));
             }
         }

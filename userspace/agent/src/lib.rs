@@ -7,8 +7,6 @@ pub mod hostport;
 pub mod inspect;
 pub mod k8s;
 pub mod model;
-/// Netlink helpers, from their own crate (the CNI plugin uses them too).
-pub use seine_netlink as net;
 pub mod nodenet;
 pub mod overlay;
 pub mod pins;

@@ -23,13 +23,11 @@ use kube::{
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use rtnetlink::Handle;
 use seine_apimachinery::cidr::Ipv4Cidr;
+use seine_netlink::{self as net, NetError};
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
 
-use crate::{
-    net::{self, NetError},
-    overlay::{self, Device},
-};
+use crate::overlay::{self, Device};
 
 /// What install-cni writes: the plugin binary and the conflist, by these names.
 pub const PLUGIN_FILE: &str = "seine-cni";
@@ -38,7 +36,7 @@ pub const CONFLIST_FILE: &str = "10-seine.conflist";
 pub const POD_VETH_PREFIX: &str = seine_cni::plugin::HOST_PREFIX;
 
 /// The CNI versions the plugin speaks (its conflist offers them all).
-pub const CNI_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+pub use seine_cni::spec::SUPPORTED_VERSIONS as CNI_VERSIONS;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -328,7 +326,7 @@ pub async fn run(client: Client, opts: Options, status: Status) -> Result<(), No
         vni: opts.vni,
         port: opts.port,
         local: vtep,
-        mtu: uplink.saturating_sub(overlay::OVERHEAD),
+        mtu: uplink.saturating_sub(seine_netlink::VXLAN_OVERHEAD),
     };
     let mac = overlay::ensure_device(&handle, &device, pod_cidr).await?;
     let mac_text = net::format_mac(mac);

@@ -25,7 +25,7 @@ use netlink_packet_route::{
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
 use seine_apimachinery::cidr::Ipv4Cidr;
 
-use crate::net::{self, nl, NetError};
+use seine_netlink::{self as net, nl, NetError};
 
 /// The annotations a node publishes its VTEP in (as Flannel's `backend-data` and `public-ip`).
 pub const ANNOTATION_VTEP_IP: &str = "seine.io/vtep-ip";
@@ -34,7 +34,6 @@ pub const DEFAULT_DEVICE: &str = "seine.vxlan";
 pub const DEFAULT_VNI: u32 = 1;
 /// The Linux kernel's (and Flannel's) VXLAN port; IANA's is 4789.
 pub const DEFAULT_PORT: u16 = 8472;
-pub use seine_netlink::VXLAN_OVERHEAD as OVERHEAD;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {

@@ -605,8 +605,8 @@ fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
         // The pod network: the VXLAN device (its routes and entries go with it) and what
         // install-cni put in place, so that runtimes stop using the network.
         let device = args.vxlan_device.clone();
-        seine::net::with_netlink(|handle| async move {
-            seine::net::del_link_named(&handle, &device).await
+        seine_netlink::with_netlink(|handle| async move {
+            seine_netlink::del_link_named(&handle, &device).await
         })?;
         if !args.no_cni_install {
             nodenet::uninstall_cni(&args.cni_bin_dir, &args.cni_conf_dir)?;
