@@ -67,24 +67,7 @@ fn main() -> ExitCode {
         "info,hickory_server=warn,hickory_proto=warn,hickory_net=warn"
     };
     seine_component_base::init_logging(args.log_json, filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            error!("starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e:#}");
-            eprintln!("seine-dns: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    seine_component_base::block_on("seine-dns", run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -1,17 +1,18 @@
 //! The frame every Seine daemon starts in, staged as Kubernetes stages its component-base:
 //!
 //! - [`init_logging`]: `tracing` to stderr, as text or JSON lines, filtered by `RUST_LOG`.
+//! - [`block_on`]: a daemon's async main on a multi-threaded runtime, its error as exit status 1.
 //! - [`stop_signal`]: the future a daemon's main loop stops on (SIGTERM or SIGINT).
 //! - [`client`]: the API client from `--kubeconfig`, else in-cluster or the default kubeconfig.
 
-use std::path::Path;
+use std::{future::Future, path::Path, process::ExitCode};
 
 use anyhow::Context as _;
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     Client, Config,
 };
-use tracing::info;
+use tracing::{error, info};
 
 /// Logs to stderr, as JSON lines when `json`; `RUST_LOG` overrides `default_filter` (such as
 /// `info`).
@@ -25,6 +26,29 @@ pub fn init_logging(json: bool, default_filter: &str) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Runs `main` to its end on a multi-threaded runtime: exit status 0, or 1 with the error (its
+/// whole chain) logged and on stderr as `name: error`, as a supervisor expects.
+pub fn block_on(name: &str, main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{name}: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

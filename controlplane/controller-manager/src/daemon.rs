@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _};
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use kube::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     leader::{Elector, LeaderConfig},
@@ -142,23 +142,12 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     seine_component_base::init_logging(args.log_json, "info");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            error!("starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(name, args, default_port, work)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    // Errors name the program (seine-scheduler), not the component it stands in for.
+    let program = std::env::args()
+        .next()
+        .and_then(|a| a.rsplit('/').next().map(str::to_string))
+        .unwrap_or_else(|| name.to_string());
+    seine_component_base::block_on(&program, run(name, args, default_port, work))
 }
 
 async fn run<F, Fut>(

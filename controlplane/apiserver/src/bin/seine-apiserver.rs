@@ -23,7 +23,7 @@ use seine_controlplane::{
     watch_cache::WatchCaches,
 };
 use tower::ServiceExt as _;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -88,24 +88,7 @@ struct Args {
 fn main() -> ExitCode {
     seine_component_base::init_logging(false, "info");
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("seine-apiserver: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e:#}");
-            eprintln!("seine-apiserver: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    seine_component_base::block_on("seine-apiserver", run(args))
 }
 
 async fn run(args: Args) -> Result<()> {

@@ -18,7 +18,7 @@ use std::{
 use sha2::{Digest, Sha256};
 
 use super::{usable_backends, DatapathError, RuleSet};
-use crate::model::{Frontend, ServiceSpec};
+use crate::model::{BackendSpec, Frontend, ServiceSpec};
 
 /// Every chain Seine owns starts with this; kube-proxy's `KUBE-` chains are never touched.
 pub const CHAIN_PREFIX: &str = "SEINE-";
@@ -568,7 +568,7 @@ fn probability(i: usize, n: usize) -> Option<String> {
 /// the `PICKED_MARK` bit, and the endpoint's hairpin check and DNAT match it. A chain per
 /// endpoint would make ten times the chains, and iptables-nft's restore and the kernel's
 /// validation grow with them (10,000 x 10 from empty: 16 s with them, 7 s without).
-fn inline_picks(proto: &str, endpoints: &[&crate::model::BackendSpec]) -> Vec<String> {
+fn inline_picks(proto: &str, endpoints: &[&BackendSpec]) -> Vec<String> {
     let n = endpoints.len();
     let mut rules = Vec::new();
     for (i, b) in endpoints.iter().enumerate() {
