@@ -40,8 +40,13 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 /// Attaches the socket programs to `cgroup`, serving the sockets of the current network namespace.
 /// A previous agent's links are removed only once these are attached, so no connect passes
 /// untranslated meanwhile (a connect that both see is translated by the first; the second finds
-/// a backend address, not a frontend).
+/// a backend address, not a frontend). On failure none is left attached: a connect translated
+/// without its getpeername and recvmsg would be worse than none.
 pub fn attach(ebpf: &mut Ebpf, dir: &Path, cgroup: &Path) -> Result<(), BpfError> {
+    attach_all(ebpf, dir, cgroup).inspect_err(|_| detach(dir))
+}
+
+fn attach_all(ebpf: &mut Ebpf, dir: &Path, cgroup: &Path) -> Result<(), BpfError> {
     let io_err = |context: String| move |source| BpfError::Io { context, source };
     let cookie =
         netns_cookie().map_err(io_err("reading this network namespace's cookie".into()))?;
