@@ -33,7 +33,7 @@ use std::{
 use std::{cell::RefCell, collections::BTreeMap};
 
 use anyhow::{bail, Context, Result};
-use seine::model::{Frontend, ServiceSpec};
+use seine_agent::model::{Frontend, ServiceSpec};
 
 /// The address every pod uses as its gateway: each host-side veth carries it, as in Calico.
 pub const GATEWAY: &str = "169.254.1.1";
@@ -493,7 +493,7 @@ impl Node {
         ns.ip(&["link", "set", "svcrange-peer", "up"])?;
         ns.ip(&["route", "add", SERVICE_RANGE, "dev", "svcrange"])?;
         let cgroup =
-            seine::sock_lb::cgroup2_mount().map(|root| root.join(format!("seine-{prefix}")));
+            seine_agent::sock_lb::cgroup2_mount().map(|root| root.join(format!("seine-{prefix}")));
         if let Some(dir) = &cgroup {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -835,7 +835,7 @@ impl Drop for Node {
             std::fs::remove_file(std::env::temp_dir().join(format!("{}-agent.log", self.prefix)));
         let _ = std::fs::remove_dir_all(&self.bpffs_dir);
         let _ = std::fs::remove_file(&self.services_file);
-        seine::bpf::remove_node_files(&self.bpffs_dir);
+        seine_agent::bpf::remove_node_files(&self.bpffs_dir);
         // Empty once the processes run in it have exited.
         if let Some(cgroup) = &self.cgroup {
             let _ = std::fs::remove_dir(cgroup);

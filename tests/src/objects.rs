@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use seine::model::{BackendState, Protocol, ServiceSpec};
+use seine_agent::model::{BackendState, Protocol, ServiceSpec};
 use serde_json::{json, Value};
 
 pub fn services_to_objects<'a>(specs: impl IntoIterator<Item = &'a ServiceSpec>) -> Vec<Value> {

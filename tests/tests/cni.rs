@@ -591,7 +591,7 @@ fn host_ports_in_seines_own_datapath(tag: &str, datapath: &str) {
         "web",
         "{datapath}: GC keeps a live pod's host port"
     );
-    let records = || seine::hostport::read_all(&seine::hostport::dir(&s.dirs.data())).0;
+    let records = || seine_agent::hostport::read_all(&seine_agent::hostport::dir(&s.dirs.data())).0;
     assert_eq!(records().len(), 1);
     gc["cni.dev/valid-attachments"] = json!([{"containerID": peer, "ifname": "eth0"}]);
     let out = s.node.cni("GC", "", None, "", &gc).unwrap();
@@ -638,7 +638,7 @@ fn a_chained_plugin_narrows_the_offered_versions_to_what_it_speaks() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    let versions = seine::nodenet::chain_versions(
+    let versions = seine_agent::nodenet::chain_versions(
         std::path::Path::new(seine_tests::cni::REFERENCE_PLUGINS),
         &["portmap".to_string()],
     )

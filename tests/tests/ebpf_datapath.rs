@@ -386,9 +386,9 @@ fn service_updates_under_load_never_expose_a_half_written_backend_set() {
 
     // Flip between backend sets of different sizes and states as fast as the library can, while
     // new connections keep arriving. Every backend stays, so no connection may fail.
-    let mut dp = seine::datapath::ebpf::EbpfDatapath::open(
+    let mut dp = seine_agent::datapath::ebpf::EbpfDatapath::open(
         &node.bpffs_dir,
-        seine::datapath::ebpf::Owner::Cli,
+        seine_agent::datapath::ebpf::Owner::Cli,
     )
     .unwrap();
     let ips: Vec<String> = ["backend-1", "backend-2", "backend-3"]
@@ -407,12 +407,12 @@ fn service_updates_under_load_never_expose_a_half_written_backend_set() {
     ];
     let flips = 2_000;
     for i in 0..flips {
-        let spec = seine::model::ServiceSpec {
+        let spec = seine_agent::model::ServiceSpec {
             frontend: frontend.parse().unwrap(),
             backends: sets[i % 2].split(' ').map(|b| b.parse().unwrap()).collect(),
             affinity_timeout_secs: None,
         };
-        seine::datapath::Datapath::upsert(&mut dp, &spec).unwrap();
+        seine_agent::datapath::Datapath::upsert(&mut dp, &spec).unwrap();
     }
     stop.store(true, Ordering::SeqCst);
     looper.join().unwrap();

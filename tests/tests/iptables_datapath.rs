@@ -4,7 +4,7 @@
 
 use std::{path::Path, time::Duration};
 
-use seine::{
+use seine_agent::{
     datapath::{iptables::IptablesBackend, nftables::NftablesDatapath},
     model::ServiceSpec,
 };

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use seine_controllers::leader::{Elector, LeaderConfig};
+use seine_component_base::leader::{Elector, LeaderConfig};
 use seine_tests::{apiserver::ApiServer, etcd::Etcd};
 
 fn config(identity: &str) -> LeaderConfig {

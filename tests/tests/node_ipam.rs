@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use seine_controllers::ipam::{self, CidrSet};
+use seine_controller_manager::ipam::{self, CidrSet};
 use seine_tests::{apiserver::ApiServer, etcd::Etcd};
 use serde_json::json;
 

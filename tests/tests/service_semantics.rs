@@ -16,7 +16,7 @@ use std::{
 };
 
 use md5::{Digest, Md5};
-use seine::model::ServiceSpec;
+use seine_agent::model::ServiceSpec;
 use seine_tests::{spread, stats, topology, vip, wait_until, KeepAlive, Node};
 
 const PORT: u16 = 8080;

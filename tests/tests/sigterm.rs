@@ -49,7 +49,7 @@ fn the_agent_exits_0_on_sigterm_and_leaves_the_datapath_serving() {
     let mut node = topology("st", 1, 8080).unwrap();
     node.start_agent(&["--datapath", "ebpf"]).unwrap();
     let spec = "10.96.0.90:80/tcp".parse().unwrap();
-    node.set_service(seine::model::ServiceSpec {
+    node.set_service(seine_agent::model::ServiceSpec {
         frontend: spec,
         backends: vec![format!("{}:8080", node.pod("backend-1").ip)
             .parse()

@@ -2,9 +2,7 @@
 //! revision, create-if-absent, optimistic concurrency, paging, and an etcd outage that loses
 //! nothing acknowledged.
 
-use seine_controlplane::storage::{
-    list_prefix, resource_version, ObjectKey, Storage, StorageError,
-};
+use seine_apiserver::storage::{list_prefix, resource_version, ObjectKey, Storage, StorageError};
 use seine_tests::etcd::Etcd;
 use serde_json::json;
 

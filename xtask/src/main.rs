@@ -178,34 +178,36 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => test(&root, &args),
         Cmd::Lab { action } => lab(&root, action),
         Cmd::Bench { bench } => match bench {
-            Bench::Lb { json } => run_bench(&root, "lb", json, &["seine", "seine-tests"], &[]),
+            Bench::Lb { json } => {
+                run_bench(&root, "lb", json, &["seine-agent", "seine-tests"], &[])
+            }
             Bench::Apiserver { json } => bench_apiserver(&root, json),
             Bench::Dns { json } => run_bench(
                 &root,
                 "dns",
                 json,
-                &["seine-dns", "seine-controlplane", "seine-tests"],
+                &["seine-dns", "seine-apiserver", "seine-tests"],
                 &[],
             ),
             Bench::Endpoints { json } => run_bench(
                 &root,
                 "endpoints",
                 json,
-                &["seine-controllers", "seine-controlplane", "seine-tests"],
+                &["seine-controller-manager", "seine-apiserver", "seine-tests"],
                 &[],
             ),
             Bench::Scheduler { json } => run_bench(
                 &root,
                 "scheduler",
                 json,
-                &["seine-controllers", "seine-controlplane", "seine-tests"],
+                &["seine-scheduler", "seine-apiserver", "seine-tests"],
                 &[],
             ),
             Bench::Cni { json } => run_bench(
                 &root,
                 "cni",
                 json,
-                &["seine", "seine-cni", "seine-controlplane", "seine-tests"],
+                &["seine-agent", "seine-cni", "seine-apiserver", "seine-tests"],
                 &[],
             ),
         },
@@ -618,13 +620,15 @@ fn lab(root: &Path, action: LabAction) -> Result<()> {
     check(cargo_in(root).args([
         "build",
         "-p",
-        "seine",
+        "seine-agent",
         "-p",
         "seine-cni",
         "-p",
-        "seine-controlplane",
+        "seine-apiserver",
         "-p",
-        "seine-controllers",
+        "seine-controller-manager",
+        "-p",
+        "seine-scheduler",
         "-p",
         "seine-dns",
         "-p",
@@ -643,7 +647,7 @@ fn bench_apiserver(root: &Path, json: Option<PathBuf>) -> Result<()> {
         root,
         "apiserver",
         json,
-        &["seine-controlplane", "seine-tests"],
+        &["seine-apiserver", "seine-tests"],
         &[],
     )
 }

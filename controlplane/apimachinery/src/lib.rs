@@ -3,6 +3,8 @@
 //!
 //! - `labels`: label selectors, from the string form (`kubectl get -l`, `?labelSelector=`) or a
 //!   `LabelSelector` object, and matching them against an object's labels.
+//! - `quantity` and `scheduling` (feature `k8s-openapi`): resource quantities as the integers
+//!   the scheduler compares; node selector terms and taint tolerations.
 //! - `cidr`: IPv4 CIDRs as node and pod ranges are written.
 //! - `duration`: durations as Go writes them, for flags and the Corefile.
 //! - `jwt` (feature `jwt`): the service account token key, shared by the API server and the
@@ -13,3 +15,7 @@ pub mod duration;
 #[cfg(feature = "jwt")]
 pub mod jwt;
 pub mod labels;
+#[cfg(feature = "k8s-openapi")]
+pub mod quantity;
+#[cfg(feature = "k8s-openapi")]
+pub mod scheduling;

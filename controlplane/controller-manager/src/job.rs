@@ -39,7 +39,8 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::{metrics, scheduler::selector::Selector};
+use crate::metrics;
+use seine_apimachinery::labels::Selector;
 
 /// Held on every pod the controller creates until its outcome is in the Job's status.
 pub const TRACKING_FINALIZER: &str = "batch.kubernetes.io/job-tracking";

@@ -1,16 +1,14 @@
-//! Seine's controller manager and scheduler: API clients (they never touch etcd), each safe to
-//! run as several replicas through leader election on a `coordination.k8s.io/v1` Lease.
+//! Seine's controller manager: the controllers kube-controller-manager runs, as API clients
+//! (they never touch etcd), safe to run as several replicas through leader election on a
+//! `coordination.k8s.io/v1` Lease (seine-component-base's daemon frame).
 
-pub mod daemon;
 pub mod endpointslice;
 pub mod gc;
 pub mod ipam;
 pub mod job;
-pub mod leader;
 pub mod metrics;
 pub mod namespace;
 pub mod nodelifecycle;
 pub mod queue;
-pub mod scheduler;
 pub mod serviceaccount;
 pub mod servicecidr;

@@ -35,7 +35,8 @@ use kube::{
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::{metrics, scheduler::selector::tolerates};
+use crate::metrics;
+use seine_apimachinery::scheduling::tolerates;
 
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 pub const NOT_READY: &str = "node.kubernetes.io/not-ready";

@@ -26,7 +26,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use seine::{
+use seine_agent::{
     datapath::{
         ebpf::{EbpfDatapath, Owner},
         iptables::{IptablesBackend, IptablesDatapath},

@@ -419,7 +419,7 @@ fn down(verbose: bool) -> Result<()> {
         .filter_map(|d| d.as_str());
     for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
-        seine::bpf::remove_node_files(Path::new(dir));
+        seine_agent::bpf::remove_node_files(Path::new(dir));
     }
     if Path::new(STATE_DIR).exists() {
         std::fs::remove_dir_all(STATE_DIR).with_context(|| format!("removing {STATE_DIR}"))?;

@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod hostport;
 pub mod inspect;
 pub mod k8s;
+pub mod metrics;
 pub mod model;
 pub mod nodenet;
 pub mod overlay;

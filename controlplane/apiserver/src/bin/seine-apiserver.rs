@@ -10,7 +10,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use rand::Rng as _;
-use seine_controlplane::{
+use seine_apiserver::{
     api::{
         self,
         alloc::ServiceRanges,

@@ -8,12 +8,11 @@ use anyhow::bail;
 use clap::Parser;
 use futures::future::BoxFuture;
 use kube::Client;
-use seine_controllers::serviceaccount::{self, root_ca, token};
-use seine_controllers::{
-    daemon::{self, parse_duration, DaemonArgs},
-    endpointslice, ipam, nodelifecycle, servicecidr,
+use seine_component_base::daemon::{self, parse_duration, DaemonArgs};
+use seine_controller_manager::serviceaccount::{self, root_ca, token};
+use seine_controller_manager::{
+    endpointslice, gc, ipam, job, namespace, nodelifecycle, servicecidr,
 };
-use seine_controllers::{gc, job, namespace};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::info;

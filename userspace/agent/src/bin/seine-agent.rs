@@ -16,14 +16,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use clap::{Parser, ValueEnum};
-use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
-};
-use seine::{
+use seine_agent::{
     bpf::{self, MapSizes, PinnedMaps, DEFAULT_BPFFS_DIR},
     datapath::{
         ebpf::{EbpfDatapath, Owner},
@@ -33,10 +27,13 @@ use seine::{
     },
     hostport,
     k8s::Objects,
+    metrics::AgentMetrics,
     model::ServiceSpec,
     nodenet, sock_lb,
 };
 use seine_common::STAT_NAMES;
+use seine_component_base::{health, metrics};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Clone)]
@@ -98,11 +95,11 @@ struct Args {
     /// The API server's kubeconfig; in a pod, the service account is used without it.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    #[arg(long, default_value = seine::overlay::DEFAULT_DEVICE)]
+    #[arg(long, default_value = seine_agent::overlay::DEFAULT_DEVICE)]
     vxlan_device: String,
-    #[arg(long, default_value_t = seine::overlay::DEFAULT_VNI)]
+    #[arg(long, default_value_t = seine_agent::overlay::DEFAULT_VNI)]
     vxlan_vni: u32,
-    #[arg(long, default_value_t = seine::overlay::DEFAULT_PORT)]
+    #[arg(long, default_value_t = seine_agent::overlay::DEFAULT_PORT)]
     vxlan_port: u16,
     /// The node's underlay address (the VTEP) [default: the Node's InternalIP].
     #[arg(long)]
@@ -159,66 +156,8 @@ enum LogFormat {
     Json,
 }
 
-struct Metrics {
-    registry: Registry,
-    services: Gauge,
-    syncs: Family<Vec<(String, String)>, Counter>,
-    sync_seconds: Histogram,
-    attached: Gauge,
-    packets: Family<Vec<(String, String)>, Gauge>,
-}
-
-impl Metrics {
-    fn new(mode: &str) -> Self {
-        let mut registry = Registry::default();
-        let services = Gauge::default();
-        let syncs = Family::<Vec<(String, String)>, Counter>::default();
-        let sync_seconds = Histogram::new([0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0]);
-        let attached = Gauge::default();
-        let packets = Family::<Vec<(String, String)>, Gauge>::default();
-        let mode_gauge = Family::<Vec<(String, String)>, Gauge>::default();
-        mode_gauge
-            .get_or_create(&vec![("mode".into(), mode.into())])
-            .set(1);
-        registry.register("seine_datapath_mode", "The datapath in use", mode_gauge);
-        registry.register(
-            "seine_services",
-            "Service frontends programmed by the agent",
-            services.clone(),
-        );
-        registry.register(
-            "seine_sync",
-            "Reconciliations of the services file, by result",
-            syncs.clone(),
-        );
-        registry.register(
-            "seine_sync_duration_seconds",
-            "Time to apply a new desired state",
-            sync_seconds.clone(),
-        );
-        registry.register(
-            "seine_attached_interfaces",
-            "Interfaces with the datapath attached",
-            attached.clone(),
-        );
-        registry.register(
-            "seine_datapath_packets",
-            "Packets by datapath outcome, summed over CPUs",
-            packets.clone(),
-        );
-        Metrics {
-            registry,
-            services,
-            syncs,
-            sync_seconds,
-            attached,
-            packets,
-        }
-    }
-}
-
 struct Shared {
-    metrics: Metrics,
+    metrics: AgentMetrics,
     /// The pod network, when this agent runs it.
     overlay: Option<nodenet::Status>,
     ready: AtomicBool,
@@ -298,16 +237,15 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Active::Ebpf { .. } => Some(std::sync::Mutex::new(PinnedMaps::open(&args.bpffs_dir)?)),
         Active::Rules { .. } => None,
     };
-    let mut agent_metrics = Metrics::new(active.datapath().mode());
+    let agent_metrics = AgentMetrics::register(active.datapath().mode());
     let overlay = args.node_name.as_ref().map(|_| {
         let status = nodenet::Status::default();
-        let registry = &mut agent_metrics.registry;
-        registry.register(
+        metrics::register(
             "seine_overlay_peers",
             "Other nodes the VXLAN overlay reaches",
             status.peers.clone(),
         );
-        registry.register(
+        metrics::register(
             "seine_overlay_reconciles",
             "Reconciliations of the overlay's entries, by result",
             status.reconciles.clone(),
@@ -323,27 +261,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     });
     write_status(&args, &active);
 
-    let listener = runtime.block_on(tokio::net::TcpListener::bind(args.health_addr))?;
-    info!(addr = %args.health_addr, "serving /healthz, /readyz and /metrics");
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(shared.clone());
-    let server_shared = shared.clone();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let stopping = shared.clone();
     runtime.spawn(async move {
-        let shutdown = async move {
-            seine_component_base::stop_signal().await;
-            server_shared.stopping.store(true, Ordering::SeqCst);
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            error!("health server: {e}");
-        }
+        seine_component_base::stop_signal().await;
+        stopping.stopping.store(true, Ordering::SeqCst);
+        stop.cancel();
     });
+    runtime.block_on(health::serve(
+        args.health_addr,
+        shared.clone(),
+        shutdown.clone(),
+    ))?;
 
     if let (Some(status), Some(node_name), Some(client)) = (overlay, args.node_name.clone(), client)
     {
@@ -392,8 +322,23 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     shared.ready.store(true, Ordering::SeqCst);
     info!("ready");
 
-    while !shared.stopping.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(200));
+    // Polls the file and the host-port records; the work runs on this thread, not the runtime's
+    // worker, so the health server answers while a large change is applied.
+    let mut tick = {
+        let _in_runtime = runtime.enter();
+        tokio::time::interval(Duration::from_millis(200))
+    };
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopped = runtime.block_on(async {
+            tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.cancelled() => true,
+            }
+        });
+        if stopped {
+            break;
+        }
         let mut dirty = false;
         if let Some(w) = watcher.as_mut() {
             if w.changed() {
@@ -405,11 +350,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                     Err(e) => {
                         // Keep serving the last good state.
                         error!("{e}; keeping the previous state");
-                        shared
-                            .metrics
-                            .syncs
-                            .get_or_create(&vec![("result".into(), "invalid_input".into())])
-                            .inc();
+                        shared.metrics.synced("invalid_input");
                     }
                 }
             }
@@ -500,9 +441,9 @@ fn is_pod_side(args: &Args, name: &str) -> bool {
 
 fn apply(
     datapath: &mut dyn Datapath,
-    specs: &[seine::model::ServiceSpec],
+    specs: &[seine_agent::model::ServiceSpec],
     dir: &Path,
-    metrics: &Metrics,
+    metrics: &AgentMetrics,
 ) {
     let _lock = match bpf::lock(dir) {
         Ok(lock) => lock,
@@ -524,10 +465,7 @@ fn apply(
     } else {
         "error"
     };
-    metrics
-        .syncs
-        .get_or_create(&vec![("result".into(), result.into())])
-        .inc();
+    metrics.synced(result);
     // Parsing a large services file leaves freed memory behind; hand it back to the system.
     // SAFETY: malloc_trim only releases free heap pages.
     unsafe { libc::malloc_trim(0) };
@@ -548,7 +486,7 @@ fn attach_new(
     args: &Args,
     uplinks: &[String],
     attached: &mut HashMap<String, u32>,
-    metrics: &Metrics,
+    metrics: &AgentMetrics,
 ) {
     let mut current = pod_interfaces(args);
     current.extend(
@@ -664,7 +602,7 @@ impl Rules {
         }
     }
 
-    fn full_resync(&mut self) -> Result<(), seine::datapath::DatapathError> {
+    fn full_resync(&mut self) -> Result<(), seine_agent::datapath::DatapathError> {
         match self {
             Rules::Iptables(d) => d.full_resync(),
             Rules::Nftables(d) => d.full_resync(),
@@ -697,7 +635,7 @@ impl Active {
 
     /// Periodic work: attach to new pod interfaces and expire conntrack (eBPF), or a full resync
     /// (iptables).
-    fn tick(&mut self, args: &Args, metrics: &Metrics, first: bool) {
+    fn tick(&mut self, args: &Args, metrics: &AgentMetrics, first: bool) {
         match self {
             Active::Ebpf {
                 ebpf,
@@ -836,7 +774,7 @@ fn start_rules(args: &Args, fallback_reason: Option<String>) -> anyhow::Result<A
             }
             info!(
                 "datapath loaded (nftables, table ip {})",
-                seine::datapath::nftables::TABLE
+                seine_agent::datapath::nftables::TABLE
             );
             Rules::Nftables(NftablesDatapath::new())
         }
@@ -879,7 +817,7 @@ fn write_status(args: &Args, active: &Active) {
             ..
         } => serde_json::json!({
             "mode": "nftables",
-            "nftables_table": format!("ip {}", seine::datapath::nftables::TABLE),
+            "nftables_table": format!("ip {}", seine_agent::datapath::nftables::TABLE),
             "fallback_reason": fallback_reason,
         }),
     };
@@ -919,47 +857,26 @@ impl FileWatch {
     }
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let overlay_ready = shared
-        .overlay
-        .as_ref()
-        .is_none_or(|o| o.ready.load(Ordering::SeqCst));
-    if shared.ready.load(Ordering::SeqCst)
-        && overlay_ready
-        && !shared.stopping.load(Ordering::SeqCst)
-    {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+impl health::Probes for Shared {
+    fn ready(&self) -> bool {
+        let overlay_ready = self
+            .overlay
+            .as_ref()
+            .is_none_or(|o| o.ready.load(Ordering::SeqCst));
+        self.ready.load(Ordering::SeqCst) && overlay_ready && !self.stopping.load(Ordering::SeqCst)
     }
-}
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    if let Some(Ok(maps)) = shared.stats_maps.as_ref().map(|m| m.lock()) {
+    fn refresh_metrics(&self) {
+        let Some(Ok(maps)) = self.stats_maps.as_ref().map(|m| m.lock()) else {
+            return;
+        };
         if let Ok(values) = maps.stats() {
             for (value, name) in values.into_iter().zip(STAT_NAMES) {
-                shared
-                    .metrics
+                self.metrics
                     .packets
                     .get_or_create(&vec![("outcome".into(), name.into())])
                     .set(value as i64);
             }
         }
-    }
-    let mut body = String::new();
-    match encode(&mut body, &shared.metrics.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("content-type", "text/plain")],
-            e.to_string(),
-        ),
     }
 }

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use seine::{
+use seine_agent::{
     bpf::PinnedMaps,
     datapath::{
         ebpf::{EbpfDatapath, Owner},
@@ -198,7 +198,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn status(dir: &std::path::Path, output: Output) -> Result<(), Failure> {
-    let path = seine::bpf::status_path(dir);
+    let path = seine_agent::bpf::status_path(dir);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         Failure::System(format!(
             "no status of a seine-agent for --bpffs-dir {} ({}: {e})",
@@ -273,14 +273,14 @@ fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {
     // Read back and written under the node's lock; a node that is not there gets "not pinned"
     // from open, and no lock file is made for it.
     let _lock = match dir.exists() {
-        true => Some(seine::bpf::lock(dir).map_err(system)?),
+        true => Some(seine_agent::bpf::lock(dir).map_err(system)?),
         false => None,
     };
     let mut dp = EbpfDatapath::open(dir, Owner::Cli).map_err(system)?;
     match (what, request) {
         (_, Some(spec)) => {
             let change = dp.upsert(&spec).map_err(|e| match e {
-                seine::datapath::DatapathError::NotOwned(..) => Failure::Input(e.to_string()),
+                seine_agent::datapath::DatapathError::NotOwned(..) => Failure::Input(e.to_string()),
                 e => Failure::System(e.to_string()),
             })?;
             let verb = match change {
@@ -305,7 +305,7 @@ fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {
                     Ok(())
                 }
                 Ok(false) => Err(Failure::Input(format!("service {frontend} not found"))),
-                Err(e @ seine::datapath::DatapathError::NotOwned(..)) => {
+                Err(e @ seine_agent::datapath::DatapathError::NotOwned(..)) => {
                     Err(Failure::Input(e.to_string()))
                 }
                 Err(e) => Err(system(e)),

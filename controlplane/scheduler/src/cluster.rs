@@ -11,8 +11,10 @@ use std::{
 use super::{
     node::NodeInfo,
     pod::{HostPort, PodInfo, PodKey},
+};
+use seine_apimachinery::{
+    labels::{Labels, Selector},
     quantity::Resources,
-    selector::{Labels, Selector},
 };
 
 /// What the pods on one node take.

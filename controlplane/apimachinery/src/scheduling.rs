@@ -1,9 +1,10 @@
-//! Node selector terms (node affinity) and taint tolerations, with the API's rules: node selector
-//! terms are ORed and an empty term matches nothing. Label selectors are apimachinery's.
+//! Node selector terms (node affinity) and taint tolerations, with the API's rules (as
+//! component-helpers' scheduling/corev1): node selector terms are ORed and an empty term
+//! matches nothing.
 
 use k8s_openapi::api::core::v1::{NodeSelectorRequirement, NodeSelectorTerm, Taint, Toleration};
 
-pub use seine_apimachinery::labels::{Labels, Requirement, Selector};
+use crate::labels::{Labels, Requirement};
 
 /// A node selector requirement as a label requirement; None for an unknown operator or a `Gt`
 /// or `Lt` without exactly one integer, which match no node.

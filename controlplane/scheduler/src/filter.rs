@@ -11,9 +11,9 @@ use super::{
     cluster::{Cluster, NodeUsage},
     node::{no_schedule, NodeInfo, UNSCHEDULABLE},
     pod::{node_affinity_matches, PodInfo},
-    selector::{tolerated, Labels},
     topology_spread::SpreadFilter,
 };
+use seine_apimachinery::{labels::Labels, scheduling::tolerated};
 
 pub const UNSCHEDULABLE_REASON: &str = "node(s) were unschedulable";
 pub const NODE_AFFINITY_REASON: &str = "node(s) didn't match Pod's node affinity/selector";

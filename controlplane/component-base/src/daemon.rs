@@ -10,18 +10,22 @@ use std::{
     process::ExitCode,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, LazyLock,
     },
     time::Duration,
 };
 
 use anyhow::{bail, Context as _};
-use axum::{extract::State, http::StatusCode, routing::get, Router};
 use kube::Client;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{family::Family, gauge::Gauge},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    health,
     leader::{Elector, LeaderConfig},
     metrics,
 };
@@ -60,74 +64,30 @@ pub struct DaemonArgs {
     pub log_json: bool,
 }
 
-/// This machine's hostname ("seine" when it cannot be read).
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "seine".into())
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeaseLabels {
+    name: String,
 }
+
+/// `leader_election_master_status{name}`: 1 while this replica holds the Lease, as in Kubernetes.
+static LEADER: LazyLock<Family<LeaseLabels, Gauge>> = LazyLock::new(|| {
+    let gauge = Family::<LeaseLabels, Gauge>::default();
+    metrics::register(
+        "leader_election_master_status",
+        "1 while this replica holds the leader Lease, else 0",
+        gauge.clone(),
+    );
+    gauge
+});
 
 fn identity() -> String {
-    format!("{}_{:016x}", hostname(), rand::random::<u64>())
-}
-
-#[derive(Clone)]
-struct Health {
-    ready: Arc<AtomicBool>,
-}
-
-async fn ok() -> &'static str {
-    "ok"
-}
-
-async fn readyz(State(h): State<Health>) -> (StatusCode, &'static str) {
-    if h.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
-}
-
-async fn metrics_text() -> ([(&'static str, &'static str); 1], String) {
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics::text(),
-    )
-}
-
-async fn serve_health(
-    addr: SocketAddr,
-    health: Health,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let router = Router::new()
-        .route("/healthz", get(ok))
-        .route("/livez", get(ok))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .with_state(health);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on {addr} for /healthz and /metrics"))?;
-    info!(addr = %listener.local_addr().unwrap_or(addr), "serving /healthz, /livez, /readyz, /metrics");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-        {
-            warn!(error = %e, "the health server stopped");
-        }
-    });
-    Ok(())
+    format!("{}_{:016x}", crate::hostname(), rand::random::<u64>())
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.
 fn stop_on_signals(token: CancellationToken) {
     tokio::spawn(async move {
-        seine_component_base::stop_signal().await;
+        crate::stop_signal().await;
         token.cancel();
     });
 }
@@ -141,13 +101,13 @@ where
     F: FnOnce(Client, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    seine_component_base::init_logging(args.log_json, "info");
+    crate::init_logging(args.log_json, "info");
     // Errors name the program (seine-scheduler), not the component it stands in for.
     let program = std::env::args()
         .next()
         .and_then(|a| a.rsplit('/').next().map(str::to_string))
         .unwrap_or_else(|| name.to_string());
-    seine_component_base::block_on(&program, run(name, args, default_port, work))
+    crate::block_on(&program, run(name, args, default_port, work))
 }
 
 async fn run<F, Fut>(
@@ -165,20 +125,17 @@ where
     }
     let shutdown = CancellationToken::new();
     stop_on_signals(shutdown.clone());
-    let health = Health {
-        ready: Arc::new(AtomicBool::new(false)),
-    };
+    let ready = Arc::new(AtomicBool::new(false));
     let addr = SocketAddr::new(args.bind_address, args.port.unwrap_or(default_port));
-    serve_health(addr, health.clone(), shutdown.clone()).await?;
-    let client = seine_component_base::client(args.kubeconfig.as_deref()).await?;
+    health::serve(addr, ready.clone(), shutdown.clone()).await?;
+    let client = crate::client(args.kubeconfig.as_deref()).await?;
 
     let lease_name = args
         .leader_elect_resource_name
         .clone()
         .unwrap_or_else(|| name.to_string());
-    let gauge = metrics::global()
-        .leader
-        .get_or_create(&metrics::LeaseLabels {
+    let gauge = LEADER
+        .get_or_create(&LeaseLabels {
             name: lease_name.clone(),
         })
         .clone();
@@ -199,7 +156,7 @@ where
     } else {
         None
     };
-    health.ready.store(true, Ordering::Relaxed);
+    ready.store(true, Ordering::Relaxed);
     info!(component = name, "running");
 
     let stop = shutdown.clone();
@@ -216,7 +173,7 @@ where
         _ = stop.cancelled() => Ok(()),
     };
     gauge.set(0);
-    health.ready.store(false, Ordering::Relaxed);
+    ready.store(false, Ordering::Relaxed);
     shutdown.cancel();
     if let Some(elector) = &elector {
         if outcome.is_ok() {

@@ -9,8 +9,11 @@ use super::{
     framework::MAX_NODE_SCORE,
     node::NodeInfo,
     pod::PodInfo,
-    selector::{term_matches, tolerates, Selector},
     topology_spread,
+};
+use seine_apimachinery::{
+    labels::Selector,
+    scheduling::{term_matches, tolerates},
 };
 
 const LEAST_ALLOCATED_WEIGHT: i64 = 1;

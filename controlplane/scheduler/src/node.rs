@@ -5,7 +5,7 @@
 
 use k8s_openapi::api::core::v1::{Node, Taint};
 
-use super::{quantity::Resources, selector::Labels};
+use seine_apimachinery::{labels::Labels, quantity::Resources};
 
 pub const NOT_READY: &str = "node.kubernetes.io/not-ready";
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";

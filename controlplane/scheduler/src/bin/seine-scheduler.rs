@@ -6,10 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use seine_controllers::{
-    daemon::{self, DaemonArgs},
-    scheduler::{self, SchedulerConfig},
-};
+use seine_component_base::daemon::{self, DaemonArgs};
+use seine_scheduler::{self as scheduler, SchedulerConfig};
 
 #[derive(Debug, Parser)]
 #[command(

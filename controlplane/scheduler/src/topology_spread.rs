@@ -10,8 +10,8 @@ use super::{
     framework::{Plugin, Rejection, MAX_NODE_SCORE},
     node::{NodeInfo, HOSTNAME},
     pod::{PodInfo, SpreadConstraint},
-    selector::Selector,
 };
+use seine_apimachinery::labels::Selector;
 
 pub const MISSING_LABEL_REASON: &str =
     "node(s) didn't match pod topology spread constraints (missing required label)";
@@ -240,7 +240,7 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::scheduler::placement::{place, Decision};
+    use crate::placement::{place, Decision};
 
     fn node(name: &str, zone: Option<&str>) -> NodeInfo {
         let mut labels = json!({"kubernetes.io/hostname": name});

@@ -14,11 +14,13 @@ use k8s_openapi::api::core::v1::{
 
 use k8s_openapi::api::core::v1::TopologySpreadConstraint;
 
-use super::{
-    node::NodeInfo,
+use seine_apimachinery::{
+    labels::{Labels, Requirement, Selector},
     quantity::{milli_value, Resources},
-    selector::{term_matches, tolerated, Labels, Requirement, Selector},
+    scheduling::{term_matches, tolerated},
 };
+
+use super::node::NodeInfo;
 
 /// kube-scheduler's stand-ins for a container that requests no CPU or memory, used only to
 /// score (100 millicores, 200 MiB), so that empty pods still spread.

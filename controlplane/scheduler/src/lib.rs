@@ -11,11 +11,9 @@ pub mod framework;
 pub mod node;
 pub mod placement;
 pub mod pod;
-pub mod quantity;
 pub mod queue;
 pub mod report;
 pub mod score;
-pub mod selector;
 pub mod topology_spread;
 
 use std::{
@@ -42,7 +40,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::metrics;
 use cluster::{Cluster, PodChange};
 use filter::Plugin;
 use node::NodeInfo;
@@ -50,7 +47,8 @@ use placement::Decision;
 use pod::{PodInfo, PodKey};
 use queue::SchedulingQueue;
 use report::Reporter;
-use selector::Selector;
+use seine_apimachinery::labels::{Labels, Selector};
+use seine_component_base::metrics;
 
 /// Binds in flight at once (decisions stay serial).
 pub const DEFAULT_PARALLEL_BINDS: u16 = 16;
@@ -68,7 +66,7 @@ pub struct SchedulerConfig {
 
 impl SchedulerConfig {
     pub fn new(scheduler_name: &str) -> Self {
-        let host = crate::daemon::hostname();
+        let host = seine_component_base::hostname();
         SchedulerConfig {
             scheduler_name: scheduler_name.to_string(),
             parallel_binds: usize::from(DEFAULT_PARALLEL_BINDS),
@@ -160,7 +158,7 @@ struct Scheduler {
     nodes: Relist<NodeInfo>,
     pods: Relist<Arc<PodInfo>>,
     services: Relist<(String, String, Selector)>,
-    namespaces: Relist<(String, selector::Labels)>,
+    namespaces: Relist<(String, Labels)>,
 }
 
 /// Runs the scheduler until `shutdown` or until a watch ends for good.
