@@ -312,6 +312,11 @@ fn a_second_controller_manager_takes_over_when_the_leader_stops() {
     // SIGTERM: the leader gives the Lease up and exits 0; the other replica takes over.
     let status_code = first.process.stop().unwrap();
     assert!(status_code.success(), "{status_code}: {}", first.log_text());
+    assert!(
+        !first.log_text().contains("did not finish"),
+        "the controllers did not finish their work in time:\n{}",
+        first.log_text()
+    );
     wait_until(Duration::from_secs(10), || second.leads())
         .unwrap_or_else(|_| panic!("no takeover:\n{}", second.log_text()));
     assert_ne!(holder(&api), before);

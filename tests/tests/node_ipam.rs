@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use seine_controller_manager::ipam::{self, CidrSet};
 use seine_tests::{apiserver::ApiServer, etcd::Etcd};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 fn node(api: &ApiServer, name: &str, cidr: Option<&str>) {
     let spec = match cidr {
@@ -46,7 +47,8 @@ async fn nodes_get_distinct_ranges_across_restarts_and_freed_ranges_are_reused()
     node(&api, "a", None);
 
     let set = CidrSet::new("10.244.0.0/16", 24).unwrap();
-    let controller = tokio::spawn(ipam::run(api.kube_client().await, set));
+    let stop = CancellationToken::new();
+    let controller = tokio::spawn(ipam::run(api.kube_client().await, set, stop.clone()));
     let a = tokio::task::block_in_place(|| cidr_of(&api, "a"));
     assert_eq!(a.as_deref(), Some("10.244.1.0/24"));
     node(&api, "b", None);
@@ -58,10 +60,19 @@ async fn nodes_get_distinct_ranges_across_restarts_and_freed_ranges_are_reused()
         "a range already held is kept"
     );
 
-    // A restart (or another replica taking over) reads what is taken from the Nodes.
-    controller.abort();
+    // A restart (or another replica taking over) reads what is taken from the Nodes. The first
+    // stops when told to.
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), controller)
+        .await
+        .expect("the controller did not stop on its shutdown token")
+        .unwrap();
     let set = CidrSet::new("10.244.0.0/16", 24).unwrap();
-    let controller = tokio::spawn(ipam::run(api.kube_client().await, set));
+    let controller = tokio::spawn(ipam::run(
+        api.kube_client().await,
+        set,
+        CancellationToken::new(),
+    ));
     node(&api, "c", None);
     let c = tokio::task::block_in_place(|| cidr_of(&api, "c"));
     assert_eq!(c.as_deref(), Some("10.244.3.0/24"));
@@ -71,7 +82,11 @@ async fn nodes_get_distinct_ranges_across_restarts_and_freed_ranges_are_reused()
     let set = CidrSet::new("10.250.0.0/23", 24).unwrap();
     let etcd2 = Etcd::start().unwrap();
     let small = ApiServer::start(&etcd2).unwrap();
-    let controller = tokio::spawn(ipam::run(small.kube_client().await, set));
+    let controller = tokio::spawn(ipam::run(
+        small.kube_client().await,
+        set,
+        CancellationToken::new(),
+    ));
     node(&small, "x", None);
     node(&small, "y", None);
     let x = tokio::task::block_in_place(|| cidr_of(&small, "x")).unwrap();

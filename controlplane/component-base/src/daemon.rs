@@ -80,6 +80,10 @@ static LEADER: LazyLock<Family<LeaseLabels, Gauge>> = LazyLock::new(|| {
     gauge
 });
 
+/// How long the work may take to finish after SIGTERM, leaving time to give the Lease up
+/// within a supervisor's usual grace period.
+const FINISH_WITHIN: Duration = Duration::from_secs(3);
+
 fn identity() -> String {
     format!("{}_{:016x}", crate::hostname(), rand::random::<u64>())
 }
@@ -161,6 +165,7 @@ where
 
     let stop = shutdown.clone();
     let work = work(client, shutdown.clone());
+    tokio::pin!(work);
     let lost = async {
         match &elector {
             Some(e) => e.hold().await,
@@ -168,9 +173,16 @@ where
         }
     };
     let outcome = tokio::select! {
-        result = work => result.context("stopped"),
+        result = &mut work => result.context("stopped"),
         _ = lost => Err(anyhow::anyhow!("leader election lost")),
-        _ = stop.cancelled() => Ok(()),
+        // The work sees the token too: it finishes what is in flight, within a bound.
+        _ = stop.cancelled() => match tokio::time::timeout(FINISH_WITHIN, &mut work).await {
+            Ok(result) => result.context("stopping"),
+            Err(_) => {
+                warn!(within = ?FINISH_WITHIN, "the work did not finish; stopping anyway");
+                Ok(())
+            }
+        },
     };
     gauge.set(0);
     ready.store(false, Ordering::Relaxed);

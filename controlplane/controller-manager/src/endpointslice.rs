@@ -36,6 +36,8 @@ use kube::{
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use seine_apimachinery::labels::Selector;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -114,7 +116,11 @@ fn selects(service: &Service, pod: &Pod) -> bool {
 }
 
 /// Runs the controllers until a watch ends for good.
-pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (services, services_w) = reflector::store::<Service>();
     let (pods, pods_w) = reflector::store::<Pod>();
     let (slices, slices_w) = reflector::store::<EndpointSlice>();
@@ -172,21 +178,39 @@ pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
         .boxed(),
     ]);
 
+    // One task waits for the caches: a store's readiness wakes only its last waiter (a oneshot
+    // underneath), so workers waiting on it themselves would mostly never start.
+    let synced = CancellationToken::new();
+    let mut workers = JoinSet::new();
+    workers.spawn({
+        let (ctx, synced, shutdown) = (ctx.clone(), synced.clone(), shutdown.clone());
+        async move {
+            let ready = async {
+                ctx.services.wait_until_ready().await?;
+                ctx.pods.wait_until_ready().await?;
+                ctx.slices.wait_until_ready().await?;
+                ctx.endpoints.wait_until_ready().await
+            };
+            tokio::select! {
+                result = ready => if result.is_ok() { synced.cancel() },
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    });
     for _ in 0..config.workers.max(1) {
         let ctx = ctx.clone();
-        tokio::spawn(async move {
-            for store in [
-                ctx.services.wait_until_ready().await,
-                ctx.pods.wait_until_ready().await,
-                ctx.slices.wait_until_ready().await,
-                ctx.endpoints.wait_until_ready().await,
-            ] {
-                if store.is_err() {
-                    return;
-                }
+        let (shutdown, synced) = (shutdown.clone(), synced.clone());
+        workers.spawn(async move {
+            tokio::select! {
+                _ = synced.cancelled() => {}
+                _ = shutdown.cancelled() => return,
             }
             loop {
-                let key = ctx.queue.next().await;
+                // A sync in progress finishes; no new one starts after `shutdown`.
+                let key = tokio::select! {
+                    key = ctx.queue.next() => key,
+                    _ = shutdown.cancelled() => return,
+                };
                 let outcome = sync(&ctx, &key).await;
                 match outcome {
                     Ok(Synced::Done) => {
@@ -208,7 +232,7 @@ pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let mut changes = changes;
+    let mut changes = changes.take_until(Box::pin(shutdown.clone().cancelled_owned()));
     while let Some(change) = changes.next().await {
         let change = match change {
             Ok(c) => c,
@@ -262,7 +286,11 @@ pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
             },
         }
     }
-    anyhow::bail!("the watches ended")
+    if !shutdown.is_cancelled() {
+        anyhow::bail!("the watches ended");
+    }
+    while workers.join_next().await.is_some() {}
+    Ok(())
 }
 
 fn pod_changed(ctx: &Ctx, pod: &Pod, deleted: bool) {

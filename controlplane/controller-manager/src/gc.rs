@@ -29,6 +29,7 @@ use kube::{
 };
 use serde_json::json;
 use tokio::{sync::mpsc, task::JoinSet, time::Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics;
@@ -386,7 +387,7 @@ impl Graph {
 }
 
 /// Runs the collector; it does not return.
-pub async fn run(client: Client) {
+pub async fn run(client: Client, shutdown: CancellationToken) {
     let (tx, mut rx) = mpsc::channel::<Message>(1024);
     let mut tasks = JoinSet::new();
     tasks.spawn(discover(client.clone(), tx.clone()));
@@ -423,6 +424,11 @@ pub async fn run(client: Client) {
         }
         let next_retry = graph.retries.keys().next().map(|(at, _)| *at);
         tokio::select! {
+            // The deletes in flight finish; nothing new starts.
+            _ = shutdown.cancelled() => {
+                while in_flight.next().await.is_some() {}
+                return;
+            }
             message = rx.recv() => match message {
                 Some(Message::Resources(found)) => add_resources(&shared, &mut graph, &mut tasks, &tx, found),
                 Some(Message::Watch(change)) => observe(&mut graph, change),

@@ -12,6 +12,7 @@ use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, ResourceExt as _,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -131,10 +132,11 @@ fn pod_cidrs(node: &Node) -> Vec<String> {
 }
 
 /// Runs the controller until the Node watch ends: gives every Node without a range one.
-pub async fn run(client: Client, mut set: CidrSet) {
+pub async fn run(client: Client, mut set: CidrSet, shutdown: CancellationToken) {
     let nodes: Api<Node> = Api::all(client);
     let mut events = watcher(nodes.clone(), watcher::Config::default())
         .default_backoff()
+        .take_until(shutdown.cancelled_owned())
         .boxed();
     let template = set.clone();
     let mut listing: Vec<Node> = Vec::new();

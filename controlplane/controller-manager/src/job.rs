@@ -37,6 +37,7 @@ use kube::{
 };
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics;
@@ -167,11 +168,12 @@ fn finished_time(pod: &Pod, now: Timestamp) -> Timestamp {
 }
 
 /// Runs the controller until its watches end.
-pub async fn run(client: Client) {
+pub async fn run(client: Client, shutdown: CancellationToken) {
     let jobs: Api<Job> = Api::all(client.clone());
     let pods: Api<Pod> = Api::all(client.clone());
     let controller = Controller::new(jobs, watcher::Config::default())
-        .with_config(Config::default().concurrency(WORKERS));
+        .with_config(Config::default().concurrency(WORKERS))
+        .graceful_shutdown_on(shutdown.cancelled_owned());
     let store = controller.store();
     // Pods whose Job is gone or finished still holding the finalizer go to `release_orphans`.
     let (orphans_tx, orphans_rx) = mpsc::unbounded_channel::<Pod>();

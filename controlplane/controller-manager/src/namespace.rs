@@ -27,6 +27,7 @@ use kube::{
     Api, Client, ResourceExt as _,
 };
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics;
@@ -75,7 +76,7 @@ impl Context {
 }
 
 /// Runs the controller until its watch ends.
-pub async fn run(client: Client) {
+pub async fn run(client: Client, shutdown: CancellationToken) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ctx = Arc::new(Context {
         client,
@@ -83,6 +84,7 @@ pub async fn run(client: Client) {
     });
     Controller::new(namespaces, watcher::Config::default())
         .with_config(Config::default().concurrency(WORKERS))
+        .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {

@@ -33,6 +33,7 @@ use kube::{
     Api, Client, ResourceExt as _,
 };
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics;
@@ -61,7 +62,11 @@ struct Probe {
 }
 
 /// Runs until the watches end for good.
-pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (nodes, nodes_w) = reflector::store::<Node>();
     let (leases, leases_w) = reflector::store::<Lease>();
     let (pods, pods_w) = reflector::store::<Pod>();
@@ -120,7 +125,10 @@ pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(ctx.config.monitor_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !watch.is_finished() {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
         let nodes = ctx.nodes.state();
         probes.retain(|name, _| nodes.iter().any(|n| n.name_any() == *name));
         for node in nodes {

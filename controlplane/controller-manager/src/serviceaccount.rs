@@ -25,6 +25,7 @@ use kube::{
     Api, Client, Resource, ResourceExt as _,
 };
 use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics;
@@ -154,7 +155,11 @@ async fn drive<K: Resource>(
 
 /// A controller of Namespaces that is also woken for a namespace when its object of kind `K`
 /// named `name` changes or goes away.
-fn per_namespace<K>(client: &Client, name: &str) -> Controller<Namespace>
+fn per_namespace<K>(
+    client: &Client,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Controller<Namespace>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
 {
@@ -168,11 +173,13 @@ where
         watcher::Config::default().fields(&format!("metadata.name={name}")),
         |object| object.namespace().map(|ns| ObjectRef::new(&ns)),
     )
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
 }
 
-/// Runs the service account controller until its watches end.
-pub async fn run(client: Client) {
-    let results = per_namespace::<ServiceAccount>(&client, DEFAULT_SERVICE_ACCOUNT).run(
+/// Runs the service account controller until its watches end or `shutdown`, which lets the
+/// syncs in flight finish.
+pub async fn run(client: Client, shutdown: CancellationToken) {
+    let results = per_namespace::<ServiceAccount>(&client, DEFAULT_SERVICE_ACCOUNT, &shutdown).run(
         |ns, ctx| async move {
             let work = ensure_default(&ns, &ctx);
             reconciled(&*ns, &ctx, work).await

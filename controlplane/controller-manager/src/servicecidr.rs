@@ -19,6 +19,7 @@ use kube::{
     Api, Client, ResourceExt as _,
 };
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics;
@@ -130,10 +131,11 @@ impl Context {
 }
 
 /// Runs the controller until its watches end.
-pub async fn run(client: Client) {
+pub async fn run(client: Client, shutdown: CancellationToken) {
     let cidrs: Api<ServiceCIDR> = Api::all(client.clone());
     let addresses: Api<IPAddress> = Api::all(client.clone());
-    let controller = Controller::new(cidrs.clone(), watcher::Config::default());
+    let controller = Controller::new(cidrs.clone(), watcher::Config::default())
+        .graceful_shutdown_on(shutdown.cancelled_owned());
     let ctx = Arc::new(Context {
         client,
         cidrs: controller.store(),

@@ -113,7 +113,7 @@ fn start(
     name: &'static str,
     args: &Args,
     client: Client,
-    _shutdown: CancellationToken,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<Option<BoxFuture<'static, anyhow::Result<()>>>> {
     Ok(match name {
         // One task writes both (the Endpoints follow the same Pods); `endpoint`, kube's name for
@@ -123,7 +123,7 @@ fn start(
                 max_endpoints_per_slice: args.max_endpoints_per_slice,
                 workers: args.concurrent_service_endpoint_syncs,
             };
-            Some(Box::pin(endpointslice::run(client, config)))
+            Some(Box::pin(endpointslice::run(client, config, shutdown)))
         }
         "nodelifecycle" => Some(Box::pin(nodelifecycle::run(
             client,
@@ -131,6 +131,7 @@ fn start(
                 grace_period: args.node_monitor_grace_period,
                 monitor_period: args.node_monitor_period,
             },
+            shutdown,
         ))),
         "nodeipam" => {
             if !args.allocate_node_cidrs {
@@ -138,12 +139,12 @@ fn start(
             }
             let set = ipam::CidrSet::new(&args.cluster_cidr, args.node_cidr_mask_size)?;
             Some(Box::pin(async move {
-                ipam::run(client, set).await;
+                ipam::run(client, set, shutdown).await;
                 Ok(())
             }))
         }
         "serviceaccount" => Some(Box::pin(async move {
-            serviceaccount::run(client).await;
+            serviceaccount::run(client, shutdown).await;
             Ok(())
         })),
         "serviceaccount-token" => {
@@ -163,7 +164,7 @@ fn start(
                     .transpose()?,
             };
             Some(Box::pin(async move {
-                token::run(client, config).await;
+                token::run(client, config, shutdown).await;
                 Ok(())
             }))
         }
@@ -177,24 +178,24 @@ fn start(
             };
             let ca = root_ca::read(path)?;
             Some(Box::pin(async move {
-                root_ca::run(client, ca).await;
+                root_ca::run(client, ca, shutdown).await;
                 Ok(())
             }))
         }
         "garbagecollector" => Some(Box::pin(async move {
-            gc::run(client).await;
+            gc::run(client, shutdown).await;
             Ok(())
         })),
         "job" => Some(Box::pin(async move {
-            job::run(client).await;
+            job::run(client, shutdown).await;
             Ok(())
         })),
         "namespace" => Some(Box::pin(async move {
-            namespace::run(client).await;
+            namespace::run(client, shutdown).await;
             Ok(())
         })),
         "service-cidr-controller" => Some(Box::pin(async move {
-            servicecidr::run(client).await;
+            servicecidr::run(client, shutdown).await;
             Ok(())
         })),
         other => bail!("controller {other} is not wired"),
@@ -230,8 +231,16 @@ fn main() -> ExitCode {
                     tasks.spawn(async move { (name, task.await) });
                 }
             }
-            // A controller that stops is an error: the process exits and is restarted.
+            // A controller that stops is an error (the process exits and is restarted), unless
+            // it stopped for the shutdown: then each finishes what it does.
             match tasks.join_next().await {
+                Some(Ok((name, _))) if shutdown.is_cancelled() => {
+                    info!(controller = name, "stopped");
+                    while let Some(Ok((name, _))) = tasks.join_next().await {
+                        info!(controller = name, "stopped");
+                    }
+                    Ok(())
+                }
                 Some(Ok((name, Ok(())))) => bail!("controller {name} stopped"),
                 Some(Ok((name, Err(e)))) => Err(e.context(format!("controller {name}"))),
                 Some(Err(e)) => bail!("a controller panicked: {e}"),

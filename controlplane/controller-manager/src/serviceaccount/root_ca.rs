@@ -9,6 +9,7 @@ use kube::{
     api::{ObjectMeta, PostParams},
     Api, Client, ResourceExt as _,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::{api_code, drive, error_policy, is_active, per_namespace, reconciled, Context, Error};
@@ -33,8 +34,8 @@ pub fn read(path: &Path) -> Result<String, Error> {
 }
 
 /// Runs the publisher of `ca` until its watches end.
-pub async fn run(client: Client, ca: String) {
-    let results = per_namespace::<ConfigMap>(&client, ROOT_CA_CONFIG_MAP).run(
+pub async fn run(client: Client, ca: String, shutdown: CancellationToken) {
+    let results = per_namespace::<ConfigMap>(&client, ROOT_CA_CONFIG_MAP, &shutdown).run(
         |ns, ctx| async move {
             let work = publish(&ns, &ctx);
             reconciled(&*ns, &ctx, work).await

@@ -15,6 +15,7 @@ use kube::{
     Api, Client, ResourceExt as _,
 };
 use seine_apimachinery::jwt::{self, SigningKey};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::{api_code, drive, error_policy, reconciled, Context, Error, CONCURRENT_SYNCS};
@@ -82,12 +83,13 @@ pub struct TokenConfig {
 }
 
 /// Runs the token controller until its watches end.
-pub async fn run(client: Client, config: TokenConfig) {
+pub async fn run(client: Client, config: TokenConfig, shutdown: CancellationToken) {
     let secrets = Api::<Secret>::all(client.clone());
     let only_tokens =
         watcher::Config::default().fields(&format!("type={SERVICE_ACCOUNT_TOKEN_TYPE}"));
     let controller = Controller::new(secrets, only_tokens)
-        .with_config(controller::Config::default().concurrency(CONCURRENT_SYNCS));
+        .with_config(controller::Config::default().concurrency(CONCURRENT_SYNCS))
+        .graceful_shutdown_on(shutdown.cancelled_owned());
     // A service account's change (or deletion) wakes the token Secrets that name it.
     let store = controller.store();
     let results = controller
