@@ -13,6 +13,7 @@ use sha2::{Digest as _, Sha256};
 use seine_netlink::{self as net, NetError, VXLAN_OVERHEAD};
 
 use crate::{
+    conf,
     hostport::{self, PortMapping},
     ipam::{Allocation, Store},
     spec::{self, CniError, Code},
@@ -163,7 +164,7 @@ impl Config {
                 "the network name {name:?} may hold only letters, digits, '_', '-' and '.'"
             )));
         }
-        let mtu = match raw.get("mtu") {
+        let mtu = match raw.get(conf::MTU) {
             None | Some(Value::Null) => None,
             Some(v) => Some(
                 v.as_u64()
@@ -173,7 +174,7 @@ impl Config {
                     })? as u32,
             ),
         };
-        let pod_cidr = text("podCIDR")?;
+        let pod_cidr = text(conf::POD_CIDR)?;
         if let Some(cidr) = &pod_cidr {
             if Store::parse_cidr(cidr).is_none() {
                 return Err(invalid_config(format!(
@@ -195,13 +196,13 @@ impl Config {
             name,
             pod_cidr,
             mtu,
-            data_dir: text("dataDir")?
+            data_dir: text(conf::DATA_DIR)?
                 .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from),
-            bpffs_dir: text("bpffsDir")?.map_or_else(
+            bpffs_dir: text(conf::BPFFS_DIR)?.map_or_else(
                 || PathBuf::from(seine_common::DEFAULT_BPFFS_DIR),
                 PathBuf::from,
             ),
-            vxlan_device: text("vxlanDevice")?,
+            vxlan_device: text(conf::VXLAN_DEVICE)?,
             prev_result,
             port_mappings: hostport::from_runtime_config(&raw).map_err(invalid_config)?,
             raw,

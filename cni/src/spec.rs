@@ -64,6 +64,11 @@ fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
     parts.next().is_none().then_some(version)
 }
 
+/// A version's place in the order of versions ("0.0.0" for what is not one).
+pub fn version_key(v: &str) -> (u32, u32, u32) {
+    parse_version(v).unwrap_or_default()
+}
+
 /// The `cniVersion` a caller's stdin asks for, if it can be read.
 pub fn requested_version(stdin: &[u8]) -> Option<String> {
     serde_json::from_slice::<Value>(stdin)

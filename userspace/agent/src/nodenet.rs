@@ -23,6 +23,7 @@ use kube::{
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use rtnetlink::Handle;
 use seine_apimachinery::cidr::Ipv4Cidr;
+use seine_cni::{conf::NodeConf, spec};
 use seine_netlink::{self as net, NetError};
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
@@ -114,39 +115,19 @@ async fn uplink_mtu(handle: &Handle, address: Ipv4Addr) -> Result<Option<u32>, N
     Ok(None)
 }
 
-/// The conflist for a node: Seine's plugin with the node's pod CIDR, handling hostPorts itself
-/// (the `portMappings` capability) unless `portmap` is chained, then the chained plugins.
-/// `versions` are the CNI versions every plugin of the chain speaks ([`chain_versions`]).
+/// The conflist for this node (seine-cni's own type, which it reads back).
 pub fn conflist(opts: &Options, pod_cidr: Ipv4Cidr, mtu: u32, versions: &[String]) -> Value {
-    let portmap_chained = opts.cni_chain.iter().any(|t| t == "portmap");
-    let mut seine = json!({"type": "seine-cni", "podCIDR": pod_cidr.to_string(), "mtu": mtu,
-                           "vxlanDevice": opts.device, "dataDir": opts.cni_data_dir,
-                           "bpffsDir": opts.bpffs_dir});
-    if !portmap_chained {
-        seine["capabilities"] = json!({"portMappings": true});
+    NodeConf {
+        network: &opts.cni_network,
+        pod_cidr,
+        mtu,
+        vxlan_device: &opts.device,
+        data_dir: &opts.cni_data_dir,
+        bpffs_dir: &opts.bpffs_dir,
+        chain: &opts.cni_chain,
+        versions,
     }
-    let mut plugins = vec![seine];
-    plugins.extend(opts.cni_chain.iter().map(|t| match t.as_str() {
-        "portmap" => json!({"type": t, "capabilities": {"portMappings": true}}),
-        "bandwidth" => json!({"type": t, "capabilities": {"bandwidth": true}}),
-        _ => json!({"type": t}),
-    }));
-    // `cniVersion` for runtimes that predate `cniVersions`: the highest common one up to 1.0.0.
-    let legacy = versions
-        .iter()
-        .rev()
-        .find(|v| version_key(v) <= version_key("1.0.0"))
-        .or(versions.first());
-    json!({
-        "cniVersion": legacy,
-        "cniVersions": versions,
-        "name": opts.cni_network,
-        "plugins": plugins,
-    })
-}
-
-fn version_key(v: &str) -> Vec<u32> {
-    v.split('.').map(|n| n.parse().unwrap_or(0)).collect()
+    .conflist()
 }
 
 /// The CNI versions that seine-cni and every chained plugin speak, lowest first, as each
@@ -165,7 +146,7 @@ pub fn chain_versions(bin_dir: &Path, chain: &[String]) -> Result<Vec<String>, N
             chain.join(", ")
         )));
     }
-    common.sort_by_key(|v| version_key(v));
+    common.sort_by_key(|v| spec::version_key(v));
     Ok(common)
 }
 
@@ -463,29 +444,21 @@ mod tests {
     }
 
     #[test]
-    fn the_default_conflist_handles_host_ports_itself_and_needs_no_other_plugin() {
+    fn the_conflist_carries_the_agents_flags() {
         let cidr = Ipv4Cidr::parse("10.244.1.0/24").unwrap();
-        let all = versions(&CNI_VERSIONS);
-        let list = conflist(&options(&[]), cidr, 1450, &all);
-        let plugins = list["plugins"].as_array().unwrap();
-        assert_eq!(plugins.len(), 1, "{list}");
-        assert_eq!(plugins[0]["type"], "seine-cni");
-        assert_eq!(plugins[0]["capabilities"]["portMappings"], true);
-        assert_eq!(list["cniVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
-        assert_eq!(list["cniVersion"], "1.0.0");
-
-        // Chaining portmap leaves hostPorts to it, and only common versions are offered.
-        let chained = conflist(
-            &options(&["portmap"]),
+        let list = conflist(
+            &options(&["bandwidth"]),
             cidr,
             1450,
-            &versions(&["0.4.0", "1.0.0"]),
+            &versions(&CNI_VERSIONS),
         );
-        let plugins = chained["plugins"].as_array().unwrap();
-        assert!(plugins[0].get("capabilities").is_none(), "{chained}");
-        assert_eq!(plugins[1]["type"], "portmap");
-        assert_eq!(plugins[1]["capabilities"]["portMappings"], true);
-        assert_eq!(chained["cniVersions"], json!(["0.4.0", "1.0.0"]));
+        assert_eq!(list["name"], "seine");
+        let seine = &list["plugins"][0];
+        assert_eq!(seine["podCIDR"], "10.244.1.0/24");
+        assert_eq!(seine["vxlanDevice"], "seine.vxlan");
+        assert_eq!(seine["dataDir"], "/var/lib/cni/seine");
+        assert_eq!(seine["bpffsDir"], "/sys/fs/bpf/seine");
+        assert_eq!(list["plugins"][1]["type"], "bandwidth");
     }
 
     /// A plugin binary that answers VERSION with `answer` (or sleeps when it is empty).
