@@ -88,14 +88,6 @@ fn identity() -> String {
     format!("{}_{:016x}", crate::hostname(), rand::random::<u64>())
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
-fn stop_on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        crate::stop_signal().await;
-        token.cancel();
-    });
-}
-
 /// Runs a daemon: logs, health and metrics on `default_port` (unless `--port`), then `work`
 /// (given the client and the shutdown token) while this replica leads. Exits 0 on SIGTERM after
 /// giving the Lease up, 1 when `work` fails or leadership is lost (as Kubernetes' components
@@ -128,7 +120,7 @@ where
         bail!("--leader-elect-renew-deadline must be shorter than --leader-elect-lease-duration");
     }
     let shutdown = CancellationToken::new();
-    stop_on_signals(shutdown.clone());
+    crate::cancel_on_stop_signal(shutdown.clone());
     let ready = Arc::new(AtomicBool::new(false));
     let addr = SocketAddr::new(args.bind_address, args.port.unwrap_or(default_port));
     health::serve(addr, ready.clone(), shutdown.clone()).await?;

@@ -22,7 +22,7 @@ mod runtime;
 
 pub use client::client;
 pub use logging::init_logging;
-pub use runtime::{block_on, stop_signal};
+pub use runtime::{block_on, cancel_on_stop_signal, stop_signal};
 
 /// This machine's hostname ("seine" when it cannot be read).
 pub fn hostname() -> String {

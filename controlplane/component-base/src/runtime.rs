@@ -2,6 +2,7 @@
 
 use std::{future::Future, process::ExitCode};
 
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 /// Runs `main` to its end on a multi-threaded runtime: exit status 0, or 1 with the error (its
@@ -42,4 +43,13 @@ pub async fn stop_signal() {
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
     }
+}
+
+/// Cancels `token` on SIGTERM or SIGINT (from a task on the current runtime): the shutdown
+/// token a daemon's work and its health server stop on.
+pub fn cancel_on_stop_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        stop_signal().await;
+        token.cancel();
+    });
 }

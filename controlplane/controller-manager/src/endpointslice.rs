@@ -115,7 +115,8 @@ fn selects(service: &Service, pod: &Pod) -> bool {
     service.namespace() == pod.namespace() && Selector::from_map(selector).matches(pod.labels())
 }
 
-/// Runs the controllers until a watch ends for good.
+/// Runs the controllers until a watch ends for good (an error) or `shutdown`, after which the
+/// syncs in progress finish.
 pub async fn run(
     client: Client,
     config: Config,

@@ -386,7 +386,7 @@ impl Graph {
     }
 }
 
-/// Runs the collector; it does not return.
+/// Runs the collector until `shutdown`, which lets the deletes in flight finish.
 pub async fn run(client: Client, shutdown: CancellationToken) {
     let (tx, mut rx) = mpsc::channel::<Message>(1024);
     let mut tasks = JoinSet::new();

@@ -161,7 +161,8 @@ struct Shared {
     /// The pod network, when this agent runs it.
     overlay: Option<nodenet::Status>,
     ready: AtomicBool,
-    stopping: AtomicBool,
+    /// Cancelled on SIGTERM: the loop, the health server and readiness stop on it.
+    shutdown: CancellationToken,
     /// The eBPF counters, when the eBPF datapath runs.
     stats_maps: Option<std::sync::Mutex<PinnedMaps>>,
 }
@@ -256,19 +257,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         metrics: agent_metrics,
         overlay: overlay.clone(),
         ready: AtomicBool::new(false),
-        stopping: AtomicBool::new(false),
+        shutdown: CancellationToken::new(),
         stats_maps,
     });
     write_status(&args, &active);
 
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    let stopping = shared.clone();
-    runtime.spawn(async move {
-        seine_component_base::stop_signal().await;
-        stopping.stopping.store(true, Ordering::SeqCst);
-        stop.cancel();
-    });
+    let shutdown = shared.shutdown.clone();
+    {
+        let _in_runtime = runtime.enter();
+        seine_component_base::cancel_on_stop_signal(shutdown.clone());
+    }
     runtime.block_on(health::serve(
         args.health_addr,
         shared.clone(),
@@ -863,7 +861,7 @@ impl health::Probes for Shared {
             .overlay
             .as_ref()
             .is_none_or(|o| o.ready.load(Ordering::SeqCst));
-        self.ready.load(Ordering::SeqCst) && overlay_ready && !self.stopping.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && overlay_ready && !self.shutdown.is_cancelled()
     }
 
     fn refresh_metrics(&self) {
