@@ -7,7 +7,7 @@
 use std::{path::Path, time::Duration};
 
 use k8s_openapi::api::core::v1::Secret;
-use seine_apiserver::api::sa_token::TokenSigner;
+use seine_apiserver::api::security::sa_token::TokenSigner;
 use seine_controller_manager::serviceaccount::token::TokenGenerator;
 use seine_tests::{apiserver::ApiServer, controllers::Daemon, etcd::Etcd, wait_until};
 use serde_json::{json, Value};

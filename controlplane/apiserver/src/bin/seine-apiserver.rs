@@ -13,11 +13,14 @@ use rand::Rng as _;
 use seine_apiserver::{
     api::{
         self,
-        alloc::ServiceRanges,
-        auth::{certificate_user, Authenticator, CertificateUser, TokenAuthenticator, User},
-        rbac::Authorizer,
-        sa_token::TokenSigner,
-        tls, ApiState,
+        registry::alloc::ServiceRanges,
+        security::{
+            auth::{certificate_user, Authenticator, CertificateUser, TokenAuthenticator, User},
+            rbac::Authorizer,
+            sa_token::TokenSigner,
+            tls,
+        },
+        ApiState,
     },
     storage::Storage,
     watch_cache::WatchCaches,
@@ -154,7 +157,7 @@ async fn run(args: Args) -> Result<()> {
     let local = listener.local_addr()?;
     let watches = Arc::new(WatchCaches::start(
         &storage,
-        api::resources::RESOURCES
+        api::registry::resources::RESOURCES
             .iter()
             .filter(|r| !r.review)
             .map(|r| r.storage_name()),
@@ -170,7 +173,7 @@ async fn run(args: Args) -> Result<()> {
         metrics: Arc::default(),
         watches,
         ranges,
-        openapi: api::openapi::OpenApi::build(),
+        openapi: api::http::openapi::OpenApi::build(),
     });
     let advertise = args
         .advertise_address
@@ -181,7 +184,9 @@ async fn run(args: Args) -> Result<()> {
         });
     // Retried until etcd answers: the server starts before etcd is reachable, as kube-apiserver does.
     loop {
-        match api::bootstrap(&state, std::net::SocketAddr::new(advertise, local.port())).await {
+        match api::bootstrap::bootstrap(&state, std::net::SocketAddr::new(advertise, local.port()))
+            .await
+        {
             Ok(()) => break,
             Err(e) => {
                 warn!(
@@ -207,7 +212,10 @@ async fn run(args: Args) -> Result<()> {
     info!(address = %local, "serving the Kubernetes API over HTTPS");
 
     let advertised = std::net::SocketAddr::new(advertise, local.port());
-    tokio::spawn(api::endpoints::run(state.storage.clone(), advertised));
+    tokio::spawn(api::bootstrap::endpoints::run(
+        state.storage.clone(),
+        advertised,
+    ));
     let storage = state.storage.clone();
     let app = api::router(state);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
@@ -261,7 +269,7 @@ async fn run(args: Args) -> Result<()> {
     // Out of the kubernetes service's endpoints before going.
     match tokio::time::timeout(
         Duration::from_secs(3),
-        api::endpoints::withdraw(&storage, advertised),
+        api::bootstrap::endpoints::withdraw(&storage, advertised),
     )
     .await
     {

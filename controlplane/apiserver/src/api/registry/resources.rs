@@ -1,4 +1,11 @@
-//! The resources the API server serves, with what discovery says about each.
+//! The resources the API server serves, with what discovery says about each and the strategy
+//! that holds each kind's rules.
+
+use super::{
+    configmap, endpoints, event, job, lease, namespace, node, pod, rbac, secret, service,
+    serviceaccount, servicecidr,
+    strategy::{Plain, Strategy},
+};
 
 /// One served resource.
 #[derive(Debug, Clone, Copy)]
@@ -15,6 +22,14 @@ pub struct Resource {
     pub subresources: &'static [&'static str],
     /// A review (SelfSubjectAccessReview, TokenReview, ...): created and answered, never stored.
     pub review: bool,
+    /// The kind's rules: defaults, validation, deletion, field selectors, columns.
+    pub strategy: &'static dyn Strategy,
+}
+
+impl std::fmt::Debug for dyn Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Strategy")
+    }
 }
 
 const VERBS: [&str; 8] = [
@@ -29,95 +44,80 @@ const VERBS: [&str; 8] = [
 ];
 
 pub const RESOURCES: &[Resource] = &[
-    with_subresources(
-        core("Namespace", "namespaces", "namespace", false, &["ns"]),
-        &["status", "finalize"],
-    ),
-    with_subresources(core("Node", "nodes", "node", false, &["no"]), &["status"]),
-    with_subresources(
-        core("Pod", "pods", "pod", true, &["po"]),
-        &["status", "binding"],
-    ),
-    with_subresources(
-        core("Service", "services", "service", true, &["svc"]),
-        &["status"],
-    ),
-    core("Endpoints", "endpoints", "endpoints", true, &["ep"]),
-    core("ConfigMap", "configmaps", "configmap", true, &["cm"]),
-    core("Secret", "secrets", "secret", true, &[]),
-    with_subresources(
-        core(
-            "ServiceAccount",
-            "serviceaccounts",
-            "serviceaccount",
-            true,
-            &["sa"],
-        ),
-        &["token"],
-    ),
-    core("Event", "events", "event", true, &["ev"]),
-    Resource {
-        group: "discovery.k8s.io",
-        version: "v1",
-        kind: "EndpointSlice",
-        plural: "endpointslices",
-        singular: "endpointslice",
-        namespaced: true,
-        short_names: &[],
-        subresources: &[],
-        review: false,
-    },
-    Resource {
-        group: "coordination.k8s.io",
-        version: "v1",
-        kind: "Lease",
-        plural: "leases",
-        singular: "lease",
-        namespaced: true,
-        short_names: &[],
-        subresources: &[],
-        review: false,
-    },
-    Resource {
-        group: "batch",
-        version: "v1",
-        kind: "Job",
-        plural: "jobs",
-        singular: "job",
-        namespaced: true,
-        short_names: &[],
-        subresources: &["status"],
-        review: false,
-    },
+    core("Namespace", "namespaces", "namespace", false, &["ns"])
+        .with_subresources(&["status", "finalize"])
+        .with_strategy(&namespace::Namespaces),
+    core("Node", "nodes", "node", false, &["no"])
+        .with_subresources(&["status"])
+        .with_strategy(&node::Nodes),
+    core("Pod", "pods", "pod", true, &["po"])
+        .with_subresources(&["status", "binding"])
+        .with_strategy(&pod::Pods),
+    core("Service", "services", "service", true, &["svc"])
+        .with_subresources(&["status"])
+        .with_strategy(&service::Services),
+    core("Endpoints", "endpoints", "endpoints", true, &["ep"]).with_strategy(&endpoints::Endpoints),
+    core("ConfigMap", "configmaps", "configmap", true, &["cm"])
+        .with_strategy(&configmap::ConfigMaps),
+    core("Secret", "secrets", "secret", true, &[]).with_strategy(&secret::Secrets),
+    core(
+        "ServiceAccount",
+        "serviceaccounts",
+        "serviceaccount",
+        true,
+        &["sa"],
+    )
+    .with_subresources(&["token"])
+    .with_strategy(&serviceaccount::ServiceAccounts),
+    core("Event", "events", "event", true, &["ev"]).with_strategy(&event::Events),
+    grouped("discovery.k8s.io", "EndpointSlice", "endpointslices", true)
+        .with_singular("endpointslice")
+        .with_strategy(&endpoints::EndpointSlices),
+    grouped("coordination.k8s.io", "Lease", "leases", true)
+        .with_singular("lease")
+        .with_strategy(&lease::Leases),
+    grouped("batch", "Job", "jobs", true)
+        .with_singular("job")
+        .with_subresources(&["status"])
+        .with_strategy(&job::Jobs),
     // The service ranges (the default "kubernetes" one from --service-cluster-ip-range, more
     // added at run time) and the allocator's record of every cluster IP, as in Kubernetes 1.33.
-    with_subresources(
-        grouped("networking.k8s.io", "ServiceCIDR", "servicecidrs", false),
-        &["status"],
-    ),
+    grouped("networking.k8s.io", "ServiceCIDR", "servicecidrs", false)
+        .with_subresources(&["status"])
+        .with_strategy(&servicecidr::ServiceCidrs),
     Resource {
         short_names: &["ip"],
         ..grouped("networking.k8s.io", "IPAddress", "ipaddresses", false)
-    },
+    }
+    .with_strategy(&servicecidr::IpAddresses),
     grouped(
         "rbac.authorization.k8s.io",
         "ClusterRole",
         "clusterroles",
         false,
-    ),
+    )
+    .with_strategy(&rbac::Roles("ClusterRole")),
     grouped(
         "rbac.authorization.k8s.io",
         "ClusterRoleBinding",
         "clusterrolebindings",
         false,
-    ),
-    grouped("rbac.authorization.k8s.io", "Role", "roles", true),
+    )
+    .with_strategy(&rbac::Bindings {
+        kind: "ClusterRoleBinding",
+        role_kinds: &["ClusterRole"],
+    }),
+    grouped("rbac.authorization.k8s.io", "Role", "roles", true).with_strategy(&rbac::Roles("Role")),
     grouped(
         "rbac.authorization.k8s.io",
         "RoleBinding",
         "rolebindings",
         true,
-    ),
+    )
+    .with_strategy(&rbac::Bindings {
+        kind: "RoleBinding",
+        role_kinds: &["Role", "ClusterRole"],
+    }),
     review(
         "authorization.k8s.io",
         "SelfSubjectAccessReview",
@@ -152,6 +152,7 @@ const fn grouped(
         short_names: &[],
         subresources: &[],
         review: false,
+        strategy: &Plain,
     }
 }
 
@@ -179,17 +180,26 @@ const fn core(
         short_names,
         subresources: &[],
         review: false,
-    }
-}
-
-const fn with_subresources(resource: Resource, subresources: &'static [&'static str]) -> Resource {
-    Resource {
-        subresources,
-        ..resource
+        strategy: &Plain,
     }
 }
 
 impl Resource {
+    const fn with_subresources(self, subresources: &'static [&'static str]) -> Resource {
+        Resource {
+            subresources,
+            ..self
+        }
+    }
+
+    const fn with_singular(self, singular: &'static str) -> Resource {
+        Resource { singular, ..self }
+    }
+
+    const fn with_strategy(self, strategy: &'static dyn Strategy) -> Resource {
+        Resource { strategy, ..self }
+    }
+
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
             self.version.to_string()

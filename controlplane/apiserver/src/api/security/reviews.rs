@@ -5,13 +5,13 @@
 use axum::{body::Bytes, http::StatusCode};
 use serde_json::{json, Value};
 
-use super::{
-    auth::{AuthError, User},
-    handlers::{parse_object, ApiResult, Target},
-    meta::now,
-    rbac::Decision,
-    request_info::RequestInfo,
-    sa_token::TokenClaims,
+use crate::api::{
+    http::handlers::{parse_object, ApiResult, Target},
+    http::request_info::RequestInfo,
+    registry::meta::now,
+    security::auth::{AuthError, User},
+    security::rbac::Decision,
+    security::sa_token::TokenClaims,
     status::ApiError,
     ApiState,
 };

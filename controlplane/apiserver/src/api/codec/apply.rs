@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
 
-use super::patch::{list_merge, strategic_merge_patch, ListMerge};
+use crate::api::codec::patch::{list_merge, strategic_merge_patch, ListMerge};
 
 /// One field: path elements in FieldsV1 notation (`f:spec`, `k:{"name":"web"}`, `v:"x"`).
 type Path = Vec<String>;

@@ -24,7 +24,9 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::StreamExt as _;
 
-use super::{query::Selector, resources::Resource, status::ApiError, table, ApiState};
+use crate::api::{
+    http::query::Selector, http::table, registry::resources::Resource, status::ApiError, ApiState,
+};
 use crate::{
     storage::list_prefix,
     watch_cache::{Event, EventKind, ResourceCache, Signal},
@@ -194,7 +196,7 @@ impl Writer {
                 .as_str()
                 .unwrap_or_default();
             let mut table = table::render(
-                self.resource.kind,
+                &self.resource.strategy.printer(),
                 std::slice::from_ref(object),
                 rv,
                 &self.include_object,

@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 use serde_json::{json, Value};
 use tracing::warn;
 
-use super::{meta, status::ApiError};
+use crate::api::{registry::meta, status::ApiError};
 use crate::storage::{resource_version, ObjectKey, Storage, StorageError};
 
 const PREFIX: &str = "/registry/masterleases/";

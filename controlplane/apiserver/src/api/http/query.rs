@@ -4,7 +4,7 @@
 use seine_apimachinery::labels;
 use serde_json::Value;
 
-use super::status::ApiError;
+use crate::api::{registry::resources::Resource, status::ApiError};
 
 pub fn parse_query(query: &str) -> Vec<(String, String)> {
     form_urlencoded::parse(query.as_bytes())
@@ -45,44 +45,9 @@ pub struct Selector {
     fields: Vec<(&'static str, String, bool)>,
 }
 
-/// The fields a kind can be selected by besides metadata.name and metadata.namespace, as
-/// Kubernetes allows them.
-fn selectable_fields(kind: &str) -> &'static [&'static str] {
-    match kind {
-        "Pod" => &[
-            "spec.nodeName",
-            "spec.restartPolicy",
-            "spec.schedulerName",
-            "spec.serviceAccountName",
-            "spec.hostNetwork",
-            "status.phase",
-            "status.podIP",
-            "status.nominatedNodeName",
-        ],
-        "Node" => &["spec.unschedulable"],
-        "Namespace" => &["status.phase"],
-        "Secret" => &["type"],
-        "Job" => &["status.successful"],
-        "Event" => &[
-            "involvedObject.kind",
-            "involvedObject.namespace",
-            "involvedObject.name",
-            "involvedObject.uid",
-            "involvedObject.apiVersion",
-            "involvedObject.resourceVersion",
-            "involvedObject.fieldPath",
-            "reason",
-            "reportingComponent",
-            "source",
-            "type",
-        ],
-        _ => &[],
-    }
-}
-
 impl Selector {
-    /// The selectors among a request's parameters, for objects of `kind`.
-    pub fn from_params(params: &[(String, String)], kind: &str) -> Result<Self, ApiError> {
+    /// The selectors among a request's parameters, for objects of `resource`.
+    pub fn from_params(params: &[(String, String)], resource: &Resource) -> Result<Self, ApiError> {
         let mut selector = Selector {
             labels: labels::Selector::everything(),
             fields: Vec::new(),
@@ -109,7 +74,7 @@ impl Selector {
                         let field = field.trim();
                         let field = ["metadata.name", "metadata.namespace"]
                             .iter()
-                            .chain(selectable_fields(kind))
+                            .chain(resource.strategy.selectable_fields())
                             .find(|f| **f == field)
                             .ok_or_else(|| {
                                 ApiError::bad_request(format!("field label not supported: {field}"))
@@ -155,20 +120,30 @@ impl Selector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::registry::resources::find;
     use serde_json::json;
+
+    fn resource(plural: &str) -> &'static Resource {
+        find("", "v1", plural).unwrap()
+    }
+
+    fn pods() -> &'static Resource {
+        resource("pods")
+    }
 
     #[test]
     fn label_selectors_take_equality_sets_and_existence() {
         let params = |text: &str| vec![("labelSelector".to_string(), text.to_string())];
         let obj = json!({"metadata": {"labels": {"app": "web", "env": "prod"}}});
-        let sel = Selector::from_params(&params("app=web,tier!=db,env,!legacy"), "Pod").unwrap();
+        let sel = Selector::from_params(&params("app=web,tier!=db,env,!legacy"), pods()).unwrap();
         assert!(sel.matches(&obj));
-        let sel = Selector::from_params(&params("app in (db,web),env notin (dev)"), "Pod").unwrap();
+        let sel =
+            Selector::from_params(&params("app in (db,web),env notin (dev)"), pods()).unwrap();
         assert!(sel.matches(&obj));
-        let sel = Selector::from_params(&params("app in (db)"), "Pod").unwrap();
+        let sel = Selector::from_params(&params("app in (db)"), pods()).unwrap();
         assert!(!sel.matches(&obj));
-        assert!(Selector::from_params(&params("app in ()"), "Pod").is_err());
-        assert!(Selector::from_params(&params(""), "Pod")
+        assert!(Selector::from_params(&params("app in ()"), pods()).is_err());
+        assert!(Selector::from_params(&params(""), pods())
             .unwrap()
             .is_empty());
     }
@@ -196,15 +171,15 @@ mod tests {
             "fieldSelector".to_string(),
             "spec.nodeName=n1,status.phase!=Failed".to_string(),
         )];
-        let sel = Selector::from_params(&params, "Pod").unwrap();
+        let sel = Selector::from_params(&params, pods()).unwrap();
         assert!(sel.matches(&json!({"spec": {"nodeName": "n1"}, "status": {"phase": "Running"}})));
         assert!(!sel.matches(&json!({"spec": {"nodeName": "n2"}})));
-        assert!(Selector::from_params(&params, "ConfigMap").is_err());
+        assert!(Selector::from_params(&params, resource("configmaps")).is_err());
         let unsched = vec![(
             "fieldSelector".to_string(),
             "spec.unschedulable=false".to_string(),
         )];
-        let sel = Selector::from_params(&unsched, "Node").unwrap();
+        let sel = Selector::from_params(&unsched, resource("nodes")).unwrap();
         assert!(sel.matches(&json!({"spec": {"unschedulable": false}})));
     }
 }

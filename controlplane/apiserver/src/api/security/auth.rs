@@ -9,7 +9,7 @@ use std::{collections::HashMap, path::Path};
 
 use axum::http::HeaderMap;
 
-use super::sa_token::{LegacyClaims, TokenSigner, VerifiedToken};
+use crate::api::security::sa_token::{LegacyClaims, TokenSigner, VerifiedToken};
 use crate::storage::{ObjectKey, Storage, StorageError};
 
 /// The identity a verified client certificate carries (set on the request by the TLS acceptor).

@@ -5,15 +5,16 @@
 use axum::{body::Bytes, http::StatusCode};
 use serde_json::{json, Value};
 
-use super::{
-    alloc, apply,
-    meta::{now, random_suffix, timestamp_in, uid},
-    patch,
-    query::{decode_continue, encode_continue, parse_query, Selector},
-    resources::Resource,
+use crate::api::{
+    codec::apply,
+    codec::patch,
+    codec::typed::{self, FieldValidation},
+    http::query::{decode_continue, encode_continue, parse_query, Selector},
+    registry::alloc,
+    registry::meta::{now, random_suffix, timestamp_in, uid},
+    registry::resources::Resource,
+    registry::strategy,
     status::ApiError,
-    strategy,
-    typed::{self, FieldValidation},
     ApiState,
 };
 use crate::storage::{list_prefix, resource_version, ObjectKey, StorageError};
@@ -32,7 +33,7 @@ pub struct Target {
     /// Warnings for the client (`Warning: 299` headers).
     pub warnings: std::sync::Mutex<Vec<String>>,
     /// Who asks.
-    pub user: super::auth::User,
+    pub user: crate::api::security::auth::User,
 }
 
 impl Target {
@@ -59,7 +60,7 @@ impl Target {
         let namespace = self.namespace.as_deref();
         let result = match kind {
             "Role" | "ClusterRole" => {
-                let escalate = super::request_info::RequestInfo {
+                let escalate = crate::api::http::request_info::RequestInfo {
                     resource_request: true,
                     verb: "escalate".into(),
                     api_group: "rbac.authorization.k8s.io".into(),
@@ -173,8 +174,6 @@ impl Target {
 pub type ApiResult = Result<(StatusCode, Value), ApiError>;
 
 /// Namespaces that may not be deleted.
-const PROTECTED_NAMESPACES: [&str; 3] = ["default", "kube-system", "kube-public"];
-
 pub async fn get_one(state: &ApiState, target: &Target) -> ApiResult {
     let object = state.storage.get(&target.key(target.name())).await?;
     Ok((StatusCode::OK, object))
@@ -211,7 +210,7 @@ pub async fn list(
         Some((key, revision)) => (Some(key), Some(revision)),
         None => (None, None),
     };
-    let selector = Selector::from_params(&params, target.resource.kind)?;
+    let selector = Selector::from_params(&params, target.resource)?;
     let prefix = list_prefix(target.resource.storage_name(), target.namespace.as_deref());
     let kind = format!("{}List", target.resource.kind);
     let api_version = target.resource.api_version();
@@ -872,64 +871,22 @@ async fn delete_object(
                 pending["metadata"]["finalizers"] = Value::Array(finalizers);
             }
         }
-        let result = match resource.kind {
-            "Namespace" => {
-                if PROTECTED_NAMESPACES.contains(&key.name.as_str()) {
-                    return Err(ApiError::forbidden(format!(
-                        "namespaces {:?} is forbidden: this namespace may not be deleted",
-                        key.name
-                    )));
-                }
-                if terminating && !refinalized {
-                    return Ok((StatusCode::OK, current));
-                }
-                if !terminating {
-                    pending["metadata"]["deletionTimestamp"] = now().into();
-                    pending["metadata"]["deletionGracePeriodSeconds"] = 0.into();
-                    pending["status"]["phase"] = "Terminating".into();
-                }
-                write_update(state, resource, key, &current, pending, revision).await
-            }
-            "Pod" => {
-                let on_node = current["spec"]["nodeName"]
-                    .as_str()
-                    .is_some_and(|n| !n.is_empty());
-                let finished = matches!(
-                    current["status"]["phase"].as_str(),
-                    Some("Succeeded" | "Failed")
-                );
-                let grace = if on_node && !finished {
-                    options
-                        .grace_period
-                        .or_else(|| current["spec"]["terminationGracePeriodSeconds"].as_i64())
-                        .unwrap_or(30)
-                } else {
-                    0
-                };
-                let previous = meta["deletionGracePeriodSeconds"].as_i64();
-                // Already going at least as fast: only the finalizers may change.
-                let as_fast = terminating && previous.is_some_and(|p| p <= grace);
-                if as_fast && !refinalized {
-                    return Ok((StatusCode::OK, current));
-                }
-                if !as_fast {
-                    pending["metadata"]["deletionTimestamp"] =
-                        timestamp_in(grace.clamp(0, 365 * 86_400)).into();
-                    pending["metadata"]["deletionGracePeriodSeconds"] = grace.into();
-                }
-                write_update(state, resource, key, &current, pending, revision).await
-            }
-            _ => {
-                if terminating && !refinalized {
-                    return Ok((StatusCode::OK, current));
-                }
-                if !terminating {
-                    pending["metadata"]["deletionTimestamp"] = now().into();
-                    pending["metadata"]["deletionGracePeriodSeconds"] = 0.into();
-                }
-                write_update(state, resource, key, &current, pending, revision).await
-            }
-        };
+        let grace = resource
+            .strategy
+            .deletion_grace(&current, options.grace_period)?;
+        let previous = meta["deletionGracePeriodSeconds"].as_i64();
+        // Already going at least as fast: only the finalizers may change.
+        let as_fast = terminating && previous.is_some_and(|p| p <= grace);
+        if as_fast && !refinalized {
+            return Ok((StatusCode::OK, current));
+        }
+        if !as_fast {
+            pending["metadata"]["deletionTimestamp"] =
+                timestamp_in(grace.clamp(0, 365 * 86_400)).into();
+            pending["metadata"]["deletionGracePeriodSeconds"] = grace.into();
+            resource.strategy.begin_deletion(&mut pending);
+        }
+        let result = write_update(state, resource, key, &current, pending, revision).await;
         match result {
             Ok(object) => return Ok((StatusCode::OK, object)),
             Err(e) if e.reason == "Conflict" && options.resource_version.is_none() => continue,
@@ -950,7 +907,7 @@ pub async fn delete_collection(
     query: &str,
     options: &DeleteOptions,
 ) -> ApiResult {
-    let selector = Selector::from_params(&parse_query(query), target.resource.kind)?;
+    let selector = Selector::from_params(&parse_query(query), target.resource)?;
     let prefix = list_prefix(target.resource.storage_name(), target.namespace.as_deref());
     let page = state.storage.list(&prefix, 0, None, None).await?;
     let mut deleted = Vec::new();

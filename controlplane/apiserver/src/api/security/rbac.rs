@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::RwLock;
 use tracing::{debug, warn};
 
-use super::{auth::User, request_info::RequestInfo};
+use crate::api::{http::request_info::RequestInfo, security::auth::User};
 use crate::{
     storage::{list_prefix, ObjectKey, Storage, StorageError},
     watch_cache::{Signal, WatchCaches},
@@ -583,7 +583,7 @@ fn default_policy() -> Vec<(Value, Vec<Value>)> {
 /// Creates the built-in ClusterRoles and ClusterRoleBindings that are missing.
 pub async fn bootstrap(storage: &Storage) -> Result<(), StorageError> {
     let meta = |name: &str| {
-        json!({"name": name, "uid": super::meta::uid(), "creationTimestamp": super::meta::now(),
+        json!({"name": name, "uid": crate::api::registry::meta::uid(), "creationTimestamp": crate::api::registry::meta::now(),
                "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
                "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}})
     };
@@ -622,7 +622,7 @@ mod tests {
     use axum::http::Method;
 
     fn info(method: Method, path: &str) -> RequestInfo {
-        super::super::request_info::parse(&method, path, "")
+        crate::api::http::request_info::parse(&method, path, "")
     }
 
     #[test]

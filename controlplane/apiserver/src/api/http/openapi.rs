@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use axum::body::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::{
-    resources::{Resource, RESOURCES},
-    typed::for_kind,
+use crate::api::{
+    codec::typed::for_kind,
+    registry::resources::{Resource, RESOURCES},
 };
 
 pub struct OpenApi {
@@ -74,7 +74,7 @@ fn operation(resource: &Resource, action: &str, schema: &str, body: bool) -> Val
 impl OpenApi {
     pub fn build() -> Self {
         let mut groups: Vec<(&str, &str)> = vec![("", "v1")];
-        groups.extend(super::resources::groups());
+        groups.extend(crate::api::registry::resources::groups());
         let mut documents = BTreeMap::new();
         let mut root_paths = Map::new();
         for (group, version) in groups {

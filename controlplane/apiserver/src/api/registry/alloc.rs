@@ -15,7 +15,7 @@ use std::{
 use rand::Rng as _;
 use serde_json::{json, Value};
 
-use super::status::ApiError;
+use crate::api::status::ApiError;
 use crate::storage::{Claims, ObjectKey, Storage, StorageError};
 
 const IP_PREFIX: &str = "/registry/ipaddresses/";
@@ -253,8 +253,8 @@ fn ip_address(ip: &str, owner: &str) -> String {
         .map(Family::of)
         .map_or("", Family::name);
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "IPAddress",
-           "metadata": {"name": ip, "uid": super::meta::uid(),
-                        "creationTimestamp": super::meta::now(),
+           "metadata": {"name": ip, "uid": crate::api::registry::meta::uid(),
+                        "creationTimestamp": crate::api::registry::meta::now(),
                         "labels": {"ipaddress.kubernetes.io/ip-family": family,
                                    "ipaddress.kubernetes.io/managed-by": "ipallocator.k8s.io"}},
            "spec": {"parentRef": {"group": "", "resource": "services",

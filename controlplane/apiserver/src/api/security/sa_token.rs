@@ -55,7 +55,7 @@ impl TokenSigner {
     pub fn load_or_generate(path: &Path, issuer: &str, audiences: Vec<String>) -> Result<Self> {
         if !path.exists() {
             let key = rcgen::KeyPair::generate()?;
-            super::tls::write_private(path, &key.serialize_pem())?;
+            crate::api::security::tls::write_private(path, &key.serialize_pem())?;
         }
         let pem = std::fs::read_to_string(path)
             .with_context(|| format!("reading the service account key {}", path.display()))?;
@@ -92,7 +92,7 @@ impl TokenSigner {
             "exp": claims.expires,
             "iat": now,
             "nbf": now,
-            "jti": super::meta::uid(),
+            "jti": crate::api::registry::meta::uid(),
             "kubernetes.io": kubernetes,
         });
         self.sign(&payload)

@@ -60,7 +60,7 @@ impl RequestMetrics {
 
 /// The verb and resource labels of a request, as kube-apiserver labels them.
 fn classify(method: &Method, path: &str, query: &str) -> (String, String) {
-    let info = super::request_info::parse(method, path, query);
+    let info = crate::api::http::request_info::parse(method, path, query);
     if !info.resource_request {
         return (method.as_str().to_ascii_uppercase(), String::new());
     }
