@@ -2,6 +2,7 @@
 //! it is programmed from, and what seinectl reads back out of the pinned maps.
 
 pub mod bpf;
+pub mod daemon;
 pub mod datapath;
 pub mod hostport;
 pub mod inspect;
