@@ -5,7 +5,7 @@
 //!   `LabelSelector` object, and matching them against an object's labels.
 //! - `quantity` and `scheduling` (feature `k8s-openapi`): resource quantities as the integers
 //!   the scheduler compares; node selector terms and taint tolerations.
-//! - `cidr`: IPv4 CIDRs as node and pod ranges are written.
+//! - `cidr`: CIDRs of either family (service ranges, dual-stack) and IPv4 node and pod ranges.
 //! - `duration`: durations as Go writes them, for flags and the Corefile.
 //! - `jwt` (feature `jwt`): the service account token key, shared by the API server and the
 //!   controller manager.

@@ -65,7 +65,7 @@ pub async fn bootstrap(state: &ApiState, advertise: std::net::SocketAddr) -> Res
         "metadata": {"name": "kubernetes", "namespace": "default", "uid": meta::uid(),
                      "creationTimestamp": meta::now(), "labels": labels},
         "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "sessionAffinity": "None",
-                 "ipFamilies": [state.ranges.primary().family.name()], "ipFamilyPolicy": "SingleStack", "internalTrafficPolicy": "Cluster",
+                 "ipFamilies": [state.ranges.primary().family().name()], "ipFamilyPolicy": "SingleStack", "internalTrafficPolicy": "Cluster",
                  "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": advertise.port()}]},
         "status": {"loadBalancer": {}}});
     let key = ObjectKey::new("services", Some("default"), "kubernetes");

@@ -7,10 +7,7 @@
 //! transaction wins. Addresses come from the ranges of `--service-cluster-ip-range` and of the
 //! ServiceCIDR objects added at run time; an IPAddress made by hand reserves its address.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    ops::RangeInclusive,
-};
+use std::{net::IpAddr, ops::RangeInclusive};
 
 use rand::Rng as _;
 use serde_json::{json, Value};
@@ -25,122 +22,62 @@ const PORT_PREFIX: &str = "/registry/seine/nodeports/";
 /// Random picks before falling back to reading which values are free.
 const RANDOM_TRIES: usize = 4;
 
-/// An IP family, by the names Services use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
-
-    fn of(ip: IpAddr) -> Self {
-        if ip.is_ipv4() {
-            Family::V4
-        } else {
-            Family::V6
-        }
-    }
-
-    fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "IPv4" => Some(Family::V4),
-            "IPv6" => Some(Family::V6),
-            _ => None,
-        }
-    }
-
-    fn bits(self) -> u32 {
-        match self {
-            Family::V4 => 32,
-            Family::V6 => 128,
-        }
-    }
-}
+pub use seine_apimachinery::cidr::Family;
+use seine_apimachinery::cidr::{to_u128, IpCidr};
 
 /// One service range (`10.96.0.0/12`, `fd00:10:96::/112`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpRange {
-    pub family: Family,
-    network: u128,
-    prefix_len: u32,
+    cidr: IpCidr,
 }
 
 impl IpRange {
-    pub fn parse(cidr: &str) -> Result<Self, String> {
-        let (addr, len) = cidr
-            .split_once('/')
-            .ok_or_else(|| format!("{cidr:?} is not a CIDR (address/length)"))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{cidr:?}: {addr:?} is not an IP address"))?;
-        let family = Family::of(addr);
-        // As kube-apiserver: IPv4 from /8 (more is wasteful) to /30, IPv6 at least /108 (at
-        // most 2^20 addresses, which the allocator can list when it must).
-        let allowed = match family {
+    /// A CIDR of a size kube-apiserver takes for services: IPv4 from /8 (more is wasteful) to
+    /// /30, IPv6 at least /108 (at most 2^20 addresses, which the allocator can list when it
+    /// must).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cidr = IpCidr::parse(text)?;
+        let allowed = match cidr.family {
             Family::V4 => 8..=30,
             Family::V6 => 108..=126,
         };
-        let prefix_len: u32 = len
-            .parse()
-            .ok()
-            .filter(|l| allowed.contains(l))
-            .ok_or_else(|| {
-                format!(
-                    "{cidr:?}: the prefix length must be between {} and {}",
-                    allowed.start(),
-                    allowed.end()
-                )
-            })?;
-        let host_bits = family.bits() - prefix_len;
-        Ok(IpRange {
-            family,
-            network: (to_u128(addr) >> host_bits) << host_bits,
-            prefix_len,
-        })
+        if !allowed.contains(&cidr.len) {
+            return Err(format!(
+                "{text:?}: the prefix length must be between {} and {}",
+                allowed.start(),
+                allowed.end()
+            ));
+        }
+        Ok(IpRange { cidr })
     }
 
-    fn host_bits(&self) -> u32 {
-        self.family.bits() - self.prefix_len
+    pub fn family(&self) -> Family {
+        self.cidr.family
     }
 
     fn address(&self, value: u128) -> IpAddr {
-        match self.family {
-            Family::V4 => IpAddr::V4(Ipv4Addr::from(value as u32)),
-            Family::V6 => IpAddr::V6(Ipv6Addr::from(value)),
-        }
+        self.cidr.family.address(value)
     }
 
     /// Addresses services can be given: the range without its network, first and last
     /// addresses.
     fn usable(&self) -> RangeInclusive<u128> {
-        self.network + 2..=self.network + (1u128 << self.host_bits()) - 2
+        let network = self.cidr.network;
+        network + 2..=network + (1u128 << self.cidr.host_bits()) - 2
     }
 
+    /// Whether `ip` is in the range, its network and broadcast addresses excepted.
     fn contains_ip(&self, ip: IpAddr) -> bool {
-        let value = to_u128(ip);
-        Family::of(ip) == self.family
-            && value > self.network
-            && value < self.network + (1u128 << self.host_bits()) - 1
+        let (network, value) = (self.cidr.network, to_u128(ip));
+        self.cidr.contains_ip(ip)
+            && value > network
+            && value < network + (1u128 << self.cidr.host_bits()) - 1
     }
 }
 
 impl std::fmt::Display for IpRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.address(self.network), self.prefix_len)
-    }
-}
-
-fn to_u128(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        IpAddr::V6(v6) => u128::from(v6),
+        self.cidr.fmt(f)
     }
 }
 
@@ -161,7 +98,7 @@ impl ServiceRanges {
             .collect::<Result<Vec<_>, _>>()?;
         match ranges.as_slice() {
             [_] => {}
-            [a, b] if a.family != b.family => {}
+            [a, b] if a.family() != b.family() => {}
             _ => {
                 return Err(format!(
                     "{cidrs:?}: one range, or two of different families (dual-stack)"
@@ -184,14 +121,14 @@ impl ServiceRanges {
     }
 
     fn range(&self, family: Family) -> Option<&IpRange> {
-        self.ranges.iter().find(|r| r.family == family)
+        self.ranges.iter().find(|r| r.family() == family)
     }
 
     /// The ranges of `family` to allocate from: the flag's first, then those of ServiceCIDRs.
     fn ranges_of<'a>(&'a self, extra: &'a [IpRange], family: Family) -> Vec<&'a IpRange> {
         let mut out: Vec<&IpRange> = Vec::new();
         for r in self.ranges.iter().chain(extra) {
-            if r.family == family && !out.contains(&r) {
+            if r.family() == family && !out.contains(&r) {
                 out.push(r);
             }
         }
@@ -205,7 +142,7 @@ impl ServiceRanges {
     /// The first address of the primary range, which the `default/kubernetes` service holds.
     pub fn kubernetes_ip(&self) -> IpAddr {
         let primary = self.primary();
-        primary.address(primary.network + 1)
+        primary.address(primary.cidr.network + 1)
     }
 }
 
@@ -416,13 +353,13 @@ fn families(
     {
         vec![stored]
     } else {
-        vec![ranges.primary().family]
+        vec![ranges.primary().family()]
     };
     if policy != "SingleStack" && ranges.dual_stack() && families.len() == 1 {
         let other = ranges
             .ranges
             .iter()
-            .map(|r| r.family)
+            .map(|r| r.family())
             .find(|f| *f != families[0]);
         families.extend(other);
     }

@@ -113,11 +113,11 @@ fn validate_service_cidr(spec: &Value) -> Causes {
     let mut families = Vec::new();
     for (i, cidr) in cidrs.iter().enumerate() {
         match IpRange::parse(cidr) {
-            Ok(range) if families.contains(&range.family) => causes.push((
+            Ok(range) if families.contains(&range.family()) => causes.push((
                 "spec.cidrs".into(),
                 format!("Invalid value: {cidrs:?}: may specify no more than one IP for each IP family, i.e 192.168.0.0/24 and 2001:db8::/64"),
             )),
-            Ok(range) => families.push(range.family),
+            Ok(range) => families.push(range.family()),
             Err(e) => causes.push((
                 format!("spec.cidrs[{i}]"),
                 format!("Invalid value: {cidr:?}: {e}"),
