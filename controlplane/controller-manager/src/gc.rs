@@ -872,21 +872,7 @@ async fn set_owner_references(
     rv: Option<String>,
     refs: &[OwnerReference],
 ) -> Result<(), GcError> {
-    let refs = if refs.is_empty() {
-        serde_json::Value::Null
-    } else {
-        json!(refs)
-    };
-    let patch = json!({"metadata": {"resourceVersion": rv, "ownerReferences": refs}});
-    match target
-        .api(client)
-        .patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    patch_metadata_list(client, target, rv, "ownerReferences", json!(refs)).await
 }
 
 /// Takes `finalizer` off the object, if it is still at the version read.
@@ -901,13 +887,30 @@ async fn remove_finalizer(
         .iter()
         .filter(|f| *f != finalizer)
         .collect();
-    let rest = if rest.is_empty() {
-        serde_json::Value::Null
-    } else {
-        json!(rest)
+    patch_metadata_list(
+        client,
+        target,
+        live.resource_version(),
+        "finalizers",
+        json!(rest),
+    )
+    .await
+}
+
+/// Sets a list in the object's metadata (removed when empty) with a merge patch that names the
+/// version read, so that a concurrent write makes it fail; an object gone already is fine.
+async fn patch_metadata_list(
+    client: &Client,
+    target: &Target,
+    rv: Option<String>,
+    field: &str,
+    list: serde_json::Value,
+) -> Result<(), GcError> {
+    let list = match list.as_array() {
+        Some(items) if items.is_empty() => serde_json::Value::Null,
+        _ => list,
     };
-    let patch =
-        json!({"metadata": {"resourceVersion": live.resource_version(), "finalizers": rest}});
+    let patch = json!({"metadata": {"resourceVersion": rv, field: list}});
     match target
         .api(client)
         .patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))

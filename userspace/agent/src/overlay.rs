@@ -10,22 +10,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
 };
 
-use futures::TryStreamExt as _;
 use k8s_openapi::api::core::v1::Node;
-use netlink_packet_route::{
-    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
-    neighbour::{
-        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
-    },
-    AddressFamily,
-};
-use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
+use netlink_packet_route::{link::LinkMessage, neighbour::NeighbourState};
+use rtnetlink::Handle;
 use seine_apimachinery::cidr::Ipv4Cidr;
 
-use seine_netlink::{self as net, nl, NetError};
+use seine_netlink::{self as net, vxlan, NetError};
 
 /// The annotations a node publishes its VTEP in (as Flannel's `backend-data` and `public-ip`).
 pub const ANNOTATION_VTEP_IP: &str = "seine.io/vtep-ip";
@@ -79,33 +72,6 @@ pub fn peers(nodes: &[Node], own: &str) -> Vec<Peer> {
     out
 }
 
-fn vxlan_settings(link: &LinkMessage) -> Option<(u32, u16, Option<Ipv4Addr>)> {
-    let infos = link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::LinkInfo(infos) => Some(infos),
-        _ => None,
-    })?;
-    if !infos
-        .iter()
-        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)))
-    {
-        return None;
-    }
-    let data = infos.iter().find_map(|i| match i {
-        LinkInfo::Data(InfoData::Vxlan(data)) => Some(data),
-        _ => None,
-    })?;
-    let (mut id, mut port, mut local) = (None, None, None);
-    for attr in data {
-        match attr {
-            InfoVxlan::Id(v) => id = Some(*v),
-            InfoVxlan::Port(p) => port = Some(*p),
-            InfoVxlan::Local(l) => local = Some(*l),
-            _ => {}
-        }
-    }
-    Some((id?, port?, local))
-}
-
 /// The device's MAC: locally administered, derived from the VTEP address, so that a device
 /// recreated (after a reboot or by hand) keeps the MAC its peers know.
 pub fn vtep_mac(local: Ipv4Addr) -> [u8; 6] {
@@ -121,36 +87,24 @@ pub async fn ensure_device(
     device: &Device,
     pod_cidr: Ipv4Cidr,
 ) -> Result<[u8; 6], NetError> {
+    let wanted = vxlan::Settings {
+        vni: device.vni,
+        port: device.port,
+        local: Some(device.local),
+    };
     if let Some(link) = net::link(handle, &device.name).await? {
-        let wanted = (device.vni, device.port, Some(device.local));
-        if vxlan_settings(&link) != Some(wanted) {
+        if vxlan::settings(&link) != Some(wanted) {
             net::del_link(handle, link.header.index).await?;
         }
     }
     if net::link(handle, &device.name).await?.is_none() {
-        let message = LinkVxlan::new(&device.name, device.vni)
-            .port(device.port)
-            .local(device.local)
-            .learning(false)
-            .mtu(device.mtu)
-            .address(vtep_mac(device.local).to_vec())
-            .build();
-        handle
-            .link()
-            .add(message)
-            .execute()
-            .await
-            .map_err(nl(format!("creating the VXLAN device {}", device.name)))?;
+        let mac = vtep_mac(device.local);
+        vxlan::add_device(handle, &device.name, wanted, device.mtu, mac).await?;
     }
     let link = net::existing_link(handle, &device.name, "the new VXLAN device vanished").await?;
     let index = link.header.index;
     if net::link_mtu(&link) != Some(device.mtu) {
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).mtu(device.mtu).build())
-            .execute()
-            .await
-            .map_err(nl(format!("setting the MTU of {}", device.name)))?;
+        vxlan::set_mtu(handle, index, &device.name, device.mtu).await?;
     }
     net::add_address(handle, index, pod_cidr.network, 32).await?;
     net::set_up(handle, index).await?;
@@ -178,52 +132,14 @@ pub async fn reconcile(handle: &Handle, device: &str, peers: &[Peer]) -> Result<
     let mut changes = Changes::default();
 
     // What is there now.
-    let fdb: Vec<NeighbourMessage> = handle
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Bridge)
-        .execute()
-        .try_collect::<Vec<_>>()
-        .await
-        .map_err(nl("listing forwarding entries"))?
-        .into_iter()
-        .filter(|m| m.header.ifindex == index)
-        .collect();
-    let neighbours: Vec<NeighbourMessage> = handle
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Inet)
-        .execute()
-        .try_collect::<Vec<_>>()
-        .await
-        .map_err(nl("listing neighbours"))?
-        .into_iter()
-        .filter(|m| m.header.ifindex == index)
-        .collect();
+    let fdb = vxlan::fdb_entries(handle, index).await?;
+    let neighbours = vxlan::neighbour_entries(handle, index).await?;
     let routes: Vec<_> = net::routes(handle)
         .await?
         .into_iter()
         .filter(|r| net::route_oif(r) == Some(index) && net::route_gateway(r).is_some())
         .collect();
-
-    let lladdr = |m: &NeighbourMessage| {
-        m.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::LinkLayerAddress(l) => <[u8; 6]>::try_from(l.as_slice()).ok(),
-            _ => None,
-        })
-    };
-    let destination = |m: &NeighbourMessage| {
-        m.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-            // Forwarding entries (AF_BRIDGE) come without a family for their IPv4 destination.
-            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
-                <[u8; 4]>::try_from(bytes.as_slice())
-                    .ok()
-                    .map(Ipv4Addr::from)
-            }
-            _ => None,
-        })
-    };
+    let (lladdr, destination) = (vxlan::lladdr, vxlan::destination);
     let current_fdb: BTreeMap<[u8; 6], Option<Ipv4Addr>> = fdb
         .iter()
         .filter_map(|m| Some((lladdr(m)?, destination(m))))
@@ -241,28 +157,11 @@ pub async fn reconcile(handle: &Handle, device: &str, peers: &[Peer]) -> Result<
     for peer in peers {
         let gateway = peer.pod_cidr.network;
         if current_fdb.get(&peer.vtep_mac) != Some(&Some(peer.vtep_ip)) {
-            handle
-                .neighbours()
-                .add_bridge(index, &peer.vtep_mac)
-                .destination(IpAddr::V4(peer.vtep_ip))
-                .flags(NeighbourFlags::Own)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("adding the forwarding entry of {}", peer.node)))?;
+            vxlan::replace_fdb(handle, index, peer.vtep_mac, peer.vtep_ip, &peer.node).await?;
             changes.added += 1;
         }
         if current_neigh.get(&gateway) != Some(&Some(peer.vtep_mac)) {
-            handle
-                .neighbours()
-                .add(index, IpAddr::V4(gateway))
-                .link_layer_address(&peer.vtep_mac)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("adding the neighbour entry of {}", peer.node)))?;
+            vxlan::replace_neighbour(handle, index, gateway, peer.vtep_mac, &peer.node).await?;
             changes.added += 1;
         }
         let key = (peer.pod_cidr.network, peer.pod_cidr.len);
@@ -297,12 +196,7 @@ pub async fn reconcile(handle: &Handle, device: &str, peers: &[Peer]) -> Result<
     for message in neighbours {
         let stale = destination(&message).is_some_and(|ip| !gateways.contains(&ip));
         if stale && message.header.state == NeighbourState::Permanent {
-            handle
-                .neighbours()
-                .del(message)
-                .execute()
-                .await
-                .map_err(nl("removing a neighbour entry"))?;
+            vxlan::delete_entry(handle, message, "a neighbour entry").await?;
             changes.removed += 1;
         }
     }
@@ -310,12 +204,7 @@ pub async fn reconcile(handle: &Handle, device: &str, peers: &[Peer]) -> Result<
         let stale = lladdr(&message).is_some_and(|mac| !macs.contains(&mac))
             && destination(&message).is_some();
         if stale {
-            handle
-                .neighbours()
-                .del(message)
-                .execute()
-                .await
-                .map_err(nl("removing a forwarding entry"))?;
+            vxlan::delete_entry(handle, message, "a forwarding entry").await?;
             changes.removed += 1;
         }
     }

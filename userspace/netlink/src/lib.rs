@@ -1,5 +1,6 @@
 //! Netlink for the plugin and the agent: links, addresses, routes and neighbours through rtnetlink,
-//! in the caller's network namespace or, from a thread that entered it, in a pod's.
+//! in the caller's network namespace or, from a thread that entered it, in a pod's; VXLAN
+//! devices and their forwarding and neighbour entries in `vxlan`.
 
 use std::{
     fs::File,
@@ -18,6 +19,8 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+pub mod vxlan;
 
 /// What VXLAN encapsulation adds to a packet: outer IPv4 (20), UDP (8), VXLAN (8) and inner
 /// Ethernet (14) headers.
