@@ -116,8 +116,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_default();
     // CoreDNS compares a hash of the file; keeping the text it ran is as good.
     let mut running = text;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    // SIGTERM and SIGINT stop it as every daemon stops; SIGHUP re-reads the Corefile (CoreDNS's
+    // reload signal).
+    let stopping = CancellationToken::new();
+    seine_component_base::cancel_on_stop_signal(stopping.clone());
     let mut hup = signal(SignalKind::hangup())?;
     loop {
         let wait = match reload {
@@ -132,8 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None => Duration::from_secs(3600),
         };
         let check = tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = stopping.cancelled() => break,
             _ = hup.recv() => true,
             _ = tokio::time::sleep(wait) => reload.is_some(),
         };
