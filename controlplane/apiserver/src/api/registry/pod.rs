@@ -287,14 +287,14 @@ fn pod_update_causes(current: &Value, new: &Value) -> Causes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::registry::{resources::find, strategy::prepare_create};
+    use crate::api::registry::resources::find;
 
     #[test]
     fn pods_are_defaulted_and_validated() {
         let pods = find("", "v1", "pods").unwrap();
         let mut pod = json!({"metadata": {"name": "p"},
                              "spec": {"containers": [{"name": "c", "image": "nginx:1.27"}]}});
-        prepare_create(pods, &mut pod).unwrap();
+        pods.strategy.prepare_create(&mut pod).unwrap();
         assert_eq!(pod["spec"]["restartPolicy"], "Always");
         assert_eq!(
             pod["spec"]["containers"][0]["imagePullPolicy"],
@@ -328,7 +328,7 @@ mod tests {
             "containers": [{"name": "c", "image": "nginx:1.27"}],
             "tolerations": [{"key": "node.kubernetes.io/unreachable", "operator": "Exists",
                              "effect": "NoExecute", "tolerationSeconds": 5}]}});
-        prepare_create(pods, &mut own).unwrap();
+        pods.strategy.prepare_create(&mut own).unwrap();
         assert_eq!(
             keys(&own),
             [
@@ -339,19 +339,19 @@ mod tests {
         let mut all = json!({"metadata": {"name": "p"}, "spec": {
             "containers": [{"name": "c", "image": "nginx:1.27"}],
             "tolerations": [{"operator": "Exists"}]}});
-        prepare_create(pods, &mut all).unwrap();
+        pods.strategy.prepare_create(&mut all).unwrap();
         assert_eq!(keys(&all), [(String::new(), Value::Null)]);
         let mut no_schedule = json!({"metadata": {"name": "p"}, "spec": {
             "containers": [{"name": "c", "image": "nginx:1.27"}],
             "tolerations": [{"operator": "Exists", "effect": "NoSchedule"}]}});
-        prepare_create(pods, &mut no_schedule).unwrap();
+        pods.strategy.prepare_create(&mut no_schedule).unwrap();
         assert_eq!(
             keys(&no_schedule).len(),
             3,
             "NoSchedule only: the defaults still added"
         );
         let mut bad = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "C"}]}});
-        let err = prepare_create(pods, &mut bad).unwrap_err();
+        let err = pods.strategy.prepare_create(&mut bad).unwrap_err();
         assert!(
             err.message
                 .contains("spec.containers[0].image: Required value"),

@@ -213,10 +213,10 @@ mod tests {
                                       "ports": [{"port": 80}]}});
         let mut sent = current.clone();
         sent["spec"]["clusterIP"] = "".into();
-        let kept = prepare_update(services, None, &current, sent).unwrap();
+        let kept = prepare_update(services.strategy, None, &current, sent).unwrap();
         assert_eq!(kept["spec"]["clusterIP"], "10.96.0.10");
         let mut sent = current.clone();
         sent["spec"]["clusterIP"] = "10.96.0.11".into();
-        assert!(prepare_update(services, None, &current, sent).is_err());
+        assert!(prepare_update(services.strategy, None, &current, sent).is_err());
     }
 }

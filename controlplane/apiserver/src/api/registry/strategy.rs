@@ -1,12 +1,11 @@
 //! A kind's rules, as kube-apiserver's registry strategies hold them: what a create defaults and
 //! validates, what an update may change, how a delete proceeds, which fields select, and how
 //! `kubectl get` prints it. Each kind's strategy lives in its own file of `registry/`, and each
-//! served resource names its strategy in `resources::RESOURCES`; the rules every kind shares
-//! (server-owned metadata, the status subresource) are here.
+//! served resource names its strategy in `resources::RESOURCES` (this module knows neither); the
+//! rules every kind shares (server-owned metadata, the status subresource) are here.
 
 use serde_json::{json, Value};
 
-use super::resources::Resource;
 use crate::api::{http::table::Printer, status::ApiError};
 
 /// Causes of a 422: (field path, message), worded as Kubernetes words them.
@@ -99,16 +98,11 @@ pub struct Plain;
 
 impl Strategy for Plain {}
 
-/// Defaults and validation for a new object (metadata is already settled).
-pub fn prepare_create(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
-    resource.strategy.prepare_create(object)
-}
-
 /// The object an update writes, from what is stored and what the client sent: metadata the server
 /// owns is kept, a status-subresource write changes only the status (and a main write never
 /// does), and the kind's rules hold.
 pub fn prepare_update(
-    resource: &Resource,
+    strategy: &dyn Strategy,
     subresource: Option<&str>,
     current: &Value,
     mut new: Value,
@@ -145,7 +139,7 @@ pub fn prepare_update(
         }
         return Ok(object);
     }
-    if resource.strategy.status_subresource() {
+    if strategy.status_subresource() {
         match current.get("status") {
             Some(status) => new["status"] = status.clone(),
             None => {
@@ -155,7 +149,7 @@ pub fn prepare_update(
             }
         }
     }
-    resource.strategy.prepare_update(current, &mut new)?;
+    strategy.prepare_update(current, &mut new)?;
     Ok(new)
 }
 
@@ -166,7 +160,7 @@ mod tests {
 
     #[test]
     fn status_writes_change_only_the_status() {
-        let pods = find("", "v1", "pods").unwrap();
+        let pods = find("", "v1", "pods").unwrap().strategy;
         let current = json!({"kind": "Pod", "apiVersion": "v1",
                              "metadata": {"name": "p", "uid": "u", "labels": {"a": "1"}},
                              "spec": {"containers": [{"name": "c", "image": "x"}]},

@@ -361,7 +361,7 @@ async fn create_object(state: &ApiState, target: &Target, mut object: Value) -> 
     ] {
         meta.remove(field);
     }
-    strategy::prepare_create(target.resource, &mut object)?;
+    target.resource.strategy.prepare_create(&mut object)?;
     target.confirm_rbac(state, &object).await?;
     if let Some(ns) = &target.namespace {
         // Objects live in namespaces that exist and are not being deleted: an active namespace in
@@ -434,7 +434,7 @@ pub async fn update(state: &ApiState, target: &Target, body: &Bytes) -> ApiResul
         new["spec"]["finalizers"] = object["spec"]["finalizers"].clone();
         new
     } else {
-        let mut new = strategy::prepare_update(target.resource, sub, &current, object)?;
+        let mut new = strategy::prepare_update(target.resource.strategy, sub, &current, object)?;
         if sub.is_none() {
             target.record_update(&current, &mut new);
         }

@@ -48,7 +48,7 @@ pub async fn patch_one(state: &ApiState, target: &Target, media: &str, body: &By
             ));
         }
         target.check_fields(&object, Some(&current))?;
-        let mut new = strategy::prepare_update(target.resource, sub, &current, object)?;
+        let mut new = strategy::prepare_update(target.resource.strategy, sub, &current, object)?;
         if sub.is_none() {
             target.record_update(&current, &mut new);
         }
@@ -136,7 +136,8 @@ async fn server_side_apply(state: &ApiState, target: &Target, body: &Bytes) -> A
             Some(current) => {
                 // prepare_update keeps the stored managed fields; the apply computed new ones.
                 let fields = merged["metadata"]["managedFields"].clone();
-                let mut new = strategy::prepare_update(target.resource, None, current, merged)?;
+                let mut new =
+                    strategy::prepare_update(target.resource.strategy, None, current, merged)?;
                 target.confirm_rbac_change(state, current, &new).await?;
                 match (fields, new["metadata"].as_object_mut()) {
                     (Value::Null, Some(meta)) => {
