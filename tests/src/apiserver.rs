@@ -3,7 +3,6 @@
 //! to it as a user would.
 
 use std::{
-    fs::File,
     io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
@@ -21,7 +20,16 @@ pub struct ApiServer {
     pub addr: SocketAddr,
     pub kubeconfig: PathBuf,
     pub cert_dir: PathBuf,
+    log: PathBuf,
+    /// The etcd endpoints and extra flags it runs with.
+    args: Vec<String>,
     process: Option<Process>,
+}
+
+fn endpoints_and(endpoints: &[String], extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["--etcd-servers".to_string(), endpoints.join(",")];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 impl ApiServer {
@@ -38,33 +46,55 @@ impl ApiServer {
     pub fn start_on(endpoints: &[String], extra: &[&str]) -> Result<Self> {
         let name = unique_prefix("apiserver");
         let port = crate::free_port()?;
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let cert_dir = std::env::temp_dir().join(format!("{name}.pki"));
-        let kubeconfig = std::env::temp_dir().join(format!("{name}.kubeconfig"));
-        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let mut server = ApiServer {
+            addr: ([127, 0, 0, 1], port).into(),
+            cert_dir: std::env::temp_dir().join(format!("{name}.pki")),
+            kubeconfig: std::env::temp_dir().join(format!("{name}.kubeconfig")),
+            log: std::env::temp_dir().join(format!("{name}.log")),
+            args: endpoints_and(endpoints, extra),
+            process: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts the server again after `stop`, on the same port and files: clients keep their
+    /// kubeconfig.
+    pub fn restart(&mut self) -> Result<()> {
+        if self
+            .process
+            .as_mut()
+            .is_some_and(|p| p.child.try_wait().ok().flatten().is_none())
+        {
+            bail!("seine-apiserver is still running");
+        }
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let port = self.addr.port().to_string();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let child = Command::new(bin("seine-apiserver")?)
-            .args(["--etcd-servers", &endpoints.join(",")])
-            .args([
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-port",
-                &port.to_string(),
-            ])
+            .args(&self.args)
+            .args(["--bind-address", "127.0.0.1", "--secure-port", &port])
             .arg("--cert-dir")
-            .arg(&cert_dir)
+            .arg(&self.cert_dir)
             .arg("--write-kubeconfig")
-            .arg(&kubeconfig)
-            .args(extra)
+            .arg(&self.kubeconfig)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(File::create(&log)?)
+            .stderr(log)
             .spawn()
             .context("starting seine-apiserver")?;
         let process = Process {
             child,
             name: "seine-apiserver".into(),
-            log,
+            log: self.log.clone(),
         };
+        let (kubeconfig, addr) = (&self.kubeconfig, self.addr);
         let ready = wait_until(Duration::from_secs(30), || {
             kubeconfig.exists()
                 && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
@@ -72,12 +102,8 @@ impl ApiServer {
         if ready.is_err() {
             bail!("seine-apiserver did not start:\n{}", process.log_text());
         }
-        Ok(ApiServer {
-            addr,
-            kubeconfig,
-            cert_dir,
-            process: Some(process),
-        })
+        self.process = Some(process);
+        Ok(())
     }
 
     /// SIGTERM, then the exit status (a kill after 5 s, if it comes to that).
@@ -95,16 +121,15 @@ impl ApiServer {
 
     /// What the server keeps on disk: its cert directory, kubeconfig and log.
     pub fn files(&self) -> Vec<PathBuf> {
-        let mut files = vec![self.cert_dir.clone(), self.kubeconfig.clone()];
-        files.extend(self.process.as_ref().map(|p| p.log.clone()));
-        files
+        vec![
+            self.cert_dir.clone(),
+            self.kubeconfig.clone(),
+            self.log.clone(),
+        ]
     }
 
     pub fn log_text(&self) -> String {
-        self.process
-            .as_ref()
-            .map(Process::log_text)
-            .unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// A kube-rs client with the admin kubeconfig, as Seine's agents make one.
@@ -331,11 +356,8 @@ impl Drop for Watch {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        if let Some(process) = self.process.take() {
-            let log = process.log.clone();
-            drop(process);
-            let _ = std::fs::remove_file(log);
-        }
+        drop(self.process.take());
+        let _ = std::fs::remove_file(&self.log);
         let _ = std::fs::remove_dir_all(&self.cert_dir);
         let _ = std::fs::remove_file(&self.kubeconfig);
     }

@@ -16,6 +16,7 @@ pub mod echo;
 pub mod endpoints_bench;
 pub mod etcd;
 pub mod objects;
+pub mod proxy;
 pub mod scheduler_bench;
 pub mod stats;
 
@@ -458,6 +459,8 @@ pub struct Node {
     pub agent_wrapper: Vec<String>,
     /// The Service/EndpointSlice file the agent watches, and what it holds.
     pub services_file: PathBuf,
+    /// The agent takes its services from the API server instead of the file.
+    pub services_from_api: bool,
     services: RefCell<BTreeMap<Frontend, ServiceSpec>>,
     /// The cgroup (v2) that stands for the node's own processes: the agent's socket programs
     /// hang there, so that nothing else on the machine meets them.
@@ -500,6 +503,7 @@ impl Node {
         let node = Node {
             bpffs_dir: PathBuf::from(BPFFS_ROOT).join(format!("seine-{prefix}")),
             services_file: std::env::temp_dir().join(format!("{prefix}-services.json")),
+            services_from_api: false,
             prefix,
             agent: None,
             pods: Vec::new(),
@@ -640,7 +644,7 @@ impl Node {
                 c
             }
         };
-        if !self.agent_args.iter().any(|a| a == "--services-file") {
+        if !self.services_from_api && !self.agent_args.iter().any(|a| a == "--services-file") {
             command.arg("--services-file").arg(&self.services_file);
         }
         if let Some(cgroup) = &self.cgroup {

@@ -1,6 +1,7 @@
 //! The one health and metrics server of every daemon but the API server (which serves these
-//! paths behind its own authentication): `/healthz` and `/livez` answer 200 while the process
-//! runs, `/readyz` 200 only while [`Probes::ready`] holds, `/metrics` the [`crate::metrics`]
+//! paths behind its own authentication): `/healthz` and `/livez` answer 200 while
+//! [`Probes::live`] holds (by default, while the process runs), `/readyz` 200 only while
+//! [`Probes::ready`] holds, `/metrics` the [`crate::metrics`]
 //! registry. It stops with the daemon's shutdown token.
 
 use std::{
@@ -22,6 +23,11 @@ use crate::metrics;
 pub trait Probes: Send + Sync + 'static {
     /// Whether `/readyz` answers 200.
     fn ready(&self) -> bool;
+    /// Whether `/healthz` and `/livez` answer 200: the daemon does its work (kube-proxy's is
+    /// unhealthy while a change waits too long to be written).
+    fn live(&self) -> bool {
+        true
+    }
     /// Runs before `/metrics` renders, to read figures kept elsewhere (eBPF maps, say).
     fn refresh_metrics(&self) {}
 }
@@ -35,8 +41,12 @@ impl Probes for AtomicBool {
 
 type Shared = Arc<dyn Probes>;
 
-async fn ok() -> &'static str {
-    "ok\n"
+async fn healthz(State(probes): State<Shared>) -> (StatusCode, &'static str) {
+    if probes.live() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n")
+    }
 }
 
 async fn readyz(State(probes): State<Shared>) -> (StatusCode, &'static str) {
@@ -60,8 +70,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let router = Router::new()
-        .route("/healthz", get(ok))
-        .route("/livez", get(ok))
+        .route("/healthz", get(healthz))
+        .route("/livez", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(probes);

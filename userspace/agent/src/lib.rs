@@ -3,9 +3,11 @@
 //! How a Service reaches the kernel:
 //!
 //! ```text
-//! Service + EndpointSlice objects ─ k8s ─▶ model::ServiceSpec ─┐
-//! seine-cni's host-port records ─ hostport ───────────────────┤ daemon (merge, apply)
-//!                                                              ▼
+//! the API (proxy::api watches) or a file (proxy::file)
+//!   └─ Service + EndpointSlices ─ proxy::translate ─▶ model::ServiceSpec ─┐
+//! seine-cni's host-port records ─ hostport ──────────────────────────────┤ proxy::ServiceTable
+//!                                                                        │ (only what changed)
+//!                                                                        ▼
 //!          datapath::Datapath: only the difference to the kernel, one service at a time
 //!           ├─ datapath::ebpf      pinned maps (bpf, pins) and tc programs on pod veths,
 //!           │                      sock_lb for the node's own sockets
@@ -24,10 +26,10 @@ pub mod daemon;
 pub mod datapath;
 pub mod hostport;
 pub mod inspect;
-pub mod k8s;
 pub mod metrics;
 pub mod model;
 pub mod nodenet;
 pub mod overlay;
 pub mod pins;
+pub mod proxy;
 pub mod sock_lb;

@@ -14,7 +14,14 @@ pub struct AgentMetrics {
     pub services: Gauge,
     /// `seine_sync_total{result}`: reconciliations of the desired state.
     pub syncs: Family<Labels, Counter>,
+    /// `kubeproxy_sync_proxy_rules_duration_seconds`: one write of the datapath.
     pub sync_seconds: Histogram,
+    /// `kubeproxy_sync_proxy_rules_last_timestamp_seconds`: when the last write succeeded.
+    pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `kubeproxy_network_programming_duration_seconds`: from a change in the API (its
+    /// EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`, else the watch event)
+    /// to the datapath holding it.
+    pub programming_seconds: Histogram,
     /// `seine_attached_interfaces`.
     pub attached: Gauge,
     /// `seine_datapath_packets{outcome}`: the eBPF counters, summed over CPUs.
@@ -28,6 +35,11 @@ impl AgentMetrics {
             services: Gauge::default(),
             syncs: Family::default(),
             sync_seconds: Histogram::new([0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0]),
+            last_sync: Gauge::default(),
+            // kube-proxy's buckets: 0.25 s to 20 min would say nothing of an eBPF datapath.
+            programming_seconds: Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 30.0, 60.0,
+            ]),
             attached: Gauge::default(),
             packets: Family::default(),
         };
@@ -47,9 +59,19 @@ impl AgentMetrics {
             metrics.syncs.clone(),
         );
         register(
-            "seine_sync_duration_seconds",
-            "Time to apply a new desired state",
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "One write of the changed services into the datapath",
             metrics.sync_seconds.clone(),
+        );
+        register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the datapath was last written successfully (Unix time)",
+            metrics.last_sync.clone(),
+        );
+        register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From a service or endpoint change in the API to the datapath holding it",
+            metrics.programming_seconds.clone(),
         );
         register(
             "seine_attached_interfaces",

@@ -76,7 +76,7 @@ pub(super) enum Active {
     },
     Rules {
         datapath: Rules,
-        last_resync: Instant,
+        last_resync: Option<Instant>,
         fallback_reason: Option<String>,
     },
 }
@@ -127,8 +127,9 @@ impl Active {
     }
 
     /// Periodic work: attach to new pod interfaces and expire conntrack (eBPF), or a full resync
-    /// (iptables).
-    pub(super) fn tick(&mut self, args: &Args, metrics: &AgentMetrics, first: bool) {
+    /// (iptables), once the services are `written`: before that a resync would write an empty
+    /// table over the rules an earlier agent left.
+    pub(super) fn tick(&mut self, args: &Args, metrics: &AgentMetrics, written: bool) {
         match self {
             Active::Ebpf {
                 ebpf,
@@ -152,10 +153,9 @@ impl Active {
                 last_resync,
                 ..
             } => {
-                if first
-                    || last_resync.elapsed() > Duration::from_secs(args.iptables_resync_seconds)
-                {
-                    *last_resync = Instant::now();
+                let period = Duration::from_secs(args.iptables_resync_seconds);
+                if written && last_resync.is_none_or(|t| t.elapsed() > period) {
+                    *last_resync = Some(Instant::now());
                     match datapath.full_resync() {
                         Ok(()) => tracing::debug!("full resync done"),
                         Err(e) => error!("full resync: {e}"),
@@ -274,7 +274,7 @@ pub(super) fn start_rules(args: &Args, fallback_reason: Option<String>) -> anyho
     };
     Ok(Active::Rules {
         datapath,
-        last_resync: Instant::now(),
+        last_resync: None,
         fallback_reason,
     })
 }

@@ -15,7 +15,9 @@ pub struct Args {
     /// Where this node's maps and programs are pinned.
     #[arg(long, env = "SEINE_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,
-    /// Service and EndpointSlice objects (YAML or JSON), re-read when the file changes.
+    /// Service and EndpointSlice objects (YAML or JSON), re-read when the file changes, instead
+    /// of the API's (for tests and offline use). Without it the services come from the API
+    /// server when one is configured (--kubeconfig, --node-name, or in a pod).
     #[arg(long)]
     pub services_file: Option<PathBuf>,
     /// Attach the datapath to every interface whose name starts with one of these prefixes
@@ -31,9 +33,16 @@ pub struct Args {
     /// Seconds between full iptables resyncs, which repair rules removed by someone else.
     #[arg(long, default_value_t = 30)]
     pub iptables_resync_seconds: u64,
-    /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, default_value = "127.0.0.1:9962")]
+    /// Address of /healthz, /livez, /readyz and /metrics (kube-proxy's health port).
+    #[arg(long, alias = "healthz-bind-address", default_value = "0.0.0.0:10256")]
     pub health_addr: std::net::SocketAddr,
+    /// /healthz fails once a change has waited this long to be written (kube-proxy's healthz).
+    #[arg(long, default_value = "60s", value_parser = seine_apimachinery::duration::parse_flag)]
+    pub healthz_timeout: std::time::Duration,
+    /// At least this long between two writes, so that a burst of changes is one
+    /// (kube-proxy's --min-sync-period) [default: 0 for eBPF, 1s for iptables and nftables].
+    #[arg(long, value_parser = seine_apimachinery::duration::parse_flag)]
+    pub min_sync_period: Option<std::time::Duration>,
     #[arg(long, default_value_t = seine_common::DEFAULT_MAX_SERVICES)]
     pub max_services: u32,
     #[arg(long, default_value_t = seine_common::DEFAULT_MAX_BACKENDS)]
@@ -57,10 +66,14 @@ pub struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// This node's name: turns on the pod network (VXLAN overlay and CNI install) for the Node of
-    /// this name, read from the API server.
+    /// This node's name (kube-proxy's --hostname-override): for `internalTrafficPolicy: Local`
+    /// and the node's zone, and it turns on the pod network (VXLAN overlay and CNI install) for
+    /// the Node of this name.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Leave the pod network to another CNI: the agent only proxies services.
+    #[arg(long)]
+    pub no_pod_network: bool,
     /// The API server's kubeconfig; in a pod, the service account is used without it.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,

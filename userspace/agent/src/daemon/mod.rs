@@ -16,7 +16,12 @@ use std::{
     time::Duration,
 };
 
-use crate::{bpf::PinnedMaps, hostport, k8s::Objects, metrics::AgentMetrics, nodenet};
+use crate::{
+    bpf::PinnedMaps,
+    metrics::AgentMetrics,
+    nodenet,
+    proxy::{api::ApiSource, file::Objects},
+};
 use clap::Parser;
 use seine_common::STAT_NAMES;
 use seine_component_base::{health, metrics};
@@ -29,7 +34,7 @@ mod services;
 
 use active::{cleanup, start_ebpf, start_rules, write_status, Active};
 pub use args::{Args, IptablesChoice, LogFormat, Mode};
-use services::{apply, desired, host_port_specs, FileWatch};
+use services::{FileWatch, Proxy, Source};
 
 struct Shared {
     metrics: AgentMetrics,
@@ -40,6 +45,10 @@ struct Shared {
     shutdown: CancellationToken,
     /// The eBPF counters, when the eBPF datapath runs.
     stats_maps: Option<std::sync::Mutex<PinnedMaps>>,
+    /// The API source of the services, when they come from the API.
+    api: Option<Arc<ApiSource>>,
+    /// How long a change may wait to be written before /healthz fails.
+    healthz_timeout: Duration,
 }
 
 /// The binary's whole body: parse the flags, run, and exit with a code that says how it went.
@@ -63,7 +72,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Bad input is refused before anything is touched.
     let initial = match &args.services_file {
         Some(path) => match Objects::from_file(path) {
-            Ok(objects) => Some(objects.service_specs()),
+            Ok(objects) => Some(objects),
             Err(e) => {
                 eprintln!("seine-agent: {e}");
                 return Ok(ExitCode::from(2));
@@ -78,24 +87,28 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         .build()?;
     // The pod network's inputs are checked before anything is touched, like the services file.
     let plugin = cni_plugin(&args)?;
-    let client = match &args.node_name {
-        None => None,
-        Some(_) => {
-            if !args.no_cni_install && !plugin.is_file() {
-                eprintln!(
-                    "seine-agent: the CNI plugin to install, {}, does not exist (--cni-plugin)",
-                    plugin.display()
-                );
+    let pod_network = args.node_name.is_some() && !args.no_pod_network;
+    if pod_network && !args.no_cni_install && !plugin.is_file() {
+        eprintln!(
+            "seine-agent: the CNI plugin to install, {}, does not exist (--cni-plugin)",
+            plugin.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let services_from_api = args.services_file.is_none()
+        && (args.node_name.is_some()
+            || args.kubeconfig.is_some()
+            || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some());
+    let client = if pod_network || services_from_api {
+        match runtime.block_on(seine_component_base::client(args.kubeconfig.as_deref())) {
+            Ok(client) => Some(client),
+            Err(e) => {
+                eprintln!("seine-agent: the API server client: {e}");
                 return Ok(ExitCode::from(2));
             }
-            match runtime.block_on(seine_component_base::client(args.kubeconfig.as_deref())) {
-                Ok(client) => Some(client),
-                Err(e) => {
-                    eprintln!("seine-agent: the API server client: {e}");
-                    return Ok(ExitCode::from(2));
-                }
-            }
         }
+    } else {
+        None
     };
 
     let mut active = match args.datapath {
@@ -115,7 +128,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Active::Rules { .. } => None,
     };
     let agent_metrics = AgentMetrics::register(active.datapath().mode());
-    let overlay = args.node_name.as_ref().map(|_| {
+    let overlay = pod_network.then(|| {
         let status = nodenet::Status::default();
         metrics::register(
             "seine_overlay_peers",
@@ -129,16 +142,33 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
         status
     });
+    let shutdown = CancellationToken::new();
+    let source = match (&args.services_file, &client) {
+        (Some(path), _) => Source::File(FileWatch::new(path.clone())),
+        (None, Some(client)) if services_from_api => {
+            let _in_runtime = runtime.enter();
+            Source::Api(ApiSource::start(
+                client.clone(),
+                args.node_name.clone(),
+                shutdown.clone(),
+            ))
+        }
+        _ => Source::Nothing,
+    };
     let shared = Arc::new(Shared {
         metrics: agent_metrics,
         overlay: overlay.clone(),
         ready: AtomicBool::new(false),
-        shutdown: CancellationToken::new(),
+        shutdown: shutdown.clone(),
         stats_maps,
+        api: match &source {
+            Source::Api(api) => Some(api.clone()),
+            _ => None,
+        },
+        healthz_timeout: args.healthz_timeout,
     });
     write_status(&args, &active);
 
-    let shutdown = shared.shutdown.clone();
     {
         let _in_runtime = runtime.enter();
         seine_component_base::cancel_on_stop_signal(shutdown.clone());
@@ -173,75 +203,48 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         });
     }
 
-    let mut watcher = args.services_file.clone().map(FileWatch::new);
-    let mut host_ports = hostport::Watch::new(hostport::dir(&args.cni_data_dir));
-    // The desired state is the services and the pods' host ports together.
-    let mut services = initial.clone().unwrap_or_default();
-    let mut ports = Vec::new();
-    if let Some(records) = host_ports.changed() {
-        ports = host_port_specs(&args, &records, &mut active);
-    }
-    if initial.is_some() || !ports.is_empty() {
-        apply(
-            active.datapath(),
-            &desired(&services, &ports),
-            &args.bpffs_dir,
-            &shared.metrics,
-        );
-    }
-    if let Some(w) = watcher.as_mut() {
-        w.changed();
-    }
-    active.tick(&args, &shared.metrics, true);
-    shared.ready.store(true, Ordering::SeqCst);
-    info!("ready");
+    // Rule-based datapaths write whole tables: a burst of changes is better one write.
+    let min_sync = args.min_sync_period.unwrap_or(match active {
+        Active::Ebpf { .. } => Duration::ZERO,
+        Active::Rules { .. } => Duration::from_secs(1),
+    });
+    let mut proxy = Proxy::new(&args, source, initial, min_sync);
+    proxy.step(&args, &mut active, &shared.metrics);
+    active.tick(&args, &shared.metrics, proxy.synced());
+    shared.ready.store(proxy.synced(), Ordering::SeqCst);
+    info!(synced = proxy.synced(), "started");
 
-    // Polls the file and the host-port records; the work runs on this thread, not the runtime's
-    // worker, so the health server answers while a large change is applied.
+    // Waits for the API's changes, and polls the file and the host-port records; the work runs
+    // on this thread, not the runtime's worker, so the health server answers while a large
+    // change is written.
     let mut tick = {
         let _in_runtime = runtime.enter();
         tokio::time::interval(Duration::from_millis(200))
     };
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let api = shared.api.clone();
     loop {
         let stopped = runtime.block_on(async {
+            let changed = async {
+                match &api {
+                    Some(api) => api.changed.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tick.tick() => false,
+                _ = changed => false,
                 _ = shutdown.cancelled() => true,
             }
         });
         if stopped {
             break;
         }
-        let mut dirty = false;
-        if let Some(w) = watcher.as_mut() {
-            if w.changed() {
-                match Objects::from_file(&w.path) {
-                    Ok(objects) => {
-                        services = objects.service_specs();
-                        dirty = true;
-                    }
-                    Err(e) => {
-                        // Keep serving the last good state.
-                        error!("{e}; keeping the previous state");
-                        shared.metrics.synced("invalid_input");
-                    }
-                }
-            }
+        proxy.step(&args, &mut active, &shared.metrics);
+        if proxy.synced() && !shared.ready.swap(true, Ordering::SeqCst) {
+            info!("ready: the services from the API are written");
         }
-        if let Some(records) = host_ports.changed() {
-            ports = host_port_specs(&args, &records, &mut active);
-            dirty = true;
-        }
-        if dirty {
-            apply(
-                active.datapath(),
-                &desired(&services, &ports),
-                &args.bpffs_dir,
-                &shared.metrics,
-            );
-        }
-        active.tick(&args, &shared.metrics, false);
+        active.tick(&args, &shared.metrics, proxy.synced());
     }
     info!("stopping; the datapath stays in place");
     // Dropping the loaded object would not detach the filters (their links were released), but the
@@ -265,6 +268,16 @@ impl health::Probes for Shared {
             .as_ref()
             .is_none_or(|o| o.ready.load(Ordering::SeqCst));
         self.ready.load(Ordering::SeqCst) && overlay_ready && !self.shutdown.is_cancelled()
+    }
+
+    /// As kube-proxy's healthz: unhealthy while a change from the API has waited too long.
+    fn live(&self) -> bool {
+        let waiting = self
+            .api
+            .as_ref()
+            .and_then(|api| api.pending_since())
+            .is_some_and(|since| since.elapsed() > self.healthz_timeout);
+        !waiting
     }
 
     fn refresh_metrics(&self) {

@@ -1,17 +1,25 @@
-//! What the datapath is programmed with: the services (from the watched file) and the pods'
-//! host ports, merged and applied.
+//! What the datapath is programmed with, and the writes: the services from their source (the
+//! API, or a watched file) and the pods' host ports, kept in a `ServiceTable`; a change of some
+//! Services writes only theirs, a new file or new host ports the whole desired state.
 
 use std::{
-    path::{Path, PathBuf},
-    time::{Instant, SystemTime},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
-    bpf::{self},
-    datapath::Datapath,
+    bpf,
+    datapath::{ApplyReport, Changes, Datapath},
     hostport,
     metrics::AgentMetrics,
     model::ServiceSpec,
+    proxy::{
+        api::{ApiSource, Batch},
+        file::Objects,
+        translate::NodeInfo,
+        ServiceTable,
+    },
 };
 use tracing::{error, info, warn};
 
@@ -20,17 +28,183 @@ use super::{
     Args,
 };
 
-/// The services, then the host ports whose frontends no service holds.
-pub(super) fn desired(services: &[ServiceSpec], ports: &[ServiceSpec]) -> Vec<ServiceSpec> {
-    let mut all = services.to_vec();
-    for p in ports {
-        if services.iter().any(|s| s.frontend == p.frontend) {
-            warn!(frontend = %p.frontend, "a service holds this host port's address and port; the service wins");
-        } else {
-            all.push(p.clone());
+/// Where the services come from.
+pub(super) enum Source {
+    Api(Arc<ApiSource>),
+    File(FileWatch),
+    /// Only host ports.
+    Nothing,
+}
+
+/// The services side of the agent's loop.
+pub(super) struct Proxy {
+    pub(super) source: Source,
+    table: ServiceTable,
+    host_ports: hostport::Watch,
+    node: NodeInfo,
+    /// Whether the source's first full state is written (the API's after its first lists).
+    written: bool,
+    min_sync: Duration,
+    last_write: Option<Instant>,
+}
+
+impl Proxy {
+    /// With the file's services (read already, so that bad input fails the start) or none yet.
+    pub(super) fn new(
+        args: &Args,
+        source: Source,
+        initial: Option<Objects>,
+        min_sync: Duration,
+    ) -> Self {
+        let node = NodeInfo {
+            name: args.node_name.clone(),
+            zone: None,
+        };
+        let mut table = ServiceTable::default();
+        if let Some(objects) = &initial {
+            table.replace_services(objects.by_service(&node).into_iter().collect());
+        }
+        Proxy {
+            written: !matches!(source, Source::Api(_)) && initial.is_none(),
+            source,
+            table,
+            host_ports: hostport::Watch::new(hostport::dir(&args.cni_data_dir)),
+            node,
+            min_sync,
+            last_write: None,
         }
     }
-    all
+
+    /// One pass: the file, the host-port records, the API's changes; writes what they need.
+    pub(super) fn step(&mut self, args: &Args, active: &mut Active, metrics: &AgentMetrics) {
+        let mut full = !self.written && !matches!(self.source, Source::Api(_));
+        if let Source::File(watch) = &mut self.source {
+            if watch.changed() {
+                match Objects::from_file(&watch.path) {
+                    Ok(objects) => {
+                        self.table
+                            .replace_services(objects.by_service(&self.node).into_iter().collect());
+                        full = true;
+                    }
+                    Err(e) => {
+                        // Keep serving the last good state.
+                        error!("{e}; keeping the previous state");
+                        metrics.synced("invalid_input");
+                    }
+                }
+            }
+        }
+        if let Some(records) = self.host_ports.changed() {
+            // No records at start, and none before: nothing to write for them.
+            let nothing_new = records.is_empty() && !self.table.has_host_ports();
+            self.table
+                .set_host_ports(host_port_specs(args, &records, active));
+            full |= self.written && !nothing_new;
+        }
+        let mut changes = Changes::default();
+        let mut since = Vec::new();
+        if let Source::Api(api) = &self.source {
+            let due = self.last_write.is_none_or(|t| t.elapsed() >= self.min_sync);
+            if due {
+                match api.take() {
+                    Some(Batch::All(at)) => {
+                        let mut keys = api.all_services();
+                        keys.extend(self.table.keys());
+                        keys.sort();
+                        keys.dedup();
+                        for key in keys {
+                            merge(&mut changes, self.table.set_service(&key, api.specs(&key)));
+                        }
+                        since.push(at);
+                        // The first full state from the API: a restarted agent now removes
+                        // what its pinned maps or chains hold of Services gone meanwhile.
+                        full |= !self.written;
+                    }
+                    Some(Batch::Services(keys)) => {
+                        for (key, at) in keys {
+                            merge(&mut changes, self.table.set_service(&key, api.specs(&key)));
+                            since.push(at);
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        let datapath = active.datapath();
+        if full {
+            self.written = true;
+            let desired = self.table.desired();
+            self.write(datapath, args, metrics, |d| d.apply(&desired));
+        } else if !changes.is_empty() {
+            self.write(datapath, args, metrics, |d| d.apply_changes(&changes));
+        } else {
+            return;
+        }
+        for at in since {
+            metrics
+                .programming_seconds
+                .observe(at.elapsed().as_secs_f64());
+        }
+    }
+
+    fn write(
+        &mut self,
+        datapath: &mut dyn Datapath,
+        args: &Args,
+        metrics: &AgentMetrics,
+        write: impl FnOnce(&mut dyn Datapath) -> ApplyReport,
+    ) {
+        let _lock = match bpf::lock(&args.bpffs_dir) {
+            Ok(lock) => lock,
+            Err(e) => {
+                error!("{e}");
+                return;
+            }
+        };
+        let start = Instant::now();
+        let report = write(datapath);
+        let elapsed = start.elapsed();
+        self.last_write = Some(Instant::now());
+        metrics.sync_seconds.observe(elapsed.as_secs_f64());
+        metrics.services.set(datapath.frontends().len() as i64);
+        for failure in &report.failed {
+            error!("{failure}");
+        }
+        if report.failed.is_empty() {
+            metrics.synced("ok");
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            metrics.last_sync.set(now.as_secs_f64());
+        } else {
+            metrics.synced("error");
+        }
+        let total = report.created + report.updated + report.deleted + report.unchanged;
+        if total > 100 {
+            // A large write leaves freed memory behind; hand it back to the system.
+            // SAFETY: malloc_trim only releases free heap pages.
+            unsafe { libc::malloc_trim(0) };
+        }
+        info!(
+            created = report.created,
+            updated = report.updated,
+            deleted = report.deleted,
+            unchanged = report.unchanged,
+            failed = report.failed.len(),
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "services applied"
+        );
+    }
+
+    /// Whether the source's state is written, for readiness: the API's needs its first lists.
+    pub(super) fn synced(&self) -> bool {
+        self.written
+    }
+}
+
+fn merge(into: &mut Changes, more: Changes) {
+    into.upserts.extend(more.upserts);
+    into.deletes.extend(more.deletes);
 }
 
 /// The frontends of the pods' host ports on this node's addresses (not loopback, pod veths or
@@ -71,47 +245,6 @@ pub(super) fn host_port_specs(
         "host ports read"
     );
     specs
-}
-
-pub(super) fn apply(
-    datapath: &mut dyn Datapath,
-    specs: &[crate::model::ServiceSpec],
-    dir: &Path,
-    metrics: &AgentMetrics,
-) {
-    let _lock = match bpf::lock(dir) {
-        Ok(lock) => lock,
-        Err(e) => {
-            error!("{e}");
-            return;
-        }
-    };
-    let start = Instant::now();
-    let report = datapath.apply(specs);
-    let elapsed = start.elapsed();
-    metrics.sync_seconds.observe(elapsed.as_secs_f64());
-    metrics.services.set(datapath.frontends().len() as i64);
-    for failure in &report.failed {
-        error!("{failure}");
-    }
-    let result = if report.failed.is_empty() {
-        "ok"
-    } else {
-        "error"
-    };
-    metrics.synced(result);
-    // Parsing a large services file leaves freed memory behind; hand it back to the system.
-    // SAFETY: malloc_trim only releases free heap pages.
-    unsafe { libc::malloc_trim(0) };
-    info!(
-        created = report.created,
-        updated = report.updated,
-        deleted = report.deleted,
-        unchanged = report.unchanged,
-        failed = report.failed.len(),
-        elapsed_ms = elapsed.as_secs_f64() * 1e3,
-        "services applied"
-    );
 }
 
 /// Notices changes of a file by modification time and size.

@@ -230,6 +230,7 @@ impl IptablesDatapath {
 
     fn restore(&self, payload: &Payload) -> Result<(), DatapathError> {
         let text = payload.render(|table, named| self.prefetch(table, named));
+        tracing::debug!(input = %text, "iptables-restore");
         super::run_with_input(&self.backend.restore(), &["--noflush", "--wait"], &text)
             .map_err(DatapathError::Iptables)
     }

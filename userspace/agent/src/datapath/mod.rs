@@ -52,6 +52,19 @@ pub struct ApplyReport {
     pub failed: Vec<DatapathError>,
 }
 
+/// Writes that bring the datapath from one state to the next: the services that changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub upserts: Vec<ServiceSpec>,
+    pub deletes: Vec<Frontend>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty()
+    }
+}
+
 /// What happened to one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -79,6 +92,27 @@ pub trait Datapath {
             }
         }
         for spec in desired {
+            match self.upsert(spec) {
+                Ok(Change::Created) => report.created += 1,
+                Ok(Change::Updated) => report.updated += 1,
+                Ok(Change::Unchanged) => report.unchanged += 1,
+                Err(e) => report.failed.push(e),
+            }
+        }
+        report
+    }
+
+    /// Writes only `changes`, each service atomically; the others are not touched.
+    fn apply_changes(&mut self, changes: &Changes) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        for frontend in &changes.deletes {
+            match self.delete(frontend) {
+                Ok(true) => report.deleted += 1,
+                Ok(false) => {}
+                Err(e) => report.failed.push(e),
+            }
+        }
+        for spec in &changes.upserts {
             match self.upsert(spec) {
                 Ok(Change::Created) => report.created += 1,
                 Ok(Change::Updated) => report.updated += 1,
@@ -193,6 +227,42 @@ impl<T: RuleSet> Datapath for T {
             .filter(|f| !next.contains_key(f))
             .count();
         let previous = std::mem::replace(self.services_mut(), next);
+        if let Err(e) = self.write() {
+            // The transaction is atomic: the kernel still holds the previous state.
+            *self.services_mut() = previous;
+            report.failed.push(e);
+            report.created = 0;
+            report.updated = 0;
+            report.deleted = 0;
+        }
+        report
+    }
+
+    /// The batch in one transaction: the rules of the services that did not change are
+    /// written again only if the backend needs the whole table (it writes what differs).
+    fn apply_changes(&mut self, changes: &Changes) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let previous = self.services().clone();
+        for frontend in &changes.deletes {
+            if self.services_mut().remove(frontend).is_some() {
+                report.deleted += 1;
+            }
+        }
+        for spec in &changes.upserts {
+            let spec = spec.normalized();
+            if let Err(e) = check_ipv4(&spec) {
+                report.failed.push(e);
+                continue;
+            }
+            match self.services_mut().insert(spec.frontend, spec.clone()) {
+                None => report.created += 1,
+                Some(old) if old == spec => report.unchanged += 1,
+                Some(_) => report.updated += 1,
+            }
+        }
+        if report.created + report.updated + report.deleted == 0 {
+            return report;
+        }
         if let Err(e) = self.write() {
             // The transaction is atomic: the kernel still holds the previous state.
             *self.services_mut() = previous;

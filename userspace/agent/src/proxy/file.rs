@@ -1,16 +1,16 @@
-//! Desired state from Kubernetes objects: Services and EndpointSlices in a file (YAML documents, a
-//! JSON object, or a `List`), turned into service frontends with backends: ready endpoints as active
-//! backends, serving-and-terminating ones as terminating backends. The datapath itself sends new
-//! connections to terminating backends only when no ready one is left, as kube-proxy does.
+//! A file as the source of the services (`--services-file`, for tests and offline use): Services
+//! and EndpointSlices as YAML documents, a JSON object or a `List`, read again when the file
+//! changes and turned into frontends and backends by the same rules as the API's (`translate`).
 
-use std::{collections::HashMap, net::IpAddr, path::Path};
+use std::{collections::HashMap, path::Path};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::model::{BackendSpec, BackendState, Frontend, Protocol, ServiceSpec};
-
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+use super::{
+    translate::{self, NodeInfo},
+    ServiceKey,
+};
+use crate::model::ServiceSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectsError {
@@ -148,135 +148,56 @@ impl Objects {
         }
     }
 
-    /// The datapath's view: one `ServiceSpec` per ClusterIP service port.
-    pub fn service_specs(&self) -> Vec<ServiceSpec> {
-        let mut slices_by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    /// Each Service's frontends and backends, in the file's order, for a proxy on `node`.
+    pub fn by_service(&self, node: &NodeInfo) -> Vec<(ServiceKey, Vec<ServiceSpec>)> {
+        let mut slices: HashMap<ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
         for slice in &self.slices {
-            if slice.address_type != "IPv4" {
-                continue;
+            if let Some((ns, name)) = translate::slice_service(slice) {
+                slices
+                    .entry((or_default(ns), name))
+                    .or_default()
+                    .push(slice);
             }
-            let labels = slice.metadata.labels.as_ref();
-            let Some(name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-                continue;
-            };
-            let ns = slice
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            slices_by_service
-                .entry((ns, name.clone()))
-                .or_default()
-                .push(slice);
         }
+        self.services
+            .iter()
+            .map(|svc| {
+                let key = (
+                    or_default(svc.metadata.namespace.clone().unwrap_or_default()),
+                    svc.metadata.name.clone().unwrap_or_default(),
+                );
+                let specs = translate::service_specs(
+                    svc,
+                    slices.get(&key).map(Vec::as_slice).unwrap_or_default(),
+                    node,
+                );
+                (key, specs)
+            })
+            .collect()
+    }
 
-        let mut specs = Vec::new();
-        for svc in &self.services {
-            let Some(spec) = &svc.spec else { continue };
-            if spec.type_.as_deref() == Some("ExternalName") {
-                continue;
-            }
-            let Some(ip) = spec
-                .cluster_ip
-                .as_deref()
-                .filter(|ip| !ip.is_empty() && *ip != "None")
-                .and_then(|ip| ip.parse::<IpAddr>().ok())
-                .filter(IpAddr::is_ipv4)
-            else {
-                continue;
-            };
-            let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-                spec.session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds)
-                    .map_or(DEFAULT_AFFINITY_TIMEOUT, |t| t.max(1) as u32)
-            });
-            let ns = svc
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let name = svc.metadata.name.clone().unwrap_or_default();
-            let slices = slices_by_service.get(&(ns, name));
-            for port in spec.ports.iter().flatten() {
-                let Ok(protocol) = port
-                    .protocol
-                    .as_deref()
-                    .unwrap_or("TCP")
-                    .parse::<Protocol>()
-                else {
-                    continue;
-                };
-                let Ok(port_number) = u16::try_from(port.port) else {
-                    continue;
-                };
-                let frontend = Frontend {
-                    ip,
-                    port: port_number,
-                    protocol,
-                };
-                let port_name = port.name.clone().unwrap_or_default();
-                let backends = slices
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|slice| backends_of(slice, &port_name, protocol))
-                    .collect::<Vec<_>>();
-                specs.push(ServiceSpec {
-                    frontend,
-                    backends,
-                    affinity_timeout_secs: affinity,
-                });
-            }
-        }
-        specs
+    /// Every frontend, in the file's order.
+    pub fn service_specs(&self, node: &NodeInfo) -> Vec<ServiceSpec> {
+        self.by_service(node)
+            .into_iter()
+            .flat_map(|(_, specs)| specs)
+            .collect()
     }
 }
 
-fn backends_of(slice: &EndpointSlice, port_name: &str, protocol: Protocol) -> Vec<BackendSpec> {
-    let Some(port) = slice.ports.iter().flatten().find(|p| {
-        p.name.as_deref().unwrap_or("") == port_name
-            && p.protocol
-                .as_deref()
-                .unwrap_or("TCP")
-                .parse::<Protocol>()
-                .ok()
-                == Some(protocol)
-    }) else {
-        return Vec::new();
-    };
-    let Some(port) = port
-        .port
-        .and_then(|p| u16::try_from(p).ok())
-        .filter(|p| *p > 0)
-    else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for ep in &slice.endpoints {
-        let cond = ep.conditions.as_ref();
-        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-        let state = if ready && !terminating {
-            BackendState::Active
-        } else if serving && terminating {
-            BackendState::Terminating
-        } else {
-            continue;
-        };
-        // kube-proxy uses the first address of each endpoint.
-        let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-            continue;
-        };
-        out.push(BackendSpec { ip, port, state });
+/// Objects in a file without a namespace are in `default`, as kubectl would create them.
+fn or_default(namespace: String) -> String {
+    if namespace.is_empty() {
+        "default".into()
+    } else {
+        namespace
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::BackendState;
 
     const OBJECTS: &str = r#"
 apiVersion: v1
@@ -316,7 +237,7 @@ spec: {clusterIP: None, ports: [{port: 80}]}
     #[test]
     fn services_and_slices_become_frontends_with_ready_backends() {
         let objects = Objects::parse(OBJECTS).unwrap();
-        let specs = objects.service_specs();
+        let specs = objects.service_specs(&NodeInfo::default());
         assert_eq!(
             specs.len(),
             2,
@@ -337,7 +258,9 @@ spec: {clusterIP: None, ports: [{port: 80}]}
     #[test]
     fn endpoints_without_conditions_count_as_ready() {
         let text = OBJECTS.replace("conditions: {ready: true}", "conditions: {}");
-        let specs = Objects::parse(&text).unwrap().service_specs();
+        let specs = Objects::parse(&text)
+            .unwrap()
+            .service_specs(&NodeInfo::default());
         assert_eq!(specs[0].backends[0].state, BackendState::Active);
     }
 
@@ -350,7 +273,9 @@ spec: {clusterIP: None, ports: [{port: 80}]}
              "metadata": {"name": "a-1", "labels": {"kubernetes.io/service-name": "a"}},
              "addressType": "IPv4", "ports": [{"port": 8080}],
              "endpoints": [{"addresses": ["10.244.0.9"]}]}]}"#;
-        let specs = Objects::parse(text).unwrap().service_specs();
+        let specs = Objects::parse(text)
+            .unwrap()
+            .service_specs(&NodeInfo::default());
         assert_eq!(specs[0].backends[0].to_string(), "10.244.0.9:8080 (active)");
         let bad = text.replace(r#""ports": [{"port": 8080}]"#, r#""ports": 7"#);
         let err = Objects::parse(&bad).unwrap_err();
