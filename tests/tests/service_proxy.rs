@@ -161,6 +161,32 @@ fn services_from_the_api_are_programmed_and_follow_edits(mode: &str) {
     )
     .unwrap();
     wait_answers(&lab, web, &["backend-1", "backend-2", "backend-3"]);
+    // seinectl names each frontend's Service, with the backends the datapath holds.
+    let mut rows = Value::Null;
+    let listed = wait_until(Duration::from_secs(10), || {
+        rows = lab
+            .node
+            .seinectl_json(&["service", "list"])
+            .unwrap_or_default();
+        let tcp = format!("{web}/TCP");
+        rows.as_array().into_iter().flatten().any(|r| {
+            r["service"] == "default/web"
+                && r["frontend"] == tcp.as_str()
+                && r["backends"].as_array().map_or(0, Vec::len) == 3
+        })
+    });
+    assert!(listed.is_ok(), "{rows:#}");
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["service"] == "default/kubernetes"),
+        "{rows:#}"
+    );
+    let status = lab.node.seinectl_json(&["status"]).unwrap();
+    assert_eq!(status["source"], "api", "{status:#}");
+    assert_eq!(status["api_connected"], true, "{status:#}");
+    assert!(status["last_sync"].is_string(), "{status:#}");
     // An endpoint edited away, then the Service deleted: its frontends go.
     lab.slice("web-1", "web", ports, json!([lab.endpoint("backend-2")]))
         .unwrap();
@@ -406,4 +432,76 @@ fn an_agent_restart_on_the_api_fails_no_request(mode: &str) {
     std::thread::sleep(Duration::from_millis(500));
     looper.finish(&lab, before);
     wait_answers(&lab, web, &["backend-1", "backend-2", "backend-3"]);
+}
+
+/// The agent runs with the rights of `deploy/seine-agent-rbac.yaml` alone: its ServiceAccount
+/// in a namespace of the test's (the built-in policy also binds `kube-system/seine-agent`).
+#[test]
+fn the_agent_works_with_exactly_the_rights_of_its_manifest() {
+    let mut lab = lab("rb", 1, "ebpf");
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/seine-agent-rbac.yaml"),
+    )
+    .unwrap()
+    .replace("namespace: kube-system", "namespace: seine-rbac-test");
+    let file = std::env::temp_dir().join(format!("{}-rbac.yaml", lab.node.prefix));
+    std::fs::write(&file, manifest).unwrap();
+    lab.api
+        .kubectl_ok(&["create", "namespace", "seine-rbac-test"])
+        .unwrap();
+    lab.api
+        .kubectl_ok(&["apply", "-f", file.to_str().unwrap()])
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let who = "system:serviceaccount:seine-rbac-test:seine-agent";
+    for (verb, resource, allowed) in [
+        ("watch", "services", "yes"),
+        ("list", "endpointslices.discovery.k8s.io", "yes"),
+        ("watch", "nodes", "yes"),
+        ("list", "secrets", "no"),
+        ("create", "services", "no"),
+        ("delete", "endpointslices.discovery.k8s.io", "no"),
+    ] {
+        let out = lab
+            .api
+            .kubectl(&["auth", "can-i", verb, resource, "--as", who])
+            .unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(answer, allowed, "{verb} {resource}");
+    }
+    // A kubeconfig with the ServiceAccount's token in place of the admin's credentials.
+    let token = lab
+        .api
+        .kubectl_ok(&["create", "token", "seine-agent", "-n", "seine-rbac-test"])
+        .unwrap();
+    let mut config: Value = serde_json::from_str(
+        &lab.api
+            .kubectl_ok(&["config", "view", "--raw", "--minify", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    config["users"][0]["user"] = json!({"token": token.trim()});
+    let kubeconfig = std::env::temp_dir().join(format!("{}-agent.kubeconfig", lab.node.prefix));
+    std::fs::write(&kubeconfig, config.to_string()).unwrap();
+    lab.node.stop_agent().unwrap();
+    let at = lab
+        .node
+        .agent_args
+        .iter()
+        .position(|a| a == "--kubeconfig")
+        .unwrap();
+    lab.node.agent_args[at + 1] = kubeconfig.display().to_string();
+    lab.node.spawn_agent().unwrap();
+    let web = web_service(&lab, "web", json!({}));
+    lab.slice(
+        "web-1",
+        "web",
+        http_port(),
+        json!([lab.endpoint("backend-1")]),
+    )
+    .unwrap();
+    wait_answers(&lab, web, &["backend-1"]);
+    let log = lab.node.agent.as_ref().unwrap().log_text();
+    let _ = std::fs::remove_file(&kubeconfig);
+    assert!(!log.contains("forbidden"), "{log}");
 }

@@ -332,6 +332,12 @@ pub fn status_path(dir: &Path) -> std::path::PathBuf {
     Path::new("/run/seine/agents").join(format!("{}.json", flat_name(dir)))
 }
 
+/// Where that agent records what it programmed, by Service (for `seinectl service list`), and
+/// where its services come from (for `seinectl status`).
+pub fn proxy_path(dir: &Path) -> std::path::PathBuf {
+    Path::new("/run/seine/agents").join(format!("{}.proxy.json", flat_name(dir)))
+}
+
 fn flat_name(dir: &Path) -> String {
     dir.display()
         .to_string()

@@ -42,7 +42,9 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Program services by hand (entries owned by seinectl; the agent leaves them alone).
+    /// Services by namespace and name with their frontends and backends (`list`), or program
+    /// services by hand (`upsert`, `delete`: entries owned by seinectl; the agent leaves them
+    /// alone).
     Service {
         #[command(subcommand)]
         what: ServiceCommand,
@@ -83,6 +85,12 @@ enum ListOnly {
 
 #[derive(Subcommand)]
 enum ServiceCommand {
+    /// Each Service (namespace/name) with its frontends and backends as the datapath holds them
+    /// (in eBPF mode read from the maps), as `cilium-dbg service list` shows them.
+    List {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Create or replace a service frontend and its backends.
     Upsert {
         /// VIP:PORT/PROTO, for example 10.96.0.10:80/tcp
@@ -212,6 +220,11 @@ fn status(dir: &std::path::Path, output: Output) -> Result<(), Failure> {
         .as_u64()
         .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
     status["running"] = running.into();
+    if let Some(record) = proxy_record(dir) {
+        for field in ["source", "api_connected", "synced", "last_sync"] {
+            status[field] = record[field].clone();
+        }
+    }
     if status["mode"] == "ebpf" {
         if let Ok(maps) = PinnedMaps::open(dir) {
             if let Ok(rows) = inspect::lb_list(&maps) {
@@ -238,10 +251,109 @@ fn status(dir: &std::path::Path, output: Output) -> Result<(), Failure> {
         if let Some(n) = status["services"].as_u64() {
             println!("services:  {n}");
         }
+        if let Some(source) = status["source"].as_str() {
+            let api = match status["api_connected"].as_bool() {
+                Some(true) => ", watching the API server",
+                Some(false) => ", API server unreachable (retrying; the datapath stays)",
+                None => "",
+            };
+            println!("source:    {source}{api}");
+            println!(
+                "last sync: {}",
+                status["last_sync"].as_str().unwrap_or("never")
+            );
+        }
+    })
+}
+
+/// The agent's record of what it programmed (`bpf::proxy_path`), if it wrote one.
+fn proxy_record(dir: &std::path::Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(seine_agent::bpf::proxy_path(dir)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+#[derive(serde::Serialize)]
+struct ServiceRow {
+    /// `namespace/name`; none for a host port or an entry programmed by hand.
+    service: Option<String>,
+    frontend: String,
+    backends: Vec<String>,
+}
+
+fn service_list(dir: &std::path::Path, output: Output) -> Result<(), Failure> {
+    let record = proxy_record(dir);
+    let names: std::collections::HashMap<String, String> = record
+        .iter()
+        .flat_map(|r| r["services"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| {
+            Some((
+                s["frontend"].as_str()?.to_string(),
+                s["service"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    let mut rows: Vec<ServiceRow> = match PinnedMaps::open(dir) {
+        // eBPF: the maps are the truth; the record gives the names.
+        Ok(maps) => inspect::lb_list(&maps)
+            .map_err(system)?
+            .into_iter()
+            .map(|e| ServiceRow {
+                service: names.get(&e.frontend).cloned(),
+                backends: e
+                    .backends
+                    .iter()
+                    .map(|b| format!("{} ({})", b.address, b.state))
+                    .collect(),
+                frontend: e.frontend,
+            })
+            .collect(),
+        // The rule modes: what the agent wrote.
+        Err(e) => {
+            let Some(record) = &record else {
+                return Err(Failure::System(format!(
+                    "no pinned maps and no record of a seine-agent for --bpffs-dir {}: {e}",
+                    dir.display()
+                )));
+            };
+            record["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| ServiceRow {
+                    service: s["service"].as_str().map(str::to_string),
+                    frontend: s["frontend"].as_str().unwrap_or_default().to_string(),
+                    backends: s["backends"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|b| b.as_str().map(str::to_string))
+                        .collect(),
+                })
+                .collect()
+        }
+    };
+    rows.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
+    print(output, &rows, || {
+        println!("{:<40} {:<26} BACKENDS", "SERVICE", "FRONTEND");
+        for r in &rows {
+            let backends = if r.backends.is_empty() {
+                "<none>".to_string()
+            } else {
+                r.backends.join(", ")
+            };
+            println!(
+                "{:<40} {:<26} {backends}",
+                r.service.as_deref().unwrap_or("-"),
+                r.frontend
+            );
+        }
     })
 }
 
 fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {
+    if let ServiceCommand::List { output } = what {
+        return service_list(dir, output);
+    }
     // Parse everything before touching the maps: bad input changes nothing.
     let request = match &what {
         ServiceCommand::Upsert {
@@ -268,7 +380,7 @@ fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {
                 affinity_timeout_secs: *affinity_timeout,
             })
         }
-        ServiceCommand::Delete { .. } => None,
+        ServiceCommand::Delete { .. } | ServiceCommand::List { .. } => None,
     };
     // Read back and written under the node's lock; a node that is not there gets "not pinned"
     // from open, and no lock file is made for it.
@@ -311,7 +423,7 @@ fn service(dir: &std::path::Path, what: ServiceCommand) -> Result<(), Failure> {
                 Err(e) => Err(system(e)),
             }
         }
-        (ServiceCommand::Upsert { .. }, None) => Ok(()),
+        (ServiceCommand::Upsert { .. } | ServiceCommand::List { .. }, None) => Ok(()),
     }
 }
 

@@ -46,7 +46,17 @@ pub(super) struct Proxy {
     written: bool,
     min_sync: Duration,
     last_write: Option<Instant>,
+    /// When the last write succeeded.
+    last_ok: Option<SystemTime>,
+    /// Whether the record for seinectl is behind, and when it was last written.
+    record_due: bool,
+    recorded: Option<Instant>,
+    /// The API connection state the record last gave.
+    recorded_connected: Option<bool>,
 }
+
+/// How often at most the record for seinectl is written while changes come.
+const RECORD_EVERY: Duration = Duration::from_secs(1);
 
 impl Proxy {
     /// With the file's services (read already, so that bad input fails the start) or none yet.
@@ -72,11 +82,26 @@ impl Proxy {
             node,
             min_sync,
             last_write: None,
+            last_ok: None,
+            record_due: true,
+            recorded: None,
+            recorded_connected: None,
         }
     }
 
-    /// One pass: the file, the host-port records, the API's changes; writes what they need.
+    /// One pass: the file, the host-port records, the API's changes; writes what they need,
+    /// and the record for seinectl when it is behind.
     pub(super) fn step(&mut self, args: &Args, active: &mut Active, metrics: &AgentMetrics) {
+        self.sync(args, active, metrics);
+        if let Source::Api(api) = &self.source {
+            self.record_due |= self.recorded_connected != Some(api.connected());
+        }
+        if self.record_due && self.recorded.is_none_or(|t| t.elapsed() >= RECORD_EVERY) {
+            self.write_record(args);
+        }
+    }
+
+    fn sync(&mut self, args: &Args, active: &mut Active, metrics: &AgentMetrics) {
         let mut full = !self.written && !matches!(self.source, Source::Api(_));
         if let Source::File(watch) = &mut self.source {
             if watch.changed() {
@@ -165,6 +190,7 @@ impl Proxy {
         let report = write(datapath);
         let elapsed = start.elapsed();
         self.last_write = Some(Instant::now());
+        self.record_due = true;
         metrics.sync_seconds.observe(elapsed.as_secs_f64());
         metrics.services.set(datapath.frontends().len() as i64);
         for failure in &report.failed {
@@ -172,6 +198,7 @@ impl Proxy {
         }
         if report.failed.is_empty() {
             metrics.synced("ok");
+            self.last_ok = Some(SystemTime::now());
             let now = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default();
@@ -194,6 +221,56 @@ impl Proxy {
             elapsed_ms = elapsed.as_secs_f64() * 1e3,
             "services applied"
         );
+    }
+
+    /// Records, for seinectl, where the services come from, how the API watches are, when the
+    /// last write succeeded, and every frontend with its Service and backends as written.
+    /// Written whole and renamed into place: a reader never sees half of it.
+    fn write_record(&mut self, args: &Args) {
+        self.record_due = false;
+        self.recorded = Some(Instant::now());
+        let (source, connected) = match &self.source {
+            Source::Api(api) => ("api", Some(api.connected())),
+            Source::File(_) => ("file", None),
+            Source::Nothing => ("none", None),
+        };
+        self.recorded_connected = connected;
+        let services: Vec<serde_json::Value> = self
+            .table
+            .record()
+            .into_iter()
+            .map(|(key, spec)| {
+                serde_json::json!({
+                    "service": key.map(|(ns, name)| format!("{ns}/{name}")),
+                    "frontend": spec.frontend.to_string(),
+                    "backends": spec.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let last_sync = self
+            .last_ok
+            .and_then(|t| k8s_openapi::jiff::Timestamp::try_from(t).ok())
+            .map(|t| {
+                t.round(k8s_openapi::jiff::Unit::Second)
+                    .map_or_else(|_| t.to_string(), |t| t.to_string())
+            });
+        let record = serde_json::json!({
+            "source": source,
+            "api_connected": connected,
+            "synced": self.written,
+            "last_sync": last_sync,
+            "services": services,
+        });
+        let path = bpf::proxy_path(&args.bpffs_dir);
+        let tmp = path.with_extension("tmp");
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, record.to_string()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            warn!("writing {}: {e}", path.display());
+        }
     }
 
     /// Whether the source's state is written, for readiness: the API's needs its first lists.

@@ -61,6 +61,15 @@ impl ServiceTable {
         !self.host_ports.is_empty()
     }
 
+    /// Every programmed frontend with the Service holding it (none: a host port), as the
+    /// datapath should hold it.
+    pub fn record(&self) -> Vec<(Option<&ServiceKey>, ServiceSpec)> {
+        self.desired()
+            .into_iter()
+            .map(|spec| (self.holders.get(&spec.frontend), spec))
+            .collect()
+    }
+
     /// The Service holding `frontend`, if one does.
     pub fn holder(&self, frontend: &Frontend) -> Option<&ServiceKey> {
         self.holders.get(frontend)
