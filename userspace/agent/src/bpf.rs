@@ -353,9 +353,10 @@ fn lock_path(dir: &Path) -> std::path::PathBuf {
 }
 
 /// Removes what Seine keeps outside bpffs for the node whose maps lived in `dir` (its agent's
-/// status and its writers' lock), once its pins are gone.
+/// status and record, and its writers' lock), once its pins are gone.
 pub fn remove_node_files(dir: &Path) {
     let _ = std::fs::remove_file(status_path(dir));
+    let _ = std::fs::remove_file(proxy_path(dir));
     let _ = std::fs::remove_file(lock_path(dir));
 }
 
