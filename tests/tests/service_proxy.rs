@@ -39,6 +39,7 @@ in_both_modes!(
     local_policy_and_topology_hints_choose_this_nodes_endpoints,
     terminating_endpoints_serve_only_when_no_ready_one_is_left,
     a_slice_that_moves_between_services_serves_the_new_one,
+    client_ip_affinity_from_the_service_holds_until_its_timeout,
 );
 
 // The request-loop scenarios run on eBPF only for now: on the iptables datapath with the nft
@@ -292,6 +293,44 @@ fn terminating_endpoints_serve_only_when_no_ready_one_is_left(mode: &str) {
     lab.slice("web-1", "web", http_port(), json!([terminating]))
         .unwrap();
     wait_answers(&lab, web, &["backend-2"]);
+}
+
+fn client_ip_affinity_from_the_service_holds_until_its_timeout(mode: &str) {
+    let lab = lab("af", 3, mode);
+    let web = web_service(
+        &lab,
+        "web",
+        json!({"sessionAffinity": "ClientIP",
+               "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 1}}}),
+    );
+    let all = ["backend-1", "backend-2", "backend-3"];
+    lab.slice(
+        "web-1",
+        "web",
+        http_port(),
+        json!(all.iter().map(|p| lab.endpoint(p)).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(30), || {
+        lab.node
+            .pod("client")
+            .run(move || seine_tests::http_get(web).is_ok())
+            .unwrap_or(false)
+    })
+    .unwrap();
+    let counts = seine_tests::spread(&lab.node, web, 30);
+    assert_eq!(
+        counts.len(),
+        1,
+        "affinity broke within the timeout: {counts:?}"
+    );
+    // Past the timeout the choice is made afresh: over several expiries, more than one backend.
+    let mut seen = BTreeSet::new();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(1300));
+        seen.extend(seine_tests::spread(&lab.node, web, 1).into_keys());
+    }
+    assert!(seen.len() > 1, "affinity never expired: always {seen:?}");
 }
 
 fn a_slice_that_moves_between_services_serves_the_new_one(mode: &str) {
