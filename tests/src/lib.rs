@@ -147,17 +147,58 @@ where
     Ok((all, start.elapsed()))
 }
 
-/// Makes sure bpffs is mounted (the setup step does it; a test run may start without it). A mount
-/// made here is marked as Seine's, like setup's, so that `cargo xtask test` and `lab down`
-/// unmount it again once nothing is pinned in it.
-pub fn ensure_bpffs() -> Result<()> {
-    let mounts = std::fs::read_to_string("/proc/mounts")?;
-    if !mounts.lines().any(|l| l.contains(" /sys/fs/bpf bpf ")) {
-        sh("mount", &["-t", "bpf", "bpf", BPFFS_ROOT])?;
-        std::fs::create_dir_all("/run/seine")?;
-        std::fs::write("/run/seine/bpffs-mounted-by-seine", "")?;
+/// The entries the kernel itself puts into a fresh bpffs (its preload iterators).
+const BPFFS_KERNEL_ENTRIES: [&str; 2] = ["maps.debug", "progs.debug"];
+const BPFFS_MARKER: &str = "/run/seine/bpffs-mounted-by-seine";
+
+/// Nodes alive in this process, and whether this process mounted bpffs for them.
+static BPFFS_USERS: std::sync::Mutex<(usize, bool)> = std::sync::Mutex::new((0, false));
+
+/// A node's hold on bpffs. The setup step mounts it; a test run that starts without it mounts
+/// it here (marked as Seine's, like setup's) and unmounts it again with the last hold, once only
+/// the kernel's own entries are left: a `cargo test` leaves the machine as it found it. A lab
+/// keeps its nodes, and so the mount.
+pub struct BpffsHold(());
+
+impl BpffsHold {
+    pub fn take() -> Result<Self> {
+        let mut users = BPFFS_USERS.lock().unwrap_or_else(|e| e.into_inner());
+        let mounts = std::fs::read_to_string("/proc/mounts")?;
+        if !mounts.lines().any(|l| l.contains(" /sys/fs/bpf bpf ")) {
+            sh("mount", &["-t", "bpf", "bpf", BPFFS_ROOT])?;
+            std::fs::create_dir_all("/run/seine")?;
+            std::fs::write(BPFFS_MARKER, "")?;
+            users.1 = true;
+        }
+        users.0 += 1;
+        Ok(BpffsHold(()))
     }
-    Ok(())
+}
+
+impl Drop for BpffsHold {
+    fn drop(&mut self) {
+        let mut users = BPFFS_USERS.lock().unwrap_or_else(|e| e.into_inner());
+        users.0 = users.0.saturating_sub(1);
+        if users.0 > 0 || !users.1 {
+            return;
+        }
+        let ours = std::fs::read_dir(BPFFS_ROOT).map_or(1, |entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    !BPFFS_KERNEL_ENTRIES.contains(&e.file_name().to_string_lossy().as_ref())
+                })
+                .count()
+        });
+        if ours == 0 && sh("umount", &[BPFFS_ROOT]).is_ok() {
+            let _ = std::fs::remove_file(BPFFS_MARKER);
+            users.1 = false;
+            // The agents' status and lock directories, when the nodes left them empty.
+            for dir in ["/run/seine/agents", "/run/seine/locks", "/run/seine"] {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
 }
 
 /// A network namespace, deleted on drop.
@@ -465,6 +506,8 @@ pub struct Node {
     /// The cgroup (v2) that stands for the node's own processes: the agent's socket programs
     /// hang there, so that nothing else on the machine meets them.
     pub cgroup: Option<PathBuf>,
+    /// Last, so that it goes after the node's pins.
+    _bpffs: BpffsHold,
 }
 
 impl Node {
@@ -474,7 +517,7 @@ impl Node {
 
     /// A node whose namespaces are named after `prefix` exactly (for the lab).
     pub fn create_named(prefix: &str) -> Result<Self> {
-        ensure_bpffs()?;
+        let bpffs = BpffsHold::take()?;
         let prefix = prefix.to_string();
         let ns = Netns::create(&format!("{prefix}-node"))?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
@@ -512,6 +555,7 @@ impl Node {
             agent_wrapper: Vec::new(),
             services: RefCell::new(BTreeMap::new()),
             cgroup,
+            _bpffs: bpffs,
         };
         node.write_services()?;
         Ok(node)
