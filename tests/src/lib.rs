@@ -406,6 +406,80 @@ pub fn http_get(addr: SocketAddr) -> Result<String> {
     Ok(body)
 }
 
+/// A client pod's requests to `addr` in a loop until stopped, each on a new connection and
+/// again on one kept-alive connection: what a client sees while the datapath changes under it.
+pub struct RequestLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RequestLoop {
+    pub fn start(pod: &Pod, addr: SocketAddr) -> Self {
+        use std::sync::{atomic::AtomicBool, atomic::AtomicU64, Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let path = pod.ns.path();
+        let (s, o, f) = (stop.clone(), ok.clone(), failures.clone());
+        let thread = std::thread::spawn(move || {
+            let record = |e: anyhow::Error| {
+                f.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(format!("{e:#}"))
+            };
+            if let Err(e) = enter(&path) {
+                return record(e);
+            }
+            let mut kept = match KeepAlive::connect(addr) {
+                Ok(kept) => kept,
+                Err(e) => return record(e),
+            };
+            while !s.load(Ordering::SeqCst) {
+                match http_get(addr).and_then(|_| kept.get()) {
+                    Ok(_) => {
+                        o.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => record(e),
+                }
+            }
+        });
+        RequestLoop {
+            stop,
+            ok,
+            failures,
+            thread: Some(thread),
+        }
+    }
+
+    /// Requests that succeeded so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Stops the loop: (requests that succeeded, the failures).
+    pub fn stop(mut self) -> (u64, Vec<String>) {
+        self.halt();
+        let failures =
+            std::mem::take(&mut *self.failures.lock().unwrap_or_else(|e| e.into_inner()));
+        (self.ok(), failures)
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RequestLoop {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
 /// A kept-alive HTTP connection.
 pub struct KeepAlive {
     stream: TcpStream,

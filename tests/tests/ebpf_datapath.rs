@@ -326,6 +326,8 @@ fn seinectl_on_a_node_finds_the_agents_pins_by_itself() {
 
 #[test]
 fn seinectl_says_what_is_wrong_when_the_maps_are_missing() {
+    // bpffs mounted, the node's pins not there.
+    let _bpffs = seine_tests::BpffsHold::take().unwrap();
     let dir = std::env::temp_dir().join("seine-no-such-maps");
     let out = std::process::Command::new(seine_tests::bin("seinectl").unwrap())
         .args([

@@ -10,14 +10,10 @@ use std::{
     collections::BTreeSet,
     io::ErrorKind,
     net::{SocketAddr, TcpStream, UdpSocket},
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
     time::Duration,
 };
 
-use seine_tests::{proxy::ProxyLab, wait_until, KeepAlive};
+use seine_tests::{proxy::ProxyLab, wait_until, RequestLoop};
 use serde_json::{json, Value};
 
 const PORT: u16 = 8080;
@@ -350,64 +346,18 @@ fn a_slice_that_moves_between_services_serves_the_new_one(mode: &str) {
     .unwrap();
 }
 
-/// New connections and one kept-alive connection to `addr` from the client pod until stopped:
-/// (successes, failures).
-struct Loop {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Loop {
-    fn start(lab: &ProxyLab, addr: SocketAddr) -> Loop {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let path = lab.node.pod("client").ns.path();
-        let (s, o, f) = (stop.clone(), ok.clone(), failures.clone());
-        let thread = std::thread::spawn(move || {
-            seine_tests::enter(&path).unwrap();
-            let mut kept = KeepAlive::connect(addr).unwrap();
-            while !s.load(Ordering::SeqCst) {
-                match seine_tests::http_get(addr).and_then(|_| kept.get()) {
-                    Ok(_) => {
-                        o.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => f.lock().unwrap().push(format!("{e:#}")),
-                }
-            }
-        });
-        Loop {
-            stop,
-            ok,
-            failures,
-            thread: Some(thread),
-        }
-    }
-
-    fn ok(&self) -> u64 {
-        self.ok.load(Ordering::SeqCst)
-    }
-
-    /// Stops the loop; asserts it made progress and failed nothing.
-    fn finish(mut self, lab: &ProxyLab, before: u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        let total = self.ok();
-        assert!(
-            before > 0 && total > before,
-            "the loop made no progress ({before} then {total})"
-        );
-        let failures = self.failures.lock().unwrap();
-        assert!(
-            failures.is_empty(),
-            "failed requests: {failures:?}\nagent:\n{}",
-            lab.node.agent.as_ref().unwrap().log_text()
-        );
-    }
+/// Stops `looper`; asserts it made progress after `before` and failed no request.
+fn finish(looper: RequestLoop, lab: &ProxyLab, before: u64) {
+    let (total, failures) = looper.stop();
+    assert!(
+        before > 0 && total > before,
+        "the loop made no progress ({before} then {total})"
+    );
+    assert!(
+        failures.is_empty(),
+        "failed requests: {failures:?}\nagent:\n{}",
+        lab.node.agent.as_ref().unwrap().log_text()
+    );
 }
 
 fn the_datapath_outlives_the_api_server_and_catches_up_when_it_returns(mode: &str) {
@@ -421,7 +371,7 @@ fn the_datapath_outlives_the_api_server_and_catches_up_when_it_returns(mode: &st
     )
     .unwrap();
     wait_answers(&lab, web, &["backend-1", "backend-2"]);
-    let looper = Loop::start(&lab, web);
+    let looper = RequestLoop::start(lab.node.pod("client"), web);
     std::thread::sleep(Duration::from_millis(500));
     let before = looper.ok();
     lab.api.stop().unwrap();
@@ -429,6 +379,15 @@ fn the_datapath_outlives_the_api_server_and_catches_up_when_it_returns(mode: &st
     assert!(
         looper.ok() > before,
         "no request went through while the API server was away"
+    );
+    let away = wait_until(Duration::from_secs(10), || {
+        lab.node
+            .seinectl_json(&["status"])
+            .is_ok_and(|s| s["api_connected"] == false)
+    });
+    assert!(
+        away.is_ok(),
+        "seinectl status does not say the API server is away"
     );
     lab.api.restart().unwrap();
     // A change made once it is back reaches the datapath: the agent watches again.
@@ -443,7 +402,7 @@ fn the_datapath_outlives_the_api_server_and_catches_up_when_it_returns(mode: &st
         ]),
     )
     .unwrap();
-    looper.finish(&lab, before);
+    finish(looper, &lab, before);
     wait_answers(&lab, web, &["backend-1", "backend-2", "backend-3"]);
 }
 
@@ -462,14 +421,14 @@ fn an_agent_restart_on_the_api_fails_no_request(mode: &str) {
     )
     .unwrap();
     wait_answers(&lab, web, &["backend-1", "backend-2", "backend-3"]);
-    let looper = Loop::start(&lab, web);
+    let looper = RequestLoop::start(lab.node.pod("client"), web);
     std::thread::sleep(Duration::from_millis(500));
     let before = looper.ok();
     lab.node.stop_agent().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     lab.node.spawn_agent().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    looper.finish(&lab, before);
+    finish(looper, &lab, before);
     wait_answers(&lab, web, &["backend-1", "backend-2", "backend-3"]);
 }
 

@@ -17,7 +17,7 @@ use std::{
 
 use md5::{Digest, Md5};
 use seine_agent::model::ServiceSpec;
-use seine_tests::{spread, stats, topology, vip, wait_until, KeepAlive, Node};
+use seine_tests::{spread, stats, topology, vip, wait_until, KeepAlive, Node, RequestLoop};
 
 const PORT: u16 = 8080;
 
@@ -465,42 +465,19 @@ fn agent_restart_during_a_request_loop_fails_no_request(mode: Mode) {
         None,
     );
     let addr = vip("10.96.0.90:80");
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-
-    let path = node.pod("client").ns.path();
-    let (s, o, f) = (stop.clone(), ok.clone(), failures.clone());
-    let looper = std::thread::spawn(move || {
-        seine_tests::enter(&path).unwrap();
-        let mut kept = KeepAlive::connect(addr).unwrap();
-        while !s.load(Ordering::SeqCst) {
-            match seine_tests::http_get(addr).and_then(|_| kept.get()) {
-                Ok(_) => {
-                    o.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(e) => f.lock().unwrap().push(format!("{e:#}")),
-            }
-        }
-    });
+    let looper = RequestLoop::start(node.pod("client"), addr);
     std::thread::sleep(Duration::from_millis(500));
-    let before = ok.load(Ordering::SeqCst);
+    let before = looper.ok();
     node.stop_agent().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     node.spawn_agent().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    looper.join().unwrap();
-    let total = ok.load(Ordering::SeqCst);
+    let (total, failures) = looper.stop();
     assert!(
         before > 0 && total > before,
         "the loop made no progress ({before} then {total})"
     );
-    assert!(
-        failures.lock().unwrap().is_empty(),
-        "failed requests: {:?}",
-        failures.lock().unwrap()
-    );
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
     let log = node.agent.as_ref().unwrap().log_text();
     assert!(log.matches("datapath loaded").count() >= 2, "{log}");
 }

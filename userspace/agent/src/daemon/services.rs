@@ -72,7 +72,7 @@ impl Proxy {
         };
         let mut table = ServiceTable::default();
         if let Some(objects) = &initial {
-            table.replace_services(objects.by_service(&node).into_iter().collect());
+            table.replace_services(objects.by_service(&node));
         }
         Proxy {
             written: !matches!(source, Source::Api(_)) && initial.is_none(),
@@ -107,8 +107,7 @@ impl Proxy {
             if watch.changed() {
                 match Objects::from_file(&watch.path) {
                     Ok(objects) => {
-                        self.table
-                            .replace_services(objects.by_service(&self.node).into_iter().collect());
+                        self.table.replace_services(objects.by_service(&self.node));
                         full = true;
                     }
                     Err(e) => {
@@ -138,7 +137,7 @@ impl Proxy {
                         keys.sort();
                         keys.dedup();
                         for key in keys {
-                            merge(&mut changes, self.table.set_service(&key, api.specs(&key)));
+                            changes.extend(self.table.set_service(&key, api.specs(&key)));
                         }
                         since.push(at);
                         // The first full state from the API: a restarted agent now removes
@@ -147,7 +146,7 @@ impl Proxy {
                     }
                     Some(Batch::Services(keys)) => {
                         for (key, at) in keys {
-                            merge(&mut changes, self.table.set_service(&key, api.specs(&key)));
+                            changes.extend(self.table.set_service(&key, api.specs(&key)));
                             since.push(at);
                         }
                     }
@@ -277,11 +276,6 @@ impl Proxy {
     pub(super) fn synced(&self) -> bool {
         self.written
     }
-}
-
-fn merge(into: &mut Changes, more: Changes) {
-    into.upserts.extend(more.upserts);
-    into.deletes.extend(more.deletes);
 }
 
 /// The frontends of the pods' host ports on this node's addresses (not loopback, pod veths or

@@ -63,6 +63,11 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         self.upserts.is_empty() && self.deletes.is_empty()
     }
+
+    pub fn extend(&mut self, more: Changes) {
+        self.upserts.extend(more.upserts);
+        self.deletes.extend(more.deletes);
+    }
 }
 
 /// What happened to one service.
@@ -79,27 +84,17 @@ pub trait Datapath {
 
     /// Makes this owner's services exactly `desired`, writing only what differs.
     fn apply(&mut self, desired: &[ServiceSpec]) -> ApplyReport {
-        let mut report = ApplyReport::default();
         let wanted: std::collections::HashSet<Frontend> =
             desired.iter().map(|s| s.frontend).collect();
-        for frontend in self.frontends() {
-            if !wanted.contains(&frontend) {
-                match self.delete(&frontend) {
-                    Ok(true) => report.deleted += 1,
-                    Ok(false) => {}
-                    Err(e) => report.failed.push(e),
-                }
-            }
-        }
-        for spec in desired {
-            match self.upsert(spec) {
-                Ok(Change::Created) => report.created += 1,
-                Ok(Change::Updated) => report.updated += 1,
-                Ok(Change::Unchanged) => report.unchanged += 1,
-                Err(e) => report.failed.push(e),
-            }
-        }
-        report
+        let deletes = self
+            .frontends()
+            .into_iter()
+            .filter(|f| !wanted.contains(f))
+            .collect();
+        self.apply_changes(&Changes {
+            upserts: desired.to_vec(),
+            deletes,
+        })
     }
 
     /// Writes only `changes`, each service atomically; the others are not touched.
@@ -202,40 +197,6 @@ fn check_ipv4(spec: &ServiceSpec) -> Result<(), DatapathError> {
 impl<T: RuleSet> Datapath for T {
     fn mode(&self) -> &'static str {
         RuleSet::mode(self)
-    }
-
-    /// The whole desired state in one transaction.
-    fn apply(&mut self, desired: &[ServiceSpec]) -> ApplyReport {
-        let mut report = ApplyReport::default();
-        let mut next = BTreeMap::new();
-        for spec in desired {
-            let spec = spec.normalized();
-            if let Err(e) = check_ipv4(&spec) {
-                report.failed.push(e);
-                continue;
-            }
-            match self.services().get(&spec.frontend) {
-                None => report.created += 1,
-                Some(old) if *old == spec => report.unchanged += 1,
-                Some(_) => report.updated += 1,
-            }
-            next.insert(spec.frontend, spec);
-        }
-        report.deleted = self
-            .services()
-            .keys()
-            .filter(|f| !next.contains_key(f))
-            .count();
-        let previous = std::mem::replace(self.services_mut(), next);
-        if let Err(e) = self.write() {
-            // The transaction is atomic: the kernel still holds the previous state.
-            *self.services_mut() = previous;
-            report.failed.push(e);
-            report.created = 0;
-            report.updated = 0;
-            report.deleted = 0;
-        }
-        report
     }
 
     /// The batch in one transaction: the rules of the services that did not change are

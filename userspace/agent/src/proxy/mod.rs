@@ -116,17 +116,13 @@ impl ServiceTable {
         changes
     }
 
-    /// Replaces every Service at once (a file read again).
-    pub fn replace_services(&mut self, services: HashMap<ServiceKey, Vec<ServiceSpec>>) {
+    /// Replaces every Service at once (a file read again); of two on one frontend, the first
+    /// holds it.
+    pub fn replace_services(&mut self, services: Vec<(ServiceKey, Vec<ServiceSpec>)>) {
         self.services.clear();
         self.holders.clear();
-        let mut keys: Vec<ServiceKey> = services.keys().cloned().collect();
-        keys.sort();
-        let mut services = services;
-        for key in keys {
-            if let Some(specs) = services.remove(&key) {
-                self.set_service(&key, specs);
-            }
+        for (key, specs) in services {
+            self.set_service(&key, specs);
         }
     }
 
