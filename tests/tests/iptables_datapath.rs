@@ -149,6 +149,38 @@ fn a_change_rewrites_only_its_own_chains() {
         node.pod("client").http_get(vip("10.96.9.2:80")).unwrap(),
         "backend-1"
     );
+
+    // A new Service, and one gone: their lines come and go alone, and the services chain keeps
+    // what else it holds (a rule with no target, which every packet passes).
+    node.ns
+        .exec(
+            "iptables-nft",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "SEINE-SERVICES",
+                "-m",
+                "comment",
+                "--comment",
+                "marker",
+            ],
+        )
+        .unwrap();
+    node.set_service(service(&node, "10.96.9.3:80/tcp", &["backend-1"]))
+        .unwrap();
+    assert_eq!(
+        node.pod("client").http_get(vip("10.96.9.3:80")).unwrap(),
+        "backend-1"
+    );
+    node.remove_service(&"10.96.9.1:80/tcp".parse().unwrap())
+        .unwrap();
+    let rules = save(&node, "nft");
+    assert!(
+        rules.contains("-A SEINE-SERVICES -m comment --comment marker\n"),
+        "{rules}"
+    );
+    assert!(!rules.contains("10.96.9.1/32"), "{rules}");
 }
 
 #[test]

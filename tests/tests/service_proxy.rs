@@ -200,6 +200,16 @@ fn services_from_the_api_are_programmed_and_follow_edits(mode: &str) {
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
+    if mode == "ebpf" {
+        // The maps' fill: the kubernetes Service's one frontend, and the share of the map it takes.
+        let services = "{map_name=\"seine_services\"}";
+        let entries = lab.metric(&format!("seine_bpf_map_entries{services}"));
+        assert_eq!(entries, Some(1.0), "{metrics}");
+        let pressure = lab
+            .metric(&format!("seine_bpf_map_pressure{services}"))
+            .unwrap_or_default();
+        assert!(pressure > 0.0 && pressure < 0.01, "{pressure}\n{metrics}");
+    }
 }
 
 fn what_kube_proxy_leaves_alone_is_not_programmed(mode: &str) {

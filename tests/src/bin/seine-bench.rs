@@ -7,6 +7,9 @@
 //!
 //! `scheduler`: see `seine_tests::scheduler_bench` (seine-scheduler against the raw bind rate).
 //!
+//! `programming`: see `seine_tests::programming_bench` (seine-agent's API-to-datapath latency
+//! against the API's own watch delivery).
+//!
 //! `lb`, for every datapath in the same run (eBPF, iptables with the legacy backend, kube-proxy's
 //! nftables mode, iptables with the nft backend): short TCP connections per second and kept-alive
 //! request latency through a service VIP versus directly to the backend pod, with 1, 1,000 and
@@ -65,9 +68,10 @@ fn main() -> ExitCode {
         "dns" => seine_tests::dns_bench::run(&json),
         "endpoints" => seine_tests::endpoints_bench::run(&json),
         "scheduler" => seine_tests::scheduler_bench::run(&json),
+        "programming" => seine_tests::programming_bench::run(&json),
         _ => {
             eprintln!(
-                "usage: seine-bench lb [--json PATH]\n       seine-bench apiserver [--json PATH]\n       seine-bench cni [--json PATH]\n       seine-bench dns [--json PATH]\n       seine-bench endpoints [--json PATH]\n       seine-bench scheduler [--json PATH]"
+                "usage: seine-bench lb [--json PATH]\n       seine-bench apiserver [--json PATH]\n       seine-bench cni [--json PATH]\n       seine-bench dns [--json PATH]\n       seine-bench endpoints [--json PATH]\n       seine-bench scheduler [--json PATH]\n       seine-bench programming [--json PATH]"
             );
             return ExitCode::from(2);
         }

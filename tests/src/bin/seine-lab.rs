@@ -2,8 +2,8 @@
 //! (etcd and seine-apiserver on 127.0.0.1 with an admin kubeconfig); two node namespaces on a
 //! shared underlay, each running seine-agent, which sets up the VXLAN overlay from the Nodes in the
 //! API server and installs seine-cni; a client pod and three backend pods on both nodes, added
-//! through the installed plugin; and one ClusterIP service programmed from Kubernetes Service and
-//! EndpointSlice objects in a file the agents watch.
+//! through the installed plugin; and one ClusterIP Service with its EndpointSlice in the API
+//! server, which the agents program (no kubelet runs the pods yet, so the slice is the lab's).
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -52,19 +52,30 @@ fn state_file() -> PathBuf {
     Path::new(STATE_DIR).join("state.json")
 }
 
-fn services_yaml(backends: &[Ipv4Addr]) -> String {
-    let endpoints: String = backends
+/// The lab's Service: no selector, since no Pod of the lab is in the API yet.
+fn web_service() -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "web", "namespace": "default"},
+           "spec": {"clusterIP": VIP,
+                    "ports": [{"name": "http", "port": 80, "targetPort": PORT, "protocol": "TCP"}]}})
+}
+
+/// The Service's EndpointSlice, managed by the lab (the EndpointSlice controller leaves it be).
+fn web_slice(backends: &[(Ipv4Addr, &str)]) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> = backends
         .iter()
-        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+        .map(|(ip, node)| {
+            json!({"addresses": [ip.to_string()], "nodeName": node,
+                   "conditions": {"ready": true, "serving": true, "terminating": false}})
+        })
         .collect();
-    format!(
-        "# The lab's Service and its EndpointSlice: edit and save, and seine-agent applies the change.\n\
-         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\n\
-         spec:\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {PORT}, protocol: TCP}}\n\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata:\n  name: web-lab\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\n\
-         addressType: IPv4\nports:\n- {{name: http, port: {PORT}, protocol: TCP}}\nendpoints:\n{endpoints}"
-    )
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "web-lab", "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": "web",
+                                   "endpointslice.kubernetes.io/managed-by": "seine-lab"}},
+           "addressType": "IPv4",
+           "ports": [{"name": "http", "port": PORT, "protocol": "TCP"}],
+           "endpoints": endpoints})
 }
 
 /// A lab node: name, namespace prefix, underlay address, pod CIDR and pods.
@@ -175,8 +186,6 @@ fn up() -> Result<()> {
     let underlay = Underlay::create(PREFIX)?;
     namespaces.push(underlay.ns.name.clone());
     let mut underlay = underlay;
-    let services = state_dir.join("services.yaml");
-    std::fs::write(&services, services_yaml(&[]))?;
     let mut nodes = Vec::new();
     for (name, prefix, ip, cidr, _) in NODES {
         println!(
@@ -209,9 +218,8 @@ fn up() -> Result<()> {
             "lab: seine-agent on {name}: VXLAN overlay, CNI plugin installed in {}",
             dir("bin")
         );
+        node.services_from_api = true;
         node.start_agent(&[
-            "--services-file",
-            &services.display().to_string(),
             "--node-name",
             name,
             "--kubeconfig",
@@ -240,11 +248,25 @@ fn up() -> Result<()> {
             println!("lab: pod {pod} on {name} at {ip} (from seine-cni)");
             if pod.starts_with("backend") {
                 node.pod_mut(pod).serve(PORT)?;
-                backends.push(ip);
+                backends.push((ip, *name));
             }
         }
     }
-    std::fs::write(&services, services_yaml(&backends))?;
+    for (collection, object) in [
+        ("/api/v1/namespaces/default/services", web_service()),
+        (
+            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+            web_slice(&backends),
+        ),
+    ] {
+        let (code, body) = apiserver.post(collection, &object)?;
+        if code != 201 {
+            bail!(
+                "creating {collection}/{}: {code} {body}",
+                object["metadata"]["name"]
+            );
+        }
+    }
 
     for node in &nodes {
         let (p, n) = node.inventory();
@@ -277,7 +299,7 @@ fn up() -> Result<()> {
         .map(|a| a.log.display().to_string())
         .unwrap_or_default();
     let apiserver_addr = apiserver.addr;
-    let remote = backends[1];
+    let remote = backends[1].0;
     // The lab outlives this process: hand the namespaces and processes over to `lab down`.
     for node in nodes {
         std::mem::forget(node);
@@ -301,7 +323,7 @@ fn up() -> Result<()> {
          \x20 cat {STATE_DIR}/node-1/net.d/10-seine.conflist        # what the agent installed\n\
          \x20 ip netns exec seinelab1-node {seinectl} bpf lb list   # the service map (node-1's pins, found by itself)\n\
          \x20 ip netns exec seinelab1-node {seinectl} bpf ct list   # conntrack after those requests\n\
-         \x20 $EDITOR {STATE_DIR}/services.yaml                  # drop an endpoint; the agents apply it\n\
+         \x20 ip netns exec seinelab1-node {seinectl} service list # Service web as node-1's datapath holds it\n\
          \x20 ip netns exec seinelab1-node curl -s 127.0.0.1:9962/metrics | grep ^seine_\n\
          \x20 tail -f {agent_log}                                # node-1's agent\n\
          \nCluster DNS (seine-dns, from the API server; Corefile {dns_corefile}):\n\
@@ -312,6 +334,7 @@ fn up() -> Result<()> {
          \nThe API server listens on https://{apiserver_addr}, with etcd behind it:\n\
          \x20 export KUBECONFIG={kubeconfig}\n\
          \x20 kubectl get nodes -o custom-columns=NAME:.metadata.name,POD-CIDR:.spec.podCIDR,VTEP:.metadata.annotations.seine\\.io/vtep-ip\n\
+         \x20 kubectl get endpointslices -l kubernetes.io/service-name=web; kubectl edit endpointslice web-lab   # drop an endpoint: the agents apply it\n\
          \x20 kubectl delete node node-2        # node-1's agent removes its route and VTEP\n\
          \x20 kubectl auth can-i list pods --as=system:kube-scheduler\n\
          \x20 kubectl create namespace team-a; kubectl get serviceaccounts,configmaps -n team-a   # default SA, kube-root-ca.crt\n\

@@ -7,7 +7,7 @@
 use std::{io, path::Path};
 
 use aya::{
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{HashMap, IterableMap as _, Map, MapData, PerCpuArray},
     programs::SchedClassifier,
     Ebpf, EbpfLoader,
 };
@@ -128,6 +128,26 @@ impl PinnedMaps {
                 })?
             },
         })
+    }
+
+    /// Each hash map's name, entries and capacity. Counting walks the keys: one syscall an entry,
+    /// fine at a scrape's pace.
+    pub fn fill(&self) -> Vec<(&'static str, usize, u32)> {
+        fn of<K: aya::Pod, V: aya::Pod>(
+            name: &'static str,
+            map: &HashMap<MapData, K, V>,
+        ) -> (&'static str, usize, u32) {
+            let capacity = map.map().info().map(|i| i.max_entries()).unwrap_or(0);
+            (name, map.keys().filter(Result::is_ok).count(), capacity)
+        }
+        vec![
+            of(MAP_SERVICES, &self.services),
+            of(MAP_SLOTS, &self.slots),
+            of(MAP_BACKENDS, &self.backends),
+            of(MAP_CT, &self.conntrack),
+            of(MAP_REVNAT, &self.revnat),
+            of(MAP_AFFINITY, &self.affinity),
+        ]
     }
 
     /// The counters summed over CPUs, indexed as `seine_common::STAT_*`.

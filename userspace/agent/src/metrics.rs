@@ -26,6 +26,11 @@ pub struct AgentMetrics {
     pub attached: Gauge,
     /// `seine_datapath_packets{outcome}`: the eBPF counters, summed over CPUs.
     pub packets: Family<Labels, Gauge>,
+    /// `seine_bpf_map_entries{map_name}`: what each eBPF map holds.
+    pub map_entries: Family<Labels, Gauge>,
+    /// `seine_bpf_map_pressure{map_name}`: entries over capacity, as Cilium's
+    /// `cilium_bpf_map_pressure` (a map at 1 refuses new entries).
+    pub map_pressure: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl AgentMetrics {
@@ -42,6 +47,8 @@ impl AgentMetrics {
             ]),
             attached: Gauge::default(),
             packets: Family::default(),
+            map_entries: Family::default(),
+            map_pressure: Family::default(),
         };
         let mode_gauge = Family::<Labels, Gauge>::default();
         mode_gauge
@@ -83,7 +90,31 @@ impl AgentMetrics {
             "Packets by datapath outcome, summed over CPUs",
             metrics.packets.clone(),
         );
+        register(
+            "seine_bpf_map_entries",
+            "Entries in each eBPF map",
+            metrics.map_entries.clone(),
+        );
+        register(
+            "seine_bpf_map_pressure",
+            "Fill of each eBPF map: entries over capacity",
+            metrics.map_pressure.clone(),
+        );
         metrics
+    }
+
+    /// Sets the map fill gauges from (map, entries, capacity).
+    pub fn map_fill(&self, fill: &[(&str, usize, u32)]) {
+        for (name, entries, capacity) in fill {
+            let labels = vec![("map_name".to_string(), name.to_string())];
+            self.map_entries.get_or_create(&labels).set(*entries as i64);
+            let pressure = if *capacity > 0 {
+                *entries as f64 / *capacity as f64
+            } else {
+                0.0
+            };
+            self.map_pressure.get_or_create(&labels).set(pressure);
+        }
     }
 
     /// Counts one reconciliation with `result` (`ok`, `error`, `invalid_input`).

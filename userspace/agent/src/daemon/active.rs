@@ -23,6 +23,10 @@ use tracing::{error, info, warn};
 
 use super::{Args, IptablesChoice, Mode};
 
+/// How often the rule modes rewrite everything even when the check finds nothing amiss
+/// (kube-proxy's FullSyncPeriod).
+const FULL_RESYNC_PERIOD: Duration = Duration::from_secs(3600);
+
 pub(super) fn cleanup(args: &Args) -> anyhow::Result<ExitCode> {
     for (_, name) in pod_interfaces(args) {
         bpf::detach(&name);
@@ -76,7 +80,10 @@ pub(super) enum Active {
     },
     Rules {
         datapath: Rules,
-        last_resync: Option<Instant>,
+        /// The last full write; `None` until the services are first written (a full write).
+        last_full: Option<Instant>,
+        /// The last check that the rules are intact.
+        last_check: Instant,
         fallback_reason: Option<String>,
     },
 }
@@ -99,6 +106,15 @@ impl Rules {
         match self {
             Rules::Iptables(d) => d.full_resync(),
             Rules::Nftables(d) => d.full_resync(),
+        }
+    }
+
+    /// Whether the rules still stand as written; nftables' table is cheap enough to rewrite at
+    /// every check instead.
+    fn intact(&self) -> Result<bool, crate::datapath::DatapathError> {
+        match self {
+            Rules::Iptables(d) => d.intact(),
+            Rules::Nftables(_) => Ok(false),
         }
     }
 }
@@ -126,9 +142,10 @@ impl Active {
         }
     }
 
-    /// Periodic work: attach to new pod interfaces and expire conntrack (eBPF), or a full resync
-    /// (iptables), once the services are `written`: before that a resync would write an empty
-    /// table over the rules an earlier agent left.
+    /// Periodic work: attach to new pod interfaces and expire conntrack (eBPF), or check the
+    /// rules and repair them with a full resync (iptables, nftables), once the services are
+    /// `written`: before that a resync would write an empty table over the rules an earlier
+    /// agent left. A full resync also runs hourly regardless, as kube-proxy's.
     pub(super) fn tick(&mut self, args: &Args, metrics: &AgentMetrics, written: bool) {
         match self {
             Active::Ebpf {
@@ -150,13 +167,34 @@ impl Active {
             }
             Active::Rules {
                 datapath,
-                last_resync,
+                last_full,
+                last_check,
                 ..
             } => {
-                let period = Duration::from_secs(args.iptables_resync_seconds);
-                if written && last_resync.is_none_or(|t| t.elapsed() > period) {
-                    *last_resync = Some(Instant::now());
+                if !written {
+                    return;
+                }
+                // The first write of the services was a full one.
+                let Some(full) = *last_full else {
+                    *last_full = Some(Instant::now());
+                    *last_check = Instant::now();
+                    return;
+                };
+                if last_check.elapsed() < Duration::from_secs(args.iptables_resync_seconds) {
+                    return;
+                }
+                *last_check = Instant::now();
+                let broken = match datapath.intact() {
+                    Ok(intact) => !intact,
+                    Err(e) => {
+                        warn!("checking the rules: {e}");
+                        true
+                    }
+                };
+                if broken || full.elapsed() > FULL_RESYNC_PERIOD {
+                    *last_full = Some(Instant::now());
                     match datapath.full_resync() {
+                        Ok(()) if broken => info!("rules repaired by a full resync"),
                         Ok(()) => tracing::debug!("full resync done"),
                         Err(e) => error!("full resync: {e}"),
                     }
@@ -274,7 +312,8 @@ pub(super) fn start_rules(args: &Args, fallback_reason: Option<String>) -> anyho
     };
     Ok(Active::Rules {
         datapath,
-        last_resync: None,
+        last_full: None,
+        last_check: Instant::now(),
         fallback_reason,
     })
 }

@@ -30,7 +30,8 @@ pub struct Args {
     /// iptables backend, for the iptables datapath and for cleanup.
     #[arg(long, value_enum, default_value_t = IptablesChoice::Auto)]
     pub iptables_backend: IptablesChoice,
-    /// Seconds between full iptables resyncs, which repair rules removed by someone else.
+    /// Seconds between checks that the rules (iptables, nftables) still stand; a full resync
+    /// repairs what someone else removed. One runs hourly regardless.
     #[arg(long, default_value_t = 30)]
     pub iptables_resync_seconds: u64,
     /// Address of /healthz, /livez, /readyz and /metrics (kube-proxy's health port).

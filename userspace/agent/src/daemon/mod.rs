@@ -224,6 +224,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let api = shared.api.clone();
     loop {
+        let due_in = proxy.due_in();
         let stopped = runtime.block_on(async {
             let changed = async {
                 match &api {
@@ -231,9 +232,17 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                     None => std::future::pending().await,
                 }
             };
+            // Changes held back by --min-sync-period go out when it ends, not at the next tick.
+            let due = async {
+                match due_in {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tick.tick() => false,
                 _ = changed => false,
+                _ = due => false,
                 _ = shutdown.cancelled() => true,
             }
         });
@@ -292,5 +301,6 @@ impl health::Probes for Shared {
                     .set(value as i64);
             }
         }
+        self.metrics.map_fill(&maps.fill());
     }
 }

@@ -53,6 +53,9 @@ pub(super) struct Proxy {
     recorded: Option<Instant>,
     /// The API connection state the record last gave.
     recorded_connected: Option<bool>,
+    /// The thread writing the record: 10,000 services make tens of milliseconds of JSON, which
+    /// the next change should not wait for.
+    record_writer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// How often at most the record for seinectl is written while changes come.
@@ -86,6 +89,7 @@ impl Proxy {
             record_due: true,
             recorded: None,
             recorded_connected: None,
+            record_writer: None,
         }
     }
 
@@ -96,7 +100,12 @@ impl Proxy {
         if let Source::Api(api) = &self.source {
             self.record_due |= self.recorded_connected != Some(api.connected());
         }
-        if self.record_due && self.recorded.is_none_or(|t| t.elapsed() >= RECORD_EVERY) {
+        let writing = self
+            .record_writer
+            .as_ref()
+            .is_some_and(|w| !w.is_finished());
+        if self.record_due && !writing && self.recorded.is_none_or(|t| t.elapsed() >= RECORD_EVERY)
+        {
             self.write_record(args);
         }
     }
@@ -188,7 +197,9 @@ impl Proxy {
         let start = Instant::now();
         let report = write(datapath);
         let elapsed = start.elapsed();
-        self.last_write = Some(Instant::now());
+        // Start to start, as kube-proxy's --min-sync-period: a write that takes longer than
+        // the period is followed by the next at once.
+        self.last_write = Some(start);
         self.record_due = true;
         metrics.sync_seconds.observe(elapsed.as_secs_f64());
         metrics.services.set(datapath.frontends().len() as i64);
@@ -234,17 +245,11 @@ impl Proxy {
             Source::Nothing => ("none", None),
         };
         self.recorded_connected = connected;
-        let services: Vec<serde_json::Value> = self
+        let services: Vec<_> = self
             .table
             .record()
             .into_iter()
-            .map(|(key, spec)| {
-                serde_json::json!({
-                    "service": key.map(|(ns, name)| format!("{ns}/{name}")),
-                    "frontend": spec.frontend.to_string(),
-                    "backends": spec.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                })
-            })
+            .map(|(key, spec)| (key.cloned(), spec))
             .collect();
         let last_sync = self
             .last_ok
@@ -253,23 +258,51 @@ impl Proxy {
                 t.round(k8s_openapi::jiff::Unit::Second)
                     .map_or_else(|_| t.to_string(), |t| t.to_string())
             });
-        let record = serde_json::json!({
-            "source": source,
-            "api_connected": connected,
-            "synced": self.written,
-            "last_sync": last_sync,
-            "services": services,
-        });
+        let synced = self.written;
         let path = bpf::proxy_path(&args.bpffs_dir);
-        let tmp = path.with_extension("tmp");
-        let written = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&tmp, record.to_string()))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            warn!("writing {}: {e}", path.display());
+        self.record_writer = Some(std::thread::spawn(move || {
+            let services: Vec<serde_json::Value> = services
+                .into_iter()
+                .map(|(key, spec)| {
+                    serde_json::json!({
+                        "service": key.map(|(ns, name)| format!("{ns}/{name}")),
+                        "frontend": spec.frontend.to_string(),
+                        "backends": spec.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            let record = serde_json::json!({
+                "source": source,
+                "api_connected": connected,
+                "synced": synced,
+                "last_sync": last_sync,
+                "services": services,
+            });
+            let tmp = path.with_extension("tmp");
+            let written = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&tmp, record.to_string()))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                warn!("writing {}: {e}", path.display());
+            }
+        }));
+    }
+
+    /// How long until the API's waiting changes may be written (`--min-sync-period`), when
+    /// some wait.
+    pub(super) fn due_in(&self) -> Option<Duration> {
+        let Source::Api(api) = &self.source else {
+            return None;
+        };
+        // Before the first lists nothing is written: waking for it would spin.
+        if !api.listed() {
+            return None;
         }
+        api.pending_since()?;
+        let since = self.last_write?.elapsed();
+        Some(self.min_sync.saturating_sub(since))
     }
 
     /// Whether the source's state is written, for readiness: the API's needs its first lists.
