@@ -134,7 +134,21 @@ fn slices_and_endpoints_follow_pods() {
     });
     let s = slices(&api, "web");
     assert_eq!(s.len(), 2, "at most 3 endpoints a slice: {s:#?}");
+    let (_, service) = api.get("/api/v1/namespaces/default/services/web").unwrap();
+    let time = |v: &Value| -> k8s_openapi::jiff::Timestamp {
+        v.as_str().unwrap_or_default().parse().unwrap()
+    };
+    let created = time(&service["metadata"]["creationTimestamp"]);
     for slice in &s {
+        // When the change behind the write happened, for the proxies' programming latency: no
+        // earlier than the Service, and no later than now.
+        let trigger = time(
+            &slice["metadata"]["annotations"]["endpoints.kubernetes.io/last-change-trigger-time"],
+        );
+        assert!(
+            trigger >= created && trigger <= k8s_openapi::jiff::Timestamp::now(),
+            "{slice:#}"
+        );
         assert_eq!(slice["addressType"], "IPv4");
         assert_eq!(
             slice["ports"],

@@ -47,6 +47,8 @@ use crate::{
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+/// The annotation that says when the change behind a slice's write happened.
+pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 pub const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
 const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// The legacy Endpoints object holds at most this many addresses (as in Kubernetes).
@@ -435,7 +437,18 @@ async fn sync(ctx: &Ctx, key: &Key) -> anyhow::Result<Synced> {
         let (name, version) = (written.name_any(), version(&written.metadata));
         expect(ctx, key, Expect::Slice { name, version });
     };
-    for slice in plan.update {
+    let trigger = trigger_time(&service, &pods);
+    let stamp = |mut slice: EndpointSlice| {
+        if let Some(at) = &trigger {
+            slice
+                .metadata
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(TRIGGER_TIME.into(), at.clone());
+        }
+        slice
+    };
+    for slice in plan.update.into_iter().map(stamp) {
         let name = slice.name_any();
         wrote(
             slice_api
@@ -444,7 +457,7 @@ async fn sync(ctx: &Ctx, key: &Key) -> anyhow::Result<Synced> {
             "update",
         );
     }
-    for slice in plan.create {
+    for slice in plan.create.into_iter().map(stamp) {
         wrote(
             slice_api.create(&PostParams::default(), &slice).await?,
             "create",
@@ -504,6 +517,28 @@ struct Desired {
     ports: Vec<EndpointPort>,
     terminating: bool,
     ready: bool,
+}
+
+/// When the change a write of `service`'s slices answers happened: the latest of the Service's
+/// creation and its pods' readiness flips (or creation, for a pod not yet flipped), in RFC 3339
+/// with nanoseconds. The agents measure network programming latency from it. Kubernetes keeps
+/// the earliest change not yet written instead; the latest is that one whenever one change
+/// triggers the write, and without state to keep.
+fn trigger_time(service: &Service, pods: &[Arc<Pod>]) -> Option<String> {
+    let ready_since = |pod: &Pod| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .and_then(|c| c.last_transition_time.clone())
+            .or_else(|| pod.metadata.creation_timestamp.clone())
+    };
+    pods.iter()
+        .filter_map(|p| ready_since(p))
+        .chain(service.metadata.creation_timestamp.clone())
+        .map(|t| t.0)
+        .max()
+        .map(|t| t.to_string())
 }
 
 fn pod_ready(pod: &Pod) -> bool {

@@ -3,6 +3,7 @@
 //! Every implementation updates one service at a time as a transaction: either the whole new backend
 //! set is visible or the old one still is.
 
+mod conntrack;
 pub mod ebpf;
 pub mod iptables;
 pub mod nftables;

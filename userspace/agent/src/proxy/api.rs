@@ -83,6 +83,23 @@ struct Pending {
     services: HashMap<ServiceKey, Instant>,
     /// Every Service (after a relist, or the node's zone changed), since when.
     all: Option<Instant>,
+    /// The earliest change behind each pending Service's slices, as the EndpointSlice
+    /// controller stamps it (`endpoints.kubernetes.io/last-change-trigger-time`): where
+    /// network programming latency starts. Health goes by `services`, when the agent heard.
+    triggers: HashMap<ServiceKey, Instant>,
+}
+
+/// The annotation the EndpointSlice controller stamps on the slices it writes.
+pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// When `slice`'s trigger happened, on this clock; none without one, or one in the future.
+fn trigger_instant(slice: &EndpointSlice) -> Option<Instant> {
+    let stamp = slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME)?;
+    let stamp: k8s_openapi::jiff::Timestamp = stamp.parse().ok()?;
+    let age = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::from(stamp))
+        .ok()?;
+    Instant::now().checked_sub(age)
 }
 
 /// What the proxy takes: the Services to write again, with when each change came.
@@ -186,10 +203,23 @@ impl ApiSource {
     }
 
     fn mark(&self, services: impl IntoIterator<Item = ServiceKey>) {
+        self.mark_triggered(services, None);
+    }
+
+    /// Marks `services` pending, their change triggered at `trigger` when the slice says.
+    fn mark_triggered(
+        &self,
+        services: impl IntoIterator<Item = ServiceKey>,
+        trigger: Option<Instant>,
+    ) {
         let now = Instant::now();
         let mut pending = lock(&self.pending);
         let mut marked = false;
         for key in services {
+            if let Some(at) = trigger {
+                let earliest = pending.triggers.entry(key.clone()).or_insert(at);
+                *earliest = (*earliest).min(at);
+            }
             pending.services.entry(key).or_insert(now);
             marked = true;
         }
@@ -227,7 +257,7 @@ impl ApiSource {
             Ok(watcher::Event::Apply(slice)) => {
                 let owner = translate::slice_service(&slice);
                 let before = lock(&self.index).insert(slice_key(&slice), owner.clone());
-                self.mark(owner.into_iter().chain(before));
+                self.mark_triggered(owner.into_iter().chain(before), trigger_instant(&slice));
             }
             Ok(watcher::Event::Delete(slice)) => {
                 let before = lock(&self.index).remove(&slice_key(&slice));
@@ -300,6 +330,7 @@ impl ApiSource {
             return None;
         }
         let mut pending = lock(&self.pending);
+        let triggers = std::mem::take(&mut pending.triggers);
         if let Some(since) = pending.all.take() {
             let oldest = pending
                 .services
@@ -312,7 +343,15 @@ impl ApiSource {
         if pending.services.is_empty() {
             return None;
         }
-        Some(Batch::Services(pending.services.drain().collect()))
+        let batch = pending
+            .services
+            .drain()
+            .map(|(key, heard)| {
+                let at = triggers.get(&key).map_or(heard, |t| (*t).min(heard));
+                (key, at)
+            })
+            .collect();
+        Some(Batch::Services(batch))
     }
 
     /// Every Service the stores hold, and every one a slice names.
@@ -372,6 +411,26 @@ mod tests {
 
     fn key(ns: &str, name: &str) -> (String, String) {
         (ns.to_string(), name.to_string())
+    }
+
+    fn stamped(stamp: &str) -> EndpointSlice {
+        let mut slice = EndpointSlice::default();
+        slice.metadata.annotations = Some([(TRIGGER_TIME.to_string(), stamp.to_string())].into());
+        slice
+    }
+
+    #[test]
+    fn programming_latency_starts_at_the_slices_trigger_time() {
+        let two_seconds_ago =
+            k8s_openapi::jiff::Timestamp::now() - std::time::Duration::from_secs(2);
+        let at = trigger_instant(&stamped(&two_seconds_ago.to_string())).unwrap();
+        let age = at.elapsed().as_secs_f64();
+        assert!((2.0..3.0).contains(&age), "{age}");
+        // No stamp, a bad one, or one from a clock ahead of ours: the watch event's time.
+        assert!(trigger_instant(&EndpointSlice::default()).is_none());
+        assert!(trigger_instant(&stamped("yesterday")).is_none());
+        let ahead = k8s_openapi::jiff::Timestamp::now() + std::time::Duration::from_secs(60);
+        assert!(trigger_instant(&stamped(&ahead.to_string())).is_none());
     }
 
     #[test]
