@@ -35,7 +35,6 @@ use serde_json::{json, Value};
 use crate::{
     apiserver::ApiServer,
     dns::{dig, kubeadm_corefile, DnsPorts, Knot, SeineDns},
-    etcd::Etcd,
     stats::quantile,
 };
 
@@ -203,14 +202,9 @@ fn ns_of(i: usize) -> String {
 }
 
 pub fn run(json_path: &Path) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let etcd = Etcd::start()?;
-    let api = ApiServer::start(&etcd)?;
     let dir = std::env::temp_dir().join(crate::unique_prefix("dns-bench"));
     std::fs::create_dir_all(&dir)?;
-    let result = runtime.block_on(bench(&api, &dir, json_path));
+    let result = crate::on_api_server(async |api| bench(api, &dir, json_path).await);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

@@ -27,9 +27,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::{
-    apiserver::ApiServer, controllers::Daemon, dns_bench::create_all, etcd::Etcd, stats::quantile,
-};
+use crate::{apiserver::ApiServer, controllers::Daemon, dns_bench::create_all, stats::quantile};
 
 const SERVICES: usize = 1_000;
 const SAMPLES: usize = 400;
@@ -37,12 +35,7 @@ const PACE: Duration = Duration::from_millis(25);
 const NS: &str = "bench";
 
 pub fn run(json_path: &Path) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let etcd = Etcd::start()?;
-    let api = ApiServer::start(&etcd)?;
-    runtime.block_on(bench(&api, json_path))
+    crate::on_api_server(async |api| bench(api, json_path).await)
 }
 
 fn ip(i: usize) -> String {

@@ -104,6 +104,17 @@ pub fn bin(name: &str) -> Result<PathBuf> {
 
 /// Writes a benchmark's JSON report to `path` whole (through a temporary file and a rename),
 /// creating its directory.
+/// The frame of the benchmarks on a control plane: a runtime, etcd and seine-apiserver (both
+/// stopped after `bench`), and `bench` run on them.
+pub fn on_api_server(bench: impl AsyncFnOnce(&apiserver::ApiServer) -> Result<()>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let etcd = etcd::Etcd::start()?;
+    let api = apiserver::ApiServer::start(&etcd)?;
+    runtime.block_on(bench(&api))
+}
+
 pub fn write_report(path: &Path, report: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

@@ -44,7 +44,6 @@ use crate::{
     apiserver::ApiServer,
     cni::Relay,
     dns_bench::create_all,
-    etcd::Etcd,
     nft_monitor::{NatTable, NftMonitor},
     proxy::MANAGED_BY,
     stats::quantile,
@@ -325,12 +324,7 @@ struct Figures {
 }
 
 pub fn run(json_path: &Path) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let etcd = Etcd::start()?;
-    let api = ApiServer::start(&etcd)?;
-    runtime.block_on(bench(&api, json_path))
+    crate::on_api_server(async |api| bench(api, json_path).await)
 }
 
 /// What the API holds: each Service's VIP and endpoint count, and the next endpoint address.

@@ -31,7 +31,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::{apiserver::ApiServer, controllers::Daemon, etcd::Etcd, sh};
+use crate::{apiserver::ApiServer, controllers::Daemon, sh};
 
 const NODES: usize = 100;
 const PODS: usize = 1_000;
@@ -181,12 +181,7 @@ impl Drop for Paused {
 }
 
 pub fn run(json_path: &Path) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let etcd = Etcd::start()?;
-    let api = ApiServer::start(&etcd)?;
-    runtime.block_on(bench(&api, json_path))
+    crate::on_api_server(async |api| bench(api, json_path).await)
 }
 
 /// One round of one phase.

@@ -225,8 +225,6 @@ impl IptablesDatapath {
         }
         let mut payload = Payload::default();
         let mut updates: BTreeMap<Frontend, Option<(ServiceSpec, ServiceRules)>> = BTreeMap::new();
-        // Frontends that begin translating with this write (they had no endpoints, or no rules).
-        let mut opened = Vec::new();
         for f in &changed {
             let old = self.written.get(f).map(|(_, rules)| rules);
             let new = self
@@ -251,10 +249,6 @@ impl IptablesDatapath {
             // The service's line in a services chain changes alone: rewriting the chain would
             // cost ten thousand rules out and in (0.6 s on the nft backend) for one.
             let (old_line, new_line) = (old.map(|r| &r.dispatch), new_rules.map(|r| &r.dispatch));
-            let translates = |line: Option<&(&str, String)>| line.is_some_and(|(t, _)| *t == "nat");
-            if translates(new_line) && !translates(old_line) {
-                opened.push(*f);
-            }
             if old_line != new_line {
                 if let Some((table, line)) = old_line {
                     payload.remove_rule(table, SERVICES, line);
@@ -276,7 +270,6 @@ impl IptablesDatapath {
                 None => self.written.remove(&f),
             };
         }
-        super::conntrack::clear_untranslated(&opened);
         Ok(())
     }
 

@@ -188,6 +188,12 @@ pub(crate) fn run_with_input(program: &str, args: &[&str], input: &str) -> Resul
     Ok(())
 }
 
+/// Whether the rules of `spec` translate its traffic (it has endpoints to send it to): a
+/// frontend that starts to leaves untranslated flows behind (see `conntrack`).
+fn translates(spec: Option<&ServiceSpec>) -> bool {
+    spec.is_some_and(|s| !usable_backends(s).is_empty())
+}
+
 fn check_ipv4(spec: &ServiceSpec) -> Result<(), DatapathError> {
     if spec.frontend.ip.is_ipv6() || spec.backends.iter().any(|b| b.ip.is_ipv6()) {
         return Err(DatapathError::Ipv6(spec.frontend));
@@ -232,7 +238,15 @@ impl<T: RuleSet> Datapath for T {
             report.created = 0;
             report.updated = 0;
             report.deleted = 0;
+            return report;
         }
+        let opened: Vec<Frontend> = changes
+            .upserts
+            .iter()
+            .map(|s| s.frontend)
+            .filter(|f| translates(self.services().get(f)) && !translates(previous.get(f)))
+            .collect();
+        conntrack::clear_untranslated(&opened);
         report
     }
 
@@ -251,6 +265,9 @@ impl<T: RuleSet> Datapath for T {
                 None => self.services_mut().remove(&spec.frontend),
             };
             return Err(e);
+        }
+        if translates(Some(&spec)) && !translates(previous.as_ref()) {
+            conntrack::clear_untranslated(&[spec.frontend]);
         }
         Ok(change)
     }

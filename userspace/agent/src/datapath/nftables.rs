@@ -157,14 +157,6 @@ impl NftablesDatapath {
                 .collect()
         };
         let (old, new) = (subset(&written.services), subset(&self.services));
-        // Frontends that begin translating with this write (they had no endpoints, or no rules).
-        let translates =
-            |spec: Option<&ServiceSpec>| spec.is_some_and(|s| !usable_backends(s).is_empty());
-        let opened: Vec<Frontend> = changed
-            .iter()
-            .filter(|f| translates(new.get(f)) && !translates(old.get(f)))
-            .copied()
-            .collect();
         let (mut old_r, mut new_r) = (render(&old), render(&new));
         // A hairpin element goes or comes only with its last or first user, which `Uses`
         // tells; on failure the counts are put back as the kernel still has them.
@@ -184,7 +176,6 @@ impl NftablesDatapath {
                 None => written.services.remove(f),
             };
         }
-        super::conntrack::clear_untranslated(&opened);
         Ok(())
     }
 
