@@ -52,7 +52,8 @@ pub async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
 
 pub async fn version() -> Json<Value> {
     Json(json!({
-        "major": "1", "minor": "32", "gitVersion": "v1.32.0-seine",
+        "major": "1", "minor": seine_component_base::KUBERNETES_MINOR,
+        "gitVersion": seine_component_base::KUBERNETES_VERSION,
         "gitCommit": "", "gitTreeState": "clean", "buildDate": "",
         "goVersion": "", "compiler": "rustc", "platform": "linux/amd64"
     }))

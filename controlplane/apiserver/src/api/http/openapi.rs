@@ -130,7 +130,7 @@ impl OpenApi {
             }
             let document = json!({
                 "openapi": "3.0.0",
-                "info": {"title": "Kubernetes", "version": "v1.32.0-seine"},
+                "info": {"title": "Kubernetes", "version": seine_component_base::KUBERNETES_VERSION},
                 "paths": paths,
                 "components": {"schemas": schemas},
             });
