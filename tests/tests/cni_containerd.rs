@@ -6,10 +6,8 @@ use std::net::Ipv4Addr;
 
 use seine_tests::{
     bin,
-    cni::{
-        allocated, plugin_config, seine_veths, standalone_conflist, standalone_node, CniDirs,
-        Containerd,
-    },
+    cni::{allocated, plugin_config, seine_veths, standalone_conflist, standalone_node, CniDirs},
+    containerd::Containerd,
 };
 
 #[test]

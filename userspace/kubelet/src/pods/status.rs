@@ -312,6 +312,17 @@ pub fn pod_status(view: &PodView) -> PodStatus {
             view.now,
         ),
     ];
+    // A pod on the node is scheduled, however it got here (the kubelet says so too).
+    if !previous.iter().any(|c| c.type_ == "PodScheduled") {
+        conditions.push(condition(
+            &previous,
+            "PodScheduled",
+            true,
+            None,
+            None,
+            view.now,
+        ));
+    }
     // Conditions of others (PodScheduled, DisruptionTarget, readiness gates) stay.
     let ours = [
         "PodReadyToStartContainers",
