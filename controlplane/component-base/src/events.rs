@@ -19,14 +19,17 @@ use tracing::warn;
 /// How many distinct events a recorder remembers for aggregation.
 const REMEMBERED: usize = 4096;
 
+/// (object uid, reason, message): what makes an Event a repeat.
+type EventKey = (String, String, String);
+
 /// Records Events for one component (and host, for the kubelet). Cheap to clone.
 #[derive(Clone)]
 pub struct Recorder {
     client: Client,
     component: String,
     host: Option<String>,
-    /// (object uid, reason, message) -> (event name, count).
-    seen: Arc<Mutex<HashMap<(String, String, String), (String, i32)>>>,
+    /// The Event written for a key, and its count.
+    seen: Arc<Mutex<HashMap<EventKey, (String, i32)>>>,
 }
 
 impl Recorder {

@@ -5,7 +5,7 @@
 use std::{collections::HashMap, path::Path};
 
 use k8s_cri::v1 as cri;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Container, ObjectReference, Pod, PodSpec};
 use seine_apimachinery::quantity::milli_value;
 
 use crate::Config;
@@ -16,6 +16,20 @@ pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
 pub const LABEL_CONTAINER_NAME: &str = "io.kubernetes.container.name";
 /// The restart count of a container instance, kept on it so that a restarted kubelet counts on.
 pub const ANNOTATION_RESTART_COUNT: &str = "io.kubernetes.container.restartCount";
+
+/// The pod (or one of its containers) as the object of an Event.
+pub fn pod_ref(pod: &Pod, container: Option<&str>) -> ObjectReference {
+    let (name, namespace, uid) = identity(pod);
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name),
+        namespace: Some(namespace),
+        uid: Some(uid),
+        resource_version: pod.metadata.resource_version.clone(),
+        field_path: container.map(|c| format!("spec.containers{{{c}}}")),
+    }
+}
 
 /// The pod's name, namespace and UID (the API server sets all three).
 pub fn identity(pod: &Pod) -> (String, String, String) {
@@ -191,7 +205,7 @@ pub fn sandbox_config(
                     .containers
                     .iter()
                     .chain(spec.init_containers.iter().flatten())
-                    .any(|c| privileged(c)),
+                    .any(privileged),
                 ..Default::default()
             }),
             ..Default::default()

@@ -5,8 +5,10 @@
 
 pub mod config;
 pub mod env;
+mod hosts;
 pub mod probe;
 pub mod status;
+mod terminate;
 pub mod volumes;
 pub mod worker;
 
@@ -144,7 +146,7 @@ async fn sweep_orphans(ctx: &Arc<Context>, workers: &HashMap<String, Handle>) {
             uid,
             "removing the sandboxes of a pod this node no longer runs"
         );
-        worker::terminate(ctx, &uid, None, Duration::from_secs(2)).await;
+        terminate::terminate(ctx, &uid, None, Duration::from_secs(2)).await;
         volumes::tear_down(&ctx.config.root_dir, &uid);
     }
 }

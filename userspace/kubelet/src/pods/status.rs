@@ -252,10 +252,10 @@ pub fn pod_status(view: &PodView) -> PodStatus {
             .collect::<Vec<_>>()
     };
     let incomplete = names(&init, &|c| {
-        !c.state
+        c.state
             .as_ref()
             .and_then(|s| s.terminated.as_ref())
-            .is_some_and(|t| t.exit_code == 0)
+            .is_none_or(|t| t.exit_code != 0)
     });
     let terminal = phase == "Succeeded" || phase == "Failed";
     let unready = names(&containers, &|c| !c.ready);

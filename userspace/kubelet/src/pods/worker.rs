@@ -12,7 +12,7 @@ use std::{
 
 use k8s_cri::v1 as cri;
 use k8s_openapi::{
-    api::core::v1::{Container, ObjectReference, Pod},
+    api::core::v1::{Container, Pod},
     jiff::Timestamp,
 };
 use kube::{
@@ -25,10 +25,12 @@ use tracing::{debug, info, warn};
 
 use super::{
     config::{
-        self as podconfig, identity, ANNOTATION_RESTART_COUNT, LABEL_CONTAINER_NAME, LABEL_POD_UID,
+        self as podconfig, identity, pod_ref, ANNOTATION_RESTART_COUNT, LABEL_CONTAINER_NAME,
+        LABEL_POD_UID,
     },
-    env, probe,
+    env, hosts, probe,
     status::{self, ContainerView, PodView},
+    terminate::terminate,
     volumes, Context,
 };
 
@@ -101,19 +103,6 @@ pub struct Worker {
     wake: Arc<Notify>,
     adopted: bool,
     terminal: bool,
-}
-
-pub fn pod_ref(pod: &Pod, container: Option<&str>) -> ObjectReference {
-    let (name, namespace, uid) = identity(pod);
-    ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Pod".into()),
-        name: Some(name),
-        namespace: Some(namespace),
-        uid: Some(uid),
-        resource_version: pod.metadata.resource_version.clone(),
-        field_path: container.map(|c| format!("spec.containers{{{c}}}")),
-    }
 }
 
 fn next_backoff(current: Option<Duration>) -> Duration {
@@ -775,7 +764,12 @@ impl Worker {
         let envs = env::environment(&self.ctx.client, &pod, container).await?;
         let volumes = self.volumes.clone().unwrap_or_default();
         let mut mounts = volumes::mounts(container, &volumes)?;
-        if let Some(hosts) = self.etc_hosts()? {
+        let ips = self
+            .sandbox
+            .as_ref()
+            .map(|s| s.ips.clone())
+            .unwrap_or_default();
+        if let Some(hosts) = hosts::write(&self.pod, &ips, &self.ctx.config)? {
             if !mounts.iter().any(|m| m.container_path == "/etc/hosts") {
                 mounts.push(cri::Mount {
                     container_path: "/etc/hosts".into(),
@@ -839,43 +833,6 @@ impl Worker {
             }),
             ..Default::default()
         })
-    }
-
-    /// The pod's /etc/hosts (not for host-network pods, which see the node's).
-    fn etc_hosts(&self) -> Result<Option<PathBuf>, String> {
-        let spec = self.pod.spec.clone().unwrap_or_default();
-        if spec.host_network.unwrap_or(false) {
-            return Ok(None);
-        }
-        let (name, _, _) = identity(&self.pod);
-        let hostname = spec.hostname.clone().unwrap_or(name);
-        let mut text = String::from(
-            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
-             fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
-        );
-        for ip in self.sandbox.iter().flat_map(|s| s.ips.iter()) {
-            let fqdn = spec.subdomain.as_ref().map(|sub| {
-                let (_, namespace, _) = identity(&self.pod);
-                format!(
-                    "{hostname}.{sub}.{namespace}.svc.{}\t",
-                    self.ctx.config.cluster_domain
-                )
-            });
-            text.push_str(&format!("{ip}\t{}{hostname}\n", fqdn.unwrap_or_default()));
-        }
-        for alias in spec.host_aliases.iter().flatten() {
-            text.push_str(&format!(
-                "{}\t{}\n",
-                alias.ip,
-                alias.hostnames.clone().unwrap_or_default().join("\t")
-            ));
-        }
-        let path = volumes::pod_dir(&self.ctx.config.root_dir, &self.pod).join("etc-hosts");
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        }
-        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
-        Ok(Some(path))
     }
 
     fn views(&self, containers: &[Container]) -> Vec<ContainerView> {
@@ -980,100 +937,6 @@ fn sandbox_ips(status: &Option<cri::PodSandboxStatus>) -> Vec<String> {
         .chain(network.additional_ips.iter().map(|p| p.ip.clone()))
         .filter(|ip| !ip.is_empty())
         .collect()
-}
-
-/// Stops and removes everything of the pod `uid` on the node: running containers get their
-/// preStop hook and `grace` to exit, then the sandboxes go (the CNI DEL with them).
-pub async fn terminate(ctx: &Context, uid: &str, pod: Option<&Pod>, grace: Duration) {
-    let runtime = &ctx.runtime;
-    let sandboxes = match runtime
-        .sandboxes(HashMap::from([(
-            LABEL_POD_UID.to_string(),
-            uid.to_string(),
-        )]))
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(uid, "listing the pod's sandboxes: {e}");
-            return;
-        }
-    };
-    let mut containers = Vec::new();
-    for sandbox in &sandboxes {
-        match runtime.containers(&sandbox.id).await {
-            Ok(list) => containers.extend(list),
-            Err(e) => warn!(sandbox = %sandbox.id, "listing containers: {e}"),
-        }
-    }
-    let specs: Vec<Container> = pod
-        .and_then(|p| p.spec.clone())
-        .map(|s| {
-            s.containers
-                .into_iter()
-                .chain(s.init_containers.unwrap_or_default())
-                .collect()
-        })
-        .unwrap_or_default();
-    let stops = containers
-        .iter()
-        .filter(|c| c.state == cri::ContainerState::ContainerRunning as i32)
-        .map(|c| {
-            let name = c
-                .labels
-                .get(LABEL_CONTAINER_NAME)
-                .cloned()
-                .unwrap_or_default();
-            let spec = specs.iter().find(|s| s.name == name).cloned();
-            async move {
-                let begun = Instant::now();
-                if let Some(command) = spec
-                    .as_ref()
-                    .and_then(|s| s.lifecycle.as_ref())
-                    .and_then(|l| l.pre_stop.as_ref())
-                    .and_then(|h| h.exec.as_ref())
-                    .and_then(|e| e.command.clone())
-                {
-                    if let Err(e) = runtime
-                        .exec_sync(&c.id, command, grace.max(Duration::from_secs(1)))
-                        .await
-                    {
-                        warn!(container = %name, "preStop hook: {e}");
-                    }
-                }
-                if let Some(pod) = pod {
-                    ctx.recorder
-                        .normal(
-                            &pod_ref(pod, Some(&name)),
-                            "Killing",
-                            &format!("Stopping container {name}"),
-                        )
-                        .await;
-                }
-                let left = grace.saturating_sub(begun.elapsed());
-                if let Err(e) = runtime.stop_container(&c.id, left).await {
-                    warn!(container = %name, "stopping: {e}");
-                }
-            }
-        });
-    futures::future::join_all(stops).await;
-    for sandbox in &sandboxes {
-        if let Err(e) = runtime.stop_sandbox(&sandbox.id).await {
-            warn!(sandbox = %sandbox.id, "stopping the sandbox: {e}");
-        }
-    }
-    for c in &containers {
-        if let Err(e) = runtime.remove_container(&c.id).await {
-            if !e.not_found() {
-                warn!(container = %c.id, "removing: {e}");
-            }
-        }
-    }
-    for sandbox in &sandboxes {
-        if let Err(e) = runtime.remove_sandbox(&sandbox.id).await {
-            warn!(sandbox = %sandbox.id, "removing the sandbox: {e}");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -86,7 +86,7 @@ impl Strategy for Pods {
                     .sum();
                 vec![
                     json!(format!("{ready}/{total}")),
-                    json!(o["status"]["phase"].as_str().unwrap_or("Pending")),
+                    json!(pod_status_reason(o)),
                     json!(restarts.to_string()),
                 ]
             },
@@ -107,6 +107,86 @@ impl Strategy for Pods {
             ..Printer::NAME_AGE
         }
     }
+}
+
+/// The STATUS column as kubectl's pod printer words it: the phase, or what holds the pod up
+/// (`Init:0/2`, `Init:CrashLoopBackOff`, `CrashLoopBackOff`, `ErrImagePull`, `Completed`...),
+/// `Terminating` while it is being deleted.
+fn pod_status_reason(o: &Value) -> String {
+    let status = &o["status"];
+    let mut reason = status["reason"]
+        .as_str()
+        .or(status["phase"].as_str())
+        .unwrap_or("Pending")
+        .to_string();
+    let container_reason = |c: &Value| -> Option<String> {
+        let state = &c["state"];
+        if let Some(r) = state["waiting"]["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+        {
+            return Some(r.to_string());
+        }
+        let t = &state["terminated"];
+        if t.is_object() {
+            return Some(match (t["reason"].as_str(), t["signal"].as_i64()) {
+                (Some(r), _) if !r.is_empty() => r.to_string(),
+                (_, Some(signal)) if signal != 0 => format!("Signal:{signal}"),
+                _ => format!("ExitCode:{}", t["exitCode"].as_i64().unwrap_or(0)),
+            });
+        }
+        None
+    };
+    let init = status["initContainerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let init_total = o["spec"]["initContainers"].as_array().map_or(0, Vec::len);
+    let mut initializing = false;
+    for (i, c) in init.iter().enumerate() {
+        let t = &c["state"]["terminated"];
+        if t.is_object() && t["exitCode"] == 0 {
+            continue;
+        }
+        initializing = true;
+        reason = match container_reason(c) {
+            Some(r) if r != "PodInitializing" && !(t.is_object() && r == "Completed") => {
+                format!("Init:{r}")
+            }
+            _ => format!("Init:{i}/{init_total}"),
+        };
+        break;
+    }
+    if !initializing {
+        let mut running = false;
+        let containers = status["containerStatuses"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for c in containers.iter().rev() {
+            if c["state"]["running"].is_object() && c["ready"] == true {
+                running = true;
+            }
+            if c["state"]["running"].is_object() {
+                continue;
+            }
+            if let Some(r) = container_reason(c) {
+                reason = r;
+            }
+        }
+        // Some containers still run: the pod is Running (NotReady when its Ready says so).
+        if reason == "Completed" && running {
+            reason = "Running".into();
+        }
+    }
+    if o["metadata"]["deletionTimestamp"].is_string() {
+        reason = if status["reason"] == "NodeLost" {
+            "Unknown".into()
+        } else {
+            "Terminating".into()
+        };
+    }
+    reason
 }
 
 pub fn default_pod_spec(spec: &mut Value) {
@@ -288,6 +368,33 @@ fn pod_update_causes(current: &Value, new: &Value) -> Causes {
 mod tests {
     use super::*;
     use crate::api::registry::resources::find;
+
+    #[test]
+    fn the_status_column_says_what_holds_the_pod_up() {
+        let pod = |status: Value| json!({"metadata": {}, "spec": {"initContainers": [{"name": "a"}, {"name": "b"}]}, "status": status});
+        let done = json!({"state": {"terminated": {"exitCode": 0, "reason": "Completed"}}});
+        let waiting = |r: &str| json!({"state": {"waiting": {"reason": r}}});
+        assert_eq!(
+            pod_status_reason(&pod(
+                json!({"phase": "Pending", "initContainerStatuses": [done, waiting("PodInitializing")]})
+            )),
+            "Init:1/2"
+        );
+        assert_eq!(
+            pod_status_reason(&pod(
+                json!({"phase": "Pending", "initContainerStatuses": [waiting("CrashLoopBackOff")]})
+            )),
+            "Init:CrashLoopBackOff"
+        );
+        let running = json!({"phase": "Running", "initContainerStatuses": [done, done],
+                             "containerStatuses": [waiting("CrashLoopBackOff")]});
+        assert_eq!(pod_status_reason(&pod(running)), "CrashLoopBackOff");
+        let exited = json!({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 2}}}]});
+        assert_eq!(pod_status_reason(&pod(exited)), "ExitCode:2");
+        let mut deleting = pod(json!({"phase": "Running"}));
+        deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
+        assert_eq!(pod_status_reason(&deleting), "Terminating");
+    }
 
     #[test]
     fn pods_are_defaulted_and_validated() {
