@@ -86,6 +86,10 @@ impl KubeletNode {
             "1s",
             "--cluster-dns",
             CLUSTER_DNS,
+            "--pod-manifest-path",
+            &root_dir.join("manifests").display().to_string(),
+            "--file-check-frequency",
+            "1s",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -135,6 +139,13 @@ impl KubeletNode {
     pub fn stop_kubelet(&mut self) -> Result<std::process::ExitStatus> {
         let mut process = self.kubelet.take().context("the kubelet is not running")?;
         process.stop()
+    }
+
+    /// The static pod manifest directory (`--pod-manifest-path`), made on first use.
+    pub fn manifests(&self) -> PathBuf {
+        let dir = self.root_dir.join("manifests");
+        let _ = std::fs::create_dir_all(&dir);
+        dir
     }
 
     pub fn kubelet_log(&self) -> String {

@@ -3,7 +3,8 @@
 //! Ready with a version, the node Lease renewed, pods running with their network, environment,
 //! resolv.conf and volumes, probes turning Ready on and off, crash loops backing off, deletion
 //! with the preStop hook and the grace period, a missing image and an unknown volume reported in
-//! the pod's status, and a restarted kubelet adopting what runs.
+//! the pod's status, static pods from files with their mirror pods, and a restarted kubelet
+//! adopting what runs.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -591,6 +592,119 @@ fn a_restarted_kubelet_adopts_the_running_pods() {
         Duration::from_secs(30),
         "the orphaned sandbox is removed",
         || allocated(&node.dirs.data()).is_empty(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn static_pods_run_from_files_and_show_as_mirror_pods() {
+    let (_etcd, api) = cluster();
+    let node = node(&api);
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  labels: {{app: web}}\nspec:\n  containers:\n  - name: httpd\n    image: {BUSYBOX_IMAGE}\n    imagePullPolicy: IfNotPresent\n    command: [sh, -c, 'echo static > /tmp/index.html; exec httpd -f -p 8080 -h /tmp']\n    readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, periodSeconds: 1}}\n"
+    );
+    std::fs::write(node.manifests().join("web.yaml"), &manifest).unwrap();
+
+    // The mirror pod: named for the node, owned by it, with the static pod's status.
+    let mirror = wait_pod(
+        &api,
+        &node,
+        "web-node-1",
+        60,
+        "the mirror pod turns Ready",
+        |p| condition(p, "Ready") == "True",
+    );
+    let annotations = &mirror["metadata"]["annotations"];
+    assert_eq!(annotations["kubernetes.io/config.source"], "file");
+    let hash = annotations["kubernetes.io/config.mirror"].as_str().unwrap();
+    assert_eq!(annotations["kubernetes.io/config.hash"], hash);
+    let owner = &mirror["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (owner["kind"].as_str(), owner["name"].as_str()),
+        (Some("Node"), Some("node-1"))
+    );
+    assert_eq!(mirror["spec"]["nodeName"], "node-1");
+    let ip = mirror["status"]["podIP"].as_str().unwrap().to_string();
+    assert_eq!(
+        fetch(&node, &format!("http://{ip}:8080/index.html")).unwrap(),
+        "static\n"
+    );
+    let listed = api
+        .kubectl_ok(&["get", "pod", "web-node-1", "--no-headers"])
+        .unwrap();
+    assert!(
+        listed.contains("1/1") && listed.contains("Running"),
+        "{listed}"
+    );
+    let container = container_status(&mirror, 0)["containerID"].clone();
+
+    // Deleting the mirror pod does not stop the static pod: the kubelet makes the mirror again.
+    let first_uid = mirror["metadata"]["uid"].clone();
+    api.kubectl_ok(&["delete", "pod", "web-node-1", "--wait=false"])
+        .unwrap();
+    let again = wait_pod(
+        &api,
+        &node,
+        "web-node-1",
+        30,
+        "the mirror pod is made again",
+        |p| p["metadata"]["uid"] != first_uid && condition(p, "Ready") == "True",
+    );
+    assert_eq!(
+        container_status(&again, 0)["containerID"],
+        container,
+        "the same container runs on"
+    );
+    assert_eq!(container_status(&again, 0)["restartCount"], 0);
+
+    // An invalid file is told of on the Node and disturbs nothing else.
+    std::fs::write(
+        node.manifests().join("broken.yaml"),
+        "kind: Pod\nmetadata: [",
+    )
+    .unwrap();
+    node.wait(
+        Duration::from_secs(20),
+        "the invalid manifest is reported",
+        || {
+            events_of(&api, "node-1").iter().any(|(reason, message)| {
+                reason == "FailedToParseStaticPod" && message.contains("broken.yaml")
+            })
+        },
+    )
+    .unwrap();
+    let still = get_pod(&api, "web-node-1").unwrap();
+    assert_eq!(container_status(&still, 0)["containerID"], container);
+
+    // An edited file is a new pod: the old one stops, then the new one runs.
+    std::fs::write(
+        node.manifests().join("web.yaml"),
+        manifest.replace("echo static", "echo edited"),
+    )
+    .unwrap();
+    let edited = wait_pod(
+        &api,
+        &node,
+        "web-node-1",
+        60,
+        "the edited static pod runs",
+        |p| {
+            p["metadata"]["annotations"]["kubernetes.io/config.mirror"].as_str() != Some(hash)
+                && condition(p, "Ready") == "True"
+        },
+    );
+    let ip = edited["status"]["podIP"].as_str().unwrap().to_string();
+    assert_eq!(
+        fetch(&node, &format!("http://{ip}:8080/index.html")).unwrap(),
+        "edited\n"
+    );
+
+    // Removing the file stops the pod and removes its mirror.
+    std::fs::remove_file(node.manifests().join("web.yaml")).unwrap();
+    node.wait(
+        Duration::from_secs(60),
+        "the static pod and its mirror go",
+        || get_pod(&api, "web-node-1").is_none() && allocated(&node.dirs.data()).is_empty(),
     )
     .unwrap();
 }

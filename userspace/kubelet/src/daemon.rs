@@ -72,6 +72,13 @@ pub struct Args {
     /// The resolver configuration of `dnsPolicy: Default` pods.
     #[arg(long, default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
+    /// The directory of static pod manifests, run without the API server and shown in it as
+    /// mirror pods.
+    #[arg(long)]
+    pub pod_manifest_path: Option<PathBuf>,
+    /// How often the static pod manifests are read again.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub file_check_frequency: Duration,
     /// Logs as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -105,6 +112,8 @@ impl Args {
             cluster_dns: self.cluster_dns.clone(),
             cluster_domain: self.cluster_domain.clone(),
             resolv_conf: self.resolv_conf.clone(),
+            pod_manifest_path: self.pod_manifest_path.clone(),
+            file_check_frequency: self.file_check_frequency,
         })
     }
 }

@@ -30,4 +30,8 @@ pub struct Config {
     pub cluster_domain: String,
     /// The resolver configuration of pods with `dnsPolicy: Default`.
     pub resolv_conf: PathBuf,
+    /// The directory of static pod manifests (`--pod-manifest-path`).
+    pub pod_manifest_path: Option<PathBuf>,
+    /// How often it is read again.
+    pub file_check_frequency: std::time::Duration,
 }

@@ -361,6 +361,8 @@ mod tests {
             cluster_dns: vec!["10.96.0.10".parse().unwrap()],
             cluster_domain: "cluster.local".into(),
             resolv_conf: "/nonexistent".into(),
+            pod_manifest_path: None,
+            file_check_frequency: std::time::Duration::from_secs(20),
         }
     }
 

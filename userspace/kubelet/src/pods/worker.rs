@@ -41,6 +41,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
 /// How often a worker looks at its containers when nothing wakes it (the kubelet's PLEG relist).
 const RELIST: Duration = Duration::from_secs(1);
+/// How often a static pod's status is written even when unchanged: its mirror pod may have been
+/// made again, with no status.
+const STATIC_REWRITE: Duration = Duration::from_secs(10);
+/// How long the containers of a pod the API no longer has get to stop.
+const GONE_GRACE: Duration = Duration::from_secs(2);
 
 /// A container instance on the node.
 struct Instance {
@@ -100,9 +105,15 @@ pub struct Worker {
     volumes: Option<BTreeMap<String, PathBuf>>,
     setup_error: Option<String>,
     written: Option<serde_json::Value>,
+    written_at: Option<Instant>,
     wake: Arc<Notify>,
     adopted: bool,
     terminal: bool,
+    /// The API had the pod finished before this worker ran it (a kubelet restarted after the
+    /// sandbox went): it is not run again and its status stays as written.
+    finished_before: bool,
+    /// A static pod: its status goes to its mirror pod.
+    from_file: bool,
 }
 
 fn next_backoff(current: Option<Duration>) -> Duration {
@@ -127,7 +138,6 @@ impl Worker {
     pub fn new(ctx: Arc<Context>, pod: Arc<Pod>) -> Self {
         Worker {
             ctx,
-            pod,
             sandbox: None,
             sandbox_attempts: 0,
             sandbox_retry: None,
@@ -135,9 +145,13 @@ impl Worker {
             volumes: None,
             setup_error: None,
             written: None,
+            written_at: None,
             wake: Arc::new(Notify::new()),
             adopted: false,
             terminal: false,
+            finished_before: false,
+            from_file: super::static_pods::is_static(&pod),
+            pod,
         }
     }
 
@@ -162,7 +176,13 @@ impl Worker {
             let latest = pods.borrow_and_update().clone();
             let Some(pod) = latest else {
                 let uid = identity(&self.pod).2;
-                terminate(&self.ctx, &uid, Some(&self.pod), Duration::from_secs(2)).await;
+                // A static pod whose file went stops as a deleted pod would.
+                let grace = if self.from_file {
+                    self.termination_grace()
+                } else {
+                    GONE_GRACE
+                };
+                terminate(&self.ctx, &uid, Some(&self.pod), grace).await;
                 volumes::tear_down(&self.ctx.config.root_dir, &uid);
                 debug!(pod = %self.name(), "worker done");
                 return;
@@ -332,8 +352,13 @@ impl Worker {
     /// Makes sure the pod has a ready sandbox; false while it has none.
     async fn ensure_sandbox(&mut self) -> anyhow::Result<bool> {
         if let Some(sandbox) = &self.sandbox {
-            let state = self.ctx.runtime.sandbox_status(&sandbox.id).await;
-            let ready = matches!(&state, Ok(Some(s)) if s.state == cri::PodSandboxState::SandboxReady as i32);
+            let ready = match self.ctx.runtime.sandbox_status(&sandbox.id).await {
+                Ok(Some(s)) => s.state == cri::PodSandboxState::SandboxReady as i32,
+                Ok(None) => false,
+                Err(e) if e.not_found() => false,
+                // The runtime did not answer: nothing is known to have changed.
+                Err(e) => return Err(e.into()),
+            };
             if ready {
                 return Ok(true);
             }
@@ -389,7 +414,14 @@ impl Worker {
         self.sandbox_attempts += 1;
         match self.ctx.runtime.run_sandbox(config).await {
             Ok(id) => {
-                let ips = sandbox_ips(&self.ctx.runtime.sandbox_status(&id).await?);
+                // Without its status now, the IPs come with the adopting read of a later sync.
+                let ips = match self.ctx.runtime.sandbox_status(&id).await {
+                    Ok(status) => sandbox_ips(&status),
+                    Err(e) => {
+                        warn!(pod = %self.name(), sandbox = %id, "sandbox status: {e}");
+                        vec![]
+                    }
+                };
                 debug!(pod = %self.name(), sandbox = %id, ?ips, "sandbox running");
                 self.sandbox = Some(Sandbox { id, attempt, ips });
                 self.sandbox_retry = None;
@@ -421,7 +453,7 @@ impl Worker {
                 continue;
             };
             match self.ctx.runtime.container_status(&instance.id).await {
-                Ok(status) => instance.status = status,
+                Ok(status) => instance.status = status.map(settled),
                 Err(e) if e.not_found() => {
                     instance.status = Some(cri::ContainerStatus {
                         id: instance.id.clone(),
@@ -439,6 +471,9 @@ impl Worker {
                 if let Some(why) = instance.verdicts.as_ref().and_then(|v| v.failure()) {
                     kills.push((name.clone(), instance.id.clone(), why));
                 }
+            } else {
+                // Probes of a container that stopped stop with it.
+                instance.probes.cancel();
             }
         }
         for (name, id, why) in kills {
@@ -511,6 +546,14 @@ impl Worker {
         if !self.adopted {
             self.adopt().await?;
             self.adopted = true;
+            let phase = self.pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if self.sandbox.is_none() && matches!(phase, Some("Succeeded" | "Failed")) {
+                self.finished_before = true;
+                self.terminal = true;
+            }
+        }
+        if self.finished_before {
+            return Ok(());
         }
         if self.terminal {
             return self.write_status().await;
@@ -714,7 +757,14 @@ impl Worker {
             let _ = self.ctx.runtime.remove_container(&id).await;
         }
         let slot = self.slots.entry(name.clone()).or_default();
-        let status = self.ctx.runtime.container_status(&id).await.ok().flatten();
+        let status = self
+            .ctx
+            .runtime
+            .container_status(&id)
+            .await
+            .ok()
+            .flatten()
+            .map(settled);
         slot.current = Some(Instance {
             id,
             status,
@@ -904,7 +954,11 @@ impl Worker {
         // Compare without the times that move by themselves.
         let mut comparable = serde_json::to_value(&status)?;
         comparable["startTime"] = serde_json::Value::Null;
-        if self.written.as_ref() == Some(&comparable) {
+        let due = self.from_file
+            && self
+                .written_at
+                .is_none_or(|at| at.elapsed() >= STATIC_REWRITE);
+        if self.written.as_ref() == Some(&comparable) && !due {
             return Ok(());
         }
         if self.terminal {
@@ -914,19 +968,60 @@ impl Worker {
         }
         let (name, namespace, _) = identity(&self.pod);
         let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &namespace);
-        let patch = serde_json::json!({"status": status});
+        let mut patch = serde_json::json!({"status": status});
+        // Conditions merge by type: a reason or message that no longer holds is cleared.
+        for condition in patch["status"]["conditions"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+        {
+            for key in ["reason", "message"] {
+                if condition.get(key).is_none() {
+                    condition[key] = serde_json::Value::Null;
+                }
+            }
+        }
         match api
             .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
         {
             Ok(_) => {
                 self.written = Some(comparable);
+                self.written_at = Some(Instant::now());
+                // The next status keeps this one's transition times (a static pod has no
+                // other copy of them).
+                Arc::make_mut(&mut self.pod).status = Some(status);
                 Ok(())
             }
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            // No such pod (a static pod's mirror not made yet): written when it is.
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                self.written = None;
+                Ok(())
+            }
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A container's CRI status as the kubelet judges it: one that was created but could not be
+/// started (or whose state the runtime lost) has ended, with exit code 128, and restarts by the
+/// pod's policy.
+fn settled(mut status: cri::ContainerStatus) -> cri::ContainerStatus {
+    use cri::ContainerState as S;
+    let state = S::try_from(status.state).unwrap_or(S::ContainerUnknown);
+    if matches!(state, S::ContainerCreated | S::ContainerUnknown) {
+        status.reason = if state == S::ContainerCreated {
+            "StartError".into()
+        } else {
+            "ContainerStatusUnknown".into()
+        };
+        status.state = S::ContainerExited as i32;
+        status.exit_code = 128;
+        if status.finished_at == 0 {
+            status.finished_at = status.created_at;
+        }
+    }
+    status
 }
 
 fn sandbox_ips(status: &Option<cri::PodSandboxStatus>) -> Vec<String> {
