@@ -105,8 +105,6 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Writes a benchmark's JSON report to `path` whole (through a temporary file and a rename),
-/// creating its directory.
 /// The frame of the benchmarks on a control plane: a runtime, etcd and seine-apiserver (both
 /// stopped after `bench`), and `bench` run on them.
 pub fn on_api_server(bench: impl AsyncFnOnce(&apiserver::ApiServer) -> Result<()>) -> Result<()> {
@@ -118,6 +116,8 @@ pub fn on_api_server(bench: impl AsyncFnOnce(&apiserver::ApiServer) -> Result<()
     runtime.block_on(bench(&api))
 }
 
+/// Writes a benchmark's JSON report to `path` whole (through a temporary file and a rename),
+/// creating its directory.
 pub fn write_report(path: &Path, report: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

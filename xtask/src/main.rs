@@ -1,8 +1,9 @@
-//! Seine's task runner: `cargo xtask setup | test | lab | bench`.
+//! Seine's task runner: `cargo xtask setup | test | lab | bench | image`.
 //!
-//! It deliberately depends on no other workspace crate and only shells out: the agent crate's build
-//! script needs the eBPF toolchain (nightly rust-src, bpf-linker) that `setup` installs, so xtask must
-//! build on a machine that has none of it yet.
+//! It depends on no other workspace crate but seine-image (which builds with plain std) and
+//! otherwise shells out: the agent crate's build script needs the eBPF toolchain (nightly
+//! rust-src, bpf-linker) that `setup` installs, so xtask must build on a machine that has none of
+//! it yet.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod cmd;
+mod image;
 mod lab;
 mod setup;
 mod test;
@@ -47,6 +49,16 @@ enum Cmd {
     Lab {
         #[command(subcommand)]
         action: LabAction,
+    },
+    /// Build the images (seine, pause, seine-echo) as OCI archives and import them into
+    /// containerd's k8s.io namespace.
+    Image {
+        /// Where the archives go [default: target/images in the workspace].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// containerd's socket to import into (skipped when there is none).
+        #[arg(long, value_name = "SOCKET")]
+        containerd_address: Option<PathBuf>,
     },
     /// Run a benchmark on a release build.
     Bench {
@@ -136,6 +148,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Setup => setup(),
         Cmd::Test { args } => test(&root, &args),
         Cmd::Lab { action } => lab(&root, action),
+        Cmd::Image {
+            out,
+            containerd_address,
+        } => image::image(&root, out, containerd_address),
         Cmd::Bench { bench } => match bench {
             Bench::Lb { json } => {
                 run_bench(&root, "lb", json, &["seine-agent", "seine-tests"], &[])

@@ -11,8 +11,8 @@ use clap::Parser;
     about = "Answer HTTP and UDP with this server's name"
 )]
 struct Args {
-    /// The name to answer with (for example the pod's name).
-    #[arg(long)]
+    /// The name to answer with (default: $HOSTNAME, which is the pod's name in a pod).
+    #[arg(long, env = "HOSTNAME")]
     name: String,
     /// Address for both TCP (HTTP) and UDP.
     #[arg(long, default_value = "0.0.0.0:8080")]
