@@ -2,6 +2,9 @@
 //! sandbox, the init containers in order, the containers, restarts with back-off, liveness
 //! kills), writes the pod's status when it changes, and on deletion stops the containers within
 //! the grace period, removes the sandbox and lets the API object go.
+//!
+//! Longer than 1,000 lines because a pod's lifecycle (adoption, sandbox, images, starts with
+//! back-off, liveness kills, status) shares one worker's state; splitting it is next.
 
 use std::{
     collections::{BTreeMap, HashMap},
