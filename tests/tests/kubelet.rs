@@ -601,7 +601,7 @@ fn static_pods_run_from_files_and_show_as_mirror_pods() {
     let (_etcd, api) = cluster();
     let node = node(&api);
     let manifest = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  labels: {{app: web}}\nspec:\n  containers:\n  - name: httpd\n    image: {BUSYBOX_IMAGE}\n    imagePullPolicy: IfNotPresent\n    command: [sh, -c, 'echo static > /tmp/index.html; exec httpd -f -p 8080 -h /tmp']\n    readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, periodSeconds: 1}}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  labels: {{app: web}}\nspec:\n  terminationGracePeriodSeconds: 3\n  containers:\n  - name: httpd\n    image: {BUSYBOX_IMAGE}\n    imagePullPolicy: IfNotPresent\n    command: [sh, -c, 'echo static > /tmp/index.html; exec httpd -f -p 8080 -h /tmp']\n    readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, periodSeconds: 1}}\n"
     );
     std::fs::write(node.manifests().join("web.yaml"), &manifest).unwrap();
 
@@ -637,6 +637,22 @@ fn static_pods_run_from_files_and_show_as_mirror_pods() {
         "{listed}"
     );
     let container = container_status(&mirror, 0)["containerID"].clone();
+    // The files are read every second; an unchanged file leaves the pod's status as it was.
+    let ready_since = |p: &Value| {
+        p["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .map(|c| c["lastTransitionTime"].clone())
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let later = get_pod(&api, "web-node-1").unwrap();
+    assert_eq!(
+        ready_since(&later),
+        ready_since(&mirror),
+        "re-reading an unchanged file changes nothing: {} then {}",
+        mirror["status"],
+        later["status"]
+    );
 
     // Deleting the mirror pod does not stop the static pod: the kubelet makes the mirror again.
     let first_uid = mirror["metadata"]["uid"].clone();

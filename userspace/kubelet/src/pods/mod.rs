@@ -209,7 +209,8 @@ async fn read_static_pods(
         return;
     };
     let node = ctx.config.node_name.clone();
-    let found = match tokio::task::spawn_blocking(move || static_pods::read_dir(&dir, &node)).await
+    let read = dir.clone();
+    let found = match tokio::task::spawn_blocking(move || static_pods::read_dir(&read, &node)).await
     {
         Ok(found) => found,
         Err(e) => {
@@ -218,27 +219,25 @@ async fn read_static_pods(
         }
     };
     report_invalid(ctx, statics, &found.invalid).await;
+    let mut stopping = HashSet::new();
     for (uid, handle) in workers.iter().filter(|(_, h)| h.from_file) {
         if !found.pods.contains_key(uid) {
             let _ = handle.pod.send(None);
+            stopping.insert(handle.name.clone());
         }
     }
-    let stopping: HashSet<String> = workers
-        .iter()
-        .filter(|(uid, h)| h.from_file && !found.pods.contains_key(*uid))
-        .map(|(_, h)| h.name.clone())
-        .collect();
     statics.pods.clear();
     for (uid, pod) in found.pods {
         let pod = Arc::new(pod);
-        if !workers.contains_key(&uid) && stopping.contains(&full_name(&pod)) {
-            // Its earlier version still stops; the next read starts it.
-            continue;
-        }
+        // The UID is the file's hash: a running worker already has this very pod.
         if !workers.contains_key(&uid) {
-            info!(pod = %full_name(&pod), "static pod from {}", manifest_dir(ctx));
+            if stopping.contains(&full_name(&pod)) {
+                // Its earlier version still stops; the next read starts it.
+                continue;
+            }
+            info!(pod = %full_name(&pod), "static pod from {}", dir.display());
+            start_or_update(ctx, workers, uid.clone(), pod.clone(), true, shutdown);
         }
-        start_or_update(ctx, workers, uid.clone(), pod.clone(), true, shutdown);
         statics.pods.insert(uid, pod);
     }
 }
@@ -246,14 +245,6 @@ async fn read_static_pods(
 fn full_name(pod: &Pod) -> String {
     let (name, namespace, _) = config::identity(pod);
     format!("{namespace}/{name}")
-}
-
-fn manifest_dir(ctx: &Context) -> String {
-    ctx.config
-        .pod_manifest_path
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default()
 }
 
 /// Tells of each invalid manifest once, as a Warning Event on the Node.

@@ -175,29 +175,37 @@ impl Worker {
         mut pods: watch::Receiver<Option<Arc<Pod>>>,
         shutdown: CancellationToken,
     ) {
+        // Only a new version replaces the pod held: it carries the status last written, whose
+        // transition times the next status keeps.
+        let mut new_version = false;
         loop {
-            let latest = pods.borrow_and_update().clone();
-            let Some(pod) = latest else {
-                let uid = identity(&self.pod).2;
-                // A static pod whose file went stops as a deleted pod would.
-                let grace = if self.from_file {
-                    self.termination_grace()
-                } else {
-                    GONE_GRACE
+            if std::mem::take(&mut new_version) {
+                let latest = pods.borrow_and_update().clone();
+                let Some(pod) = latest else {
+                    let uid = identity(&self.pod).2;
+                    // A static pod whose file went stops as a deleted pod would.
+                    let grace = if self.from_file {
+                        self.termination_grace()
+                    } else {
+                        GONE_GRACE
+                    };
+                    terminate(&self.ctx, &uid, Some(&self.pod), grace).await;
+                    volumes::tear_down(&self.ctx.config.root_dir, &uid);
+                    debug!(pod = %self.name(), "worker done");
+                    return;
                 };
-                terminate(&self.ctx, &uid, Some(&self.pod), grace).await;
-                volumes::tear_down(&self.ctx.config.root_dir, &uid);
-                debug!(pod = %self.name(), "worker done");
-                return;
-            };
-            self.pod = pod;
+                self.pod = pod;
+            }
             if self.pod.metadata.deletion_timestamp.is_some() {
                 self.delete().await;
             } else if let Err(e) = self.sync().await {
                 warn!(pod = %self.name(), "sync: {e}");
             }
             tokio::select! {
-                changed = pods.changed() => if changed.is_err() { return },
+                changed = pods.changed() => match changed {
+                    Ok(()) => new_version = true,
+                    Err(_) => return,
+                },
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(RELIST) => {}
                 _ = shutdown.cancelled() => return,
