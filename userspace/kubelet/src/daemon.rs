@@ -79,6 +79,13 @@ pub struct Args {
     /// How often the static pod manifests are read again.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub file_check_frequency: Duration,
+    /// The hard eviction thresholds, `signal<value,...` (memory.available, nodefs.available,
+    /// pid.available; an amount or a percentage): below one, its pressure condition is true.
+    #[arg(
+        long,
+        default_value = "memory.available<100Mi,nodefs.available<10%,pid.available<5%"
+    )]
+    pub eviction_hard: String,
     /// Logs as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -114,6 +121,8 @@ impl Args {
             resolv_conf: self.resolv_conf.clone(),
             pod_manifest_path: self.pod_manifest_path.clone(),
             file_check_frequency: self.file_check_frequency,
+            eviction_hard: crate::eviction::Thresholds::parse(&self.eviction_hard)
+                .map_err(|e| anyhow::anyhow!("--eviction-hard: {e}"))?,
         })
     }
 }

@@ -3,10 +3,12 @@
 //! - [`node`]: registers the Node, keeps its status and conditions true, renews its Lease.
 //! - [`pods`]: runs the pods bound to the node, one worker each, through [`cri`].
 //! - [`machine`]: capacity, identity and what is available, from /proc.
+//! - [`eviction`]: the thresholds that make a pressure condition true.
 //! - [`daemon`]: the flags, the health server, and the loops tied together.
 
 pub mod cri;
 pub mod daemon;
+pub mod eviction;
 pub mod machine;
 pub mod node;
 pub mod pods;
@@ -34,4 +36,6 @@ pub struct Config {
     pub pod_manifest_path: Option<PathBuf>,
     /// How often it is read again.
     pub file_check_frequency: std::time::Duration,
+    /// What the pressure conditions mean (`--eviction-hard`).
+    pub eviction_hard: eviction::Thresholds,
 }

@@ -15,6 +15,7 @@ pub struct Capacity {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Available {
     pub memory_bytes: u64,
+    pub memory_total_bytes: u64,
     pub nodefs_bytes: u64,
     pub nodefs_total_bytes: u64,
     pub pids: u64,
@@ -94,6 +95,7 @@ pub fn available(root_dir: &Path) -> Available {
         .unwrap_or(0);
     Available {
         memory_bytes: meminfo(&meminfo_text, "MemAvailable").unwrap_or(u64::MAX),
+        memory_total_bytes: meminfo(&meminfo_text, "MemTotal").unwrap_or(0),
         nodefs_bytes,
         nodefs_total_bytes,
         pids,

@@ -25,17 +25,14 @@ use tracing::{info, warn};
 
 use crate::{
     cri::{RuntimeHealth, RuntimeVersion},
-    machine::{self, Available, Capacity, Identity},
+    eviction::Pressure,
+    machine::{self, Capacity, Identity},
     Config,
 };
 
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 /// The kubelet's default `nodeLeaseDurationSeconds`.
 const LEASE_DURATION_SECONDS: i32 = 40;
-/// The kubelet's hard eviction thresholds, which are also what pressure means here.
-const MEMORY_AVAILABLE_MIN: u64 = 100 * 1024 * 1024;
-const NODEFS_AVAILABLE_MIN_PERCENT: u64 = 10;
-const PID_AVAILABLE_MIN_PERCENT: u64 = 5;
 
 /// The kubelet's labels of its own Node.
 pub fn labels(config: &Config) -> BTreeMap<String, String> {
@@ -112,14 +109,8 @@ struct Fact {
     message: String,
 }
 
-fn facts(health: &RuntimeHealth, available: &Available) -> [Fact; 4] {
-    let memory = available.memory_bytes < MEMORY_AVAILABLE_MIN;
-    let disk = available.nodefs_total_bytes > 0
-        && available.nodefs_bytes * 100
-            < available.nodefs_total_bytes * NODEFS_AVAILABLE_MIN_PERCENT;
-    let pid = available.pid_max > 0
-        && (available.pid_max - available.pids.min(available.pid_max)) * 100
-            < available.pid_max * PID_AVAILABLE_MIN_PERCENT;
+fn facts(health: &RuntimeHealth, pressure: &Pressure) -> [Fact; 4] {
+    let (memory, disk, pid) = (pressure.memory, pressure.disk, pressure.pid);
     let not_ready = health.not_ready_message();
     [
         Fact {
@@ -175,10 +166,10 @@ fn facts(health: &RuntimeHealth, available: &Available) -> [Fact; 4] {
 pub fn conditions(
     previous: &[NodeCondition],
     health: &RuntimeHealth,
-    available: &Available,
+    pressure: &Pressure,
     now: Timestamp,
 ) -> Vec<NodeCondition> {
-    facts(health, available)
+    facts(health, pressure)
         .into_iter()
         .map(|fact| {
             let status = if fact.status { "True" } else { "False" }.to_string();
@@ -239,9 +230,13 @@ impl StatusReporter {
     fn status(&self, version: Option<&RuntimeVersion>) -> NodeStatus {
         let c = &self.capacity;
         let pods = self.config.max_pods;
-        let allocatable_storage = c.ephemeral_storage_bytes
-            - c.ephemeral_storage_bytes * NODEFS_AVAILABLE_MIN_PERCENT / 100;
-        let allocatable_memory = c.memory_bytes.saturating_sub(MEMORY_AVAILABLE_MIN);
+        let eviction = &self.config.eviction_hard;
+        let allocatable_storage = c
+            .ephemeral_storage_bytes
+            .saturating_sub(eviction.nodefs_available.of(c.ephemeral_storage_bytes));
+        let allocatable_memory = c
+            .memory_bytes
+            .saturating_sub(eviction.memory_available.of(c.memory_bytes));
         let mut addresses = vec![];
         if let Some(ip) = self.config.node_ip {
             addresses.push(NodeAddress {
@@ -298,8 +293,11 @@ impl StatusReporter {
         health: &RuntimeHealth,
         version: Option<&RuntimeVersion>,
     ) -> anyhow::Result<bool> {
-        let available = machine::available(&self.config.root_dir);
-        let conditions = conditions(&self.conditions, health, &available, Timestamp::now());
+        let pressure = self
+            .config
+            .eviction_hard
+            .pressure(&machine::available(&self.config.root_dir));
+        let conditions = conditions(&self.conditions, health, &pressure, Timestamp::now());
         let mut status = self.status(version);
         let ready = conditions
             .iter()
@@ -400,15 +398,22 @@ impl StatusReporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{eviction::Thresholds, machine::Available};
 
     fn plenty() -> Available {
         Available {
             memory_bytes: 8 << 30,
+            memory_total_bytes: 16 << 30,
             nodefs_bytes: 50 << 30,
             nodefs_total_bytes: 100 << 30,
             pids: 300,
             pid_max: 4_194_304,
         }
+    }
+
+    /// The pressure of `available` under the default thresholds.
+    fn under(available: &Available) -> Pressure {
+        Thresholds::default().pressure(available)
     }
 
     #[test]
@@ -419,7 +424,7 @@ mod tests {
             runtime_ready: None,
             network_ready: Some("reason:NetworkPluginNotReady message:no CNI config".into()),
         };
-        let first = conditions(&[], &network_down, &plenty(), t0);
+        let first = conditions(&[], &network_down, &under(&plenty()), t0);
         let ready = first.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(ready.status, "False");
         assert_eq!(ready.reason.as_deref(), Some("KubeletNotReady"));
@@ -433,7 +438,7 @@ mod tests {
             memory_bytes: 10 << 20,
             ..plenty()
         };
-        let second = conditions(&first, &RuntimeHealth::default(), &low_memory, t1);
+        let second = conditions(&first, &RuntimeHealth::default(), &under(&low_memory), t1);
         let by_type = |t: &str| second.iter().find(|c| c.type_ == t).unwrap().clone();
         assert_eq!(by_type("Ready").status, "True");
         assert_eq!(by_type("Ready").last_transition_time, Some(Time(t1)));
@@ -451,7 +456,12 @@ mod tests {
             pids: 4_100_000,
             ..plenty()
         };
-        let c = conditions(&[], &RuntimeHealth::default(), &low, Timestamp::now());
+        let c = conditions(
+            &[],
+            &RuntimeHealth::default(),
+            &under(&low),
+            Timestamp::now(),
+        );
         let status = |t: &str| c.iter().find(|c| c.type_ == t).unwrap().status.clone();
         assert_eq!(status("DiskPressure"), "True");
         assert_eq!(status("PIDPressure"), "True");

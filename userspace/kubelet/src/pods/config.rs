@@ -363,6 +363,7 @@ mod tests {
             resolv_conf: "/nonexistent".into(),
             pod_manifest_path: None,
             file_check_frequency: std::time::Duration::from_secs(20),
+            eviction_hard: Default::default(),
         }
     }
 
