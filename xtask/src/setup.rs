@@ -14,6 +14,8 @@ use crate::cmd::{cargo, check, output};
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
+    // The kubelet tests fetch from pods inside the node namespace with it.
+    "wget",
     "iptables",
     // The nftables datapath (kube-proxy's nftables mode) writes its table with nft.
     "nftables",
